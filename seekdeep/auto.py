@@ -1,0 +1,50 @@
+"""``AutoConfig`` / ``AutoModel`` / ``AutoModelForCausalLM`` / ``AutoTokenizer`` in the shape
+of transformers' classes. seekdeep's models are all causal LMs, so ``AutoModel`` returns the
+model with its LM head (``model(input_ids).logits``)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from seekdeep.models import family
+from seekdeep.models.loading import load_config, load_pretrained
+
+
+class AutoConfig:
+    @staticmethod
+    def from_pretrained(path_or_id: str | os.PathLike, **overrides: Any):
+        return load_config(path_or_id, **overrides)
+
+    @staticmethod
+    def for_model(model_type: str, **kwargs: Any):
+        config_cls, _ = family(model_type)
+        return config_cls(model_type=model_type, **kwargs) if "model_type" in config_cls.__dataclass_fields__ else config_cls(**kwargs)
+
+
+class AutoModelForCausalLM:
+    @staticmethod
+    def from_pretrained(path_or_id: str | os.PathLike, dtype=None, device=None, **overrides: Any):
+        """Load a Hugging Face layout directory or hub id. ``dtype``: torch dtype, 'auto' or a
+        name such as 'bfloat16' (default float32); ``overrides`` replace config.json keys, e.g.
+        ``attention_backend="dsa"``."""
+        return load_pretrained(path_or_id, dtype=dtype, device=device, **overrides)
+
+    @staticmethod
+    def from_config(config):
+        _, model_cls = family(config.model_type)
+        model = model_cls(config)
+        model.init_weights()
+        return model
+
+
+class AutoModel(AutoModelForCausalLM):
+    pass
+
+
+class AutoTokenizer:
+    @staticmethod
+    def from_pretrained(path_or_id: str | os.PathLike, **kwargs: Any):
+        from seekdeep.tokenizer import Tokenizer
+
+        return Tokenizer.from_pretrained(path_or_id, **kwargs)
