@@ -138,17 +138,22 @@ class CausalLM(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, std: float | None = None) -> None:
-        """Random initialisation for training from scratch (normal(0, initializer_range))."""
+        """Random initialisation for training from scratch: normal(0, initializer_range) for
+        linears and embeddings, ones for norms; attention backends (``*.inner``) then apply
+        their own initialisation (e.g. the attention gate starts at exactly 1)."""
         std = std if std is not None else getattr(self.config, "initializer_range", 0.02)
-        for module in self.modules():
+        backends = []
+        for name, module in self.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
-            elif module is not self and hasattr(module, "reset_parameters") and not isinstance(
-                module, (nn.Linear, nn.Embedding)
-            ):
-                module.reset_parameters()
+            elif name.endswith(".inner") and hasattr(module, "reset_parameters"):
+                backends.append(module)
+            elif module is not self and hasattr(module, "reset_parameters") and not list(module.children()):
+                module.reset_parameters()  # norms and other leaf modules
+        for module in backends:
+            module.reset_parameters()
         self.tie_weights()
 
     # -- forward

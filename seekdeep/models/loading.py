@@ -163,17 +163,15 @@ def load_pretrained(path_or_id, dtype=None, device=None, expected_class=None, **
 
 
 def _materialise_fresh(model, keys: list[str], device, dtype) -> None:
-    owners = {k.rsplit(".", 1)[0] for k in keys}
+    """Allocate and initialise the attention backends (the ``*.inner`` modules) whose
+    parameters the checkpoint does not hold; each backend's ``reset_parameters`` knows its
+    own initialisation."""
     modules = dict(model.named_modules())
-    # Initialise whole backend modules (the ``inner`` of each attention layer).
-    roots = {re.sub(r"(\.inner)\..*$", r"\1", owner) for owner in owners}
-    for name in sorted(roots):
+    for name in sorted({re.sub(r"(\.inner)\..*$", r"\1", key) for key in keys}):
         module = modules[name]
         module.to_empty(device=device)
         with torch.no_grad():
-            for sub in module.modules():
-                if hasattr(sub, "reset_parameters"):
-                    sub.reset_parameters()
+            module.reset_parameters()
         module.to(dtype)
 
 

@@ -1,0 +1,139 @@
+"""The ``seekdeep`` command: a thin table of sub-commands mapped to functions."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from seekdeep.errors import SeekdeepError
+
+DEFAULT_MODEL_DIR = Path(os.environ.get("SEEKDEEP_HOME", Path.home() / ".cache" / "seekdeep")) / "default-model"
+
+
+def make_default_model(model_dir: Path, backend: str = "dsa"):
+    """Build the small default code model: a byte-level BPE tokenizer trained on a slice of
+    the standard library and a randomly initialised llama-family model with dynamic sparse
+    attention. (``seekdeep train`` is what gives it useful weights.)"""
+    import torch
+
+    from seekdeep.data import stdlib_files
+    from seekdeep.models.llama import LlamaConfig, LlamaForCausalLM
+    from seekdeep.tokenizer import train_tokenizer
+
+    files = stdlib_files(limit_bytes=2_000_000)
+    tokenizer = train_tokenizer([str(p) for p in files], vocab_size=2048)
+    config = LlamaConfig.from_name(
+        "tiny",
+        vocab_size=tokenizer.vocab_size,
+        max_position_embeddings=1024,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        attention_backend=backend,
+        attention_options={"topk": 64},
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.init_weights()
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    return model, tokenizer
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from seekdeep.auto import AutoModel, AutoTokenizer
+
+    model_dir = Path(args.model) if args.model else DEFAULT_MODEL_DIR
+    if args.model is None and not (model_dir / "config.json").is_file():
+        print(f"No model given: creating the default model in {model_dir} (random weights; `seekdeep train` trains one)", file=sys.stderr)
+        make_default_model(model_dir)
+    overrides = {"attention_backend": args.attention_backend} if args.attention_backend else {}
+    model = AutoModel.from_pretrained(model_dir, dtype=args.dtype, device=args.device, **overrides)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    enc = tokenizer(args.prompt, return_tensors="pt")
+    gen_kwargs = dict(
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.temperature > 0,
+        temperature=args.temperature if args.temperature > 0 else 1.0,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        stop_strings=args.stop or None,
+    )
+    start = time.perf_counter()
+    n_new = 0
+    if args.stream:
+        sys.stdout.write(args.prompt)
+        ids: list[int] = []
+        printed = ""
+        for step in model.stream_generate(enc["input_ids"], attention_mask=enc["attention_mask"], tokenizer=tokenizer, **gen_kwargs):
+            ids.append(int(step[0]))
+            text = tokenizer.decode(ids, skip_special_tokens=True)
+            if not text.endswith("\ufffd"):  # wait for a complete UTF-8 character
+                sys.stdout.write(text[len(printed):])
+                sys.stdout.flush()
+                printed = text
+        n_new = len(ids)
+        sys.stdout.write("\n")
+    else:
+        out = model.generate(enc["input_ids"], attention_mask=enc["attention_mask"], tokenizer=tokenizer, **gen_kwargs)
+        n_new = out.shape[1] - enc["input_ids"].shape[1]
+        print(tokenizer.decode(out[0].tolist(), skip_special_tokens=True))
+    elapsed = time.perf_counter() - start
+    print(f"[{n_new} tokens in {elapsed:.2f}s, {n_new / max(elapsed, 1e-9):.1f} tok/s, model {model_dir}]", file=sys.stderr)
+    return 0
+
+
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="seekdeep", description="Efficient LLMs with dynamic sparse attention.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate text from a model directory (or the default model)")
+    gen.add_argument("model", nargs="?", help=f"model directory or hub id (default: {DEFAULT_MODEL_DIR}, created if missing)")
+    gen.add_argument("--prompt", default="def fibonacci(n):\n", help="prompt text")
+    gen.add_argument("--max-new-tokens", type=_non_negative_int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--top-k", type=_non_negative_int, default=None)
+    gen.add_argument("--top-p", type=_probability, default=None)
+    gen.add_argument("--repetition-penalty", type=float, default=1.0)
+    gen.add_argument("--seed", type=_non_negative_int, default=None)
+    gen.add_argument("--stop", action="append", help="stop string (repeatable)")
+    gen.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    gen.add_argument("--attention-backend", default=None, help="override the model's attention backend")
+    gen.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16 or auto")
+    gen.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, ...")
+    gen.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SeekdeepError as exc:
+        print(f"seekdeep {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
