@@ -10,8 +10,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import re
-import tempfile
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -24,11 +22,11 @@ import torch
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from seekdeep.errors import CheckpointError, ConfigError, ModelNotFoundError
+from seekdeep.errors import CheckpointError, ConfigError
+from seekdeep.files import atomic_write_text, read_json, resolve_model_dir
 
 _SPECIAL_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
 _TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"]
-_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 _NO_MAX_LENGTH = int(1e29)  # transformers writes int(1e30) when a tokenizer has no limit
 
 # Turns are closed by the eos token, so generation stops there and no extra special tokens are
@@ -80,12 +78,7 @@ class Tokenizer:
         if unknown:
             raise ConfigError(sorted(unknown)[0], "not a tokenizer setting; accepted: "
                               f"{', '.join(_SPECIAL_KEYS)}, chat_template, model_max_length")
-        path = Path(path_or_id)
-        if not path.is_dir():
-            if not path.exists() and _HUB_ID.match(str(path_or_id)):
-                path = _snapshot(str(path_or_id))
-            else:
-                raise CheckpointError(f"tokenizer directory {str(path)!r} does not exist")
+        path = resolve_model_dir(path_or_id, _TOKENIZER_FILES, "tokenizer.json")
         tok_file = path / "tokenizer.json"
         if not tok_file.is_file():
             raise CheckpointError(f"{tok_file} is missing: a tokenizer directory needs tokenizer.json")
@@ -93,11 +86,11 @@ class Tokenizer:
             tok = tokenizers.Tokenizer.from_file(str(tok_file))
         except Exception as exc:  # the Rust side raises a bare Exception on bad JSON
             raise ConfigError("tokenizer.json", f"cannot be parsed: {exc}", source=str(tok_file)) from exc
-        config = _read_json(path / "tokenizer_config.json")
+        config = read_json(path / "tokenizer_config.json", optional=True)
         settings: dict[str, Any] = {}
         for file in ("tokenizer_config.json", "special_tokens_map.json"):
             # special_tokens_map.json wins over tokenizer_config.json, as in transformers
-            mapping = config if file == "tokenizer_config.json" else _read_json(path / file)
+            mapping = config if file == "tokenizer_config.json" else read_json(path / file, optional=True)
             for key in _SPECIAL_KEYS:
                 if mapping.get(key) is not None:
                     settings[key] = _token_content(mapping[key], key, str(path / file))
@@ -110,6 +103,11 @@ class Tokenizer:
         if isinstance(max_length, int) and max_length < _NO_MAX_LENGTH:
             settings["model_max_length"] = max_length
         return cls(tok, **{**settings, **overrides}, source=str(path))
+
+    @property
+    def backend_tokenizer(self) -> tokenizers.Tokenizer:
+        """The wrapped ``tokenizers.Tokenizer`` (shared, not a copy)."""
+        return self._tok
 
     # -- special tokens -------------------------------------------------------------------
 
@@ -170,7 +168,7 @@ class Tokenizer:
                 raise ConfigError("ids", f"decode takes a 1-D tensor, got shape {tuple(ids.shape)}; "
                                   "use batch_decode for batches")
             ids = ids.reshape(-1).tolist()
-        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     def batch_decode(self, batch: Sequence[Sequence[int]] | torch.Tensor,
                      skip_special_tokens: bool = False) -> list[str]:
@@ -206,8 +204,8 @@ class Tokenizer:
             raise ConfigError("return_tensors", f"expected None or 'pt', got {return_tensors!r}")
         single = isinstance(text, str)
         texts = [text] if single else list(text)
-        if not all(isinstance(t, str) for t in texts):
-            raise ConfigError("text", "expected a string or a list of strings")
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise ConfigError("text", f"expected a string or a non-empty list of strings, got {text!r:.100}")
         limit = max_length if max_length is not None else self.model_max_length
         if (truncation or padding == "max_length") and limit is None:
             raise ConfigError("max_length", "truncation / padding='max_length' need max_length "
@@ -274,7 +272,8 @@ class Tokenizer:
                                   f"a 'content', got {message!r}")
         try:
             template = _compile_template(self.chat_template)
-            variables = {key: getattr(self, key) for key in _SPECIAL_KEYS}
+            # as transformers: only the tokens that are set (no pad -> eos fallback here)
+            variables = {key: token for key, token in self._special.items() if token is not None}
             text = template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                    **{**variables, **kwargs})
         except jinja2.TemplateSyntaxError as exc:
@@ -298,8 +297,8 @@ class Tokenizer:
         config["model_max_length"] = self.model_max_length or int(1e30)
         if self.chat_template is not None:
             config["chat_template"] = self.chat_template
-        _atomic_write(directory / "tokenizer.json", self._tok.to_str(pretty=True))
-        _atomic_write(directory / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False))
+        atomic_write_text(directory / "tokenizer.json", self._tok.to_str(pretty=True))
+        atomic_write_text(directory / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False))
 
 
 def train_tokenizer(files_or_iterator: Sequence[str | os.PathLike] | Iterable[str], vocab_size: int,
@@ -344,37 +343,6 @@ def train_tokenizer(files_or_iterator: Sequence[str | os.PathLike] | Iterable[st
 # -- helpers ------------------------------------------------------------------------------
 
 
-def _snapshot(repo_id: str) -> Path:
-    """Fetch the tokenizer files of a hub repo, from the local cache when they are there."""
-    import huggingface_hub
-
-    try:
-        path = Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=_TOKENIZER_FILES,
-                                                      local_files_only=True))
-        if (path / "tokenizer.json").is_file():
-            return path
-    except Exception:  # not cached: fall through to a download
-        pass
-    try:
-        return Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=_TOKENIZER_FILES))
-    except Exception as exc:
-        raise ModelNotFoundError(f"{repo_id!r} is neither a local directory nor a reachable hub "
-                                 f"repository: {exc}") from exc
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    """Read an optional JSON object file; absent -> {}."""
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(path.name, f"is not valid JSON: {exc}", source=str(path)) from exc
-    if not isinstance(data, dict):
-        raise ConfigError(path.name, f"must hold a JSON object, got {type(data).__name__}", source=str(path))
-    return data
-
-
 def _token_content(value: Any, key: str, source: str) -> str:
     # transformers writes special tokens either as strings or as AddedToken dicts
     if isinstance(value, dict):
@@ -412,18 +380,3 @@ def _compile_template(source: str) -> jinja2.Template:
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env.from_string(source)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    """Write via a temp file in the same directory, so a crash never leaves a half file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

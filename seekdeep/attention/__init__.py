@@ -41,21 +41,13 @@ def build_attention(name: str, spec: AttentionSpec) -> nn.Module:
 
 def _register_builtin() -> None:
     from seekdeep.attention.dense import EagerAttention, SDPAAttention
+    from seekdeep.attention.dsa import DynamicSparseAttention
+    from seekdeep.attention.gated import GatedAttention
 
     register_attention("eager")(EagerAttention)
     register_attention("sdpa")(SDPAAttention)
-    try:
-        from seekdeep.attention.dsa import DynamicSparseAttention
-
-        register_attention("dsa")(DynamicSparseAttention)
-    except ImportError:  # pragma: no cover - only while the module is being written
-        pass
-    try:
-        from seekdeep.attention.gated import GatedAttention
-
-        register_attention("gated")(GatedAttention)
-    except ImportError:  # pragma: no cover
-        pass
+    register_attention("dsa")(DynamicSparseAttention)
+    register_attention("gated")(GatedAttention)
 
 
 _register_builtin()

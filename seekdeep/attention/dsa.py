@@ -43,7 +43,7 @@ def select_topk(
 
     ``scores``: (B, Tq, Tk) index scores; ``allowed``: (B or 1, Tq, Tk) bool. The allowed keys
     among the ``local_window`` slots ending at the query's own slot (``q_offset + row``) are
-    always kept. Returns ``indices`` (B, Tq, k) and ``valid`` (B, Tq, k): ``valid`` is False
+    always kept (``local_window <= topk`` so they all fit). Returns ``indices`` (B, Tq, k) and ``valid`` (B, Tq, k): ``valid`` is False
     where a row has fewer than k allowed keys, and those indices must be ignored.
     """
     tq, tk = scores.shape[-2:]
@@ -72,6 +72,11 @@ class DynamicSparseAttention(nn.Module):
         self.index_heads = _int_option(opts, "index_heads", 4)
         self.index_head_dim = _int_option(opts, "index_head_dim", 32)
         self.local_window = _int_option(opts, "local_window", 1)
+        if self.local_window > self.topk:  # forced keys beyond k would be dropped arbitrarily
+            raise ConfigError(
+                "attention_options.local_window",
+                f"got {self.local_window} with topk={self.topk}; accepted: an int in [1, topk]",
+            )
         c, hi, di = spec.hidden_size, self.index_heads, self.index_head_dim
         self.index_q = nn.Linear(c, hi * di, bias=False)
         self.index_k = nn.Linear(c, di, bias=False)  # one key head shared by all index heads

@@ -8,10 +8,8 @@ weights.
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +17,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from seekdeep.errors import CheckpointError, ConfigError, ModelNotFoundError
+from seekdeep.errors import CheckpointError, ConfigError
+from seekdeep.files import atomic_write, read_json, write_json_atomic
+from seekdeep.files import resolve_model_dir as resolve
 from seekdeep.models import family
 
 CONFIG_NAME = "config.json"
@@ -31,42 +31,8 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
            "float16": torch.float16, "fp16": torch.float16}
 
 
-def resolve_model_dir(path_or_id: str | os.PathLike, allow_patterns: list[str] | None = None) -> Path:
-    """A local directory as is; otherwise a hub id fetched through huggingface_hub's cache."""
-    path = Path(path_or_id).expanduser()
-    if path.is_dir():
-        return path
-    text = str(path_or_id)
-    if path.exists():
-        raise CheckpointError(f"{text}: is a file; expected a model directory holding {CONFIG_NAME}")
-    if text.count("/") != 1 or text.startswith((".", "/", "~")):
-        raise ModelNotFoundError(f"{text}: no such directory (and not a hub id of the form 'org/name')")
-    from huggingface_hub import snapshot_download
-
-    patterns = allow_patterns or _HUB_PATTERNS
-    try:
-        return Path(snapshot_download(text, allow_patterns=patterns, local_files_only=True))
-    except Exception:
-        pass
-    try:
-        return Path(snapshot_download(text, allow_patterns=patterns))
-    except Exception as exc:  # offline, unknown repo, gated repo...
-        raise ModelNotFoundError(
-            f"{text}: not a local directory, not in the Hugging Face cache, and the hub download failed "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
-        ) from exc
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise CheckpointError(f"{path}: file not found")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(path.name, f"malformed JSON ({exc})", source=str(path)) from exc
-    if not isinstance(data, dict):
-        raise ConfigError(path.name, "must hold a JSON object", source=str(path))
-    return data
+def resolve_model_dir(path_or_id: str | os.PathLike) -> Path:
+    return resolve(path_or_id, _HUB_PATTERNS, CONFIG_NAME)
 
 
 def config_from_dict(d: dict[str, Any], source: str | None = None):
@@ -188,29 +154,6 @@ def _parse_size(size: int | str) -> int:
     return int(float(m.group(1)) * mult)
 
 
-def _atomic_write_bytes(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write("\n")
-
-    _atomic_write_bytes(path, write)
-
-
 def save_pretrained(model, save_directory, max_shard_size: int | str = "5GB") -> None:
     out = Path(save_directory)
     out.mkdir(parents=True, exist_ok=True)
@@ -232,12 +175,12 @@ def save_pretrained(model, save_directory, max_shard_size: int | str = "5GB") ->
     dtype = next(iter(state.values())).dtype if state else torch.float32
     metadata = {"format": "pt"}
     if len(shards) == 1:
-        _atomic_write_bytes(out / WEIGHTS_NAME, lambda tmp: save_file(shards[0], tmp, metadata=metadata))
+        atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(shards[0], tmp, metadata=metadata))
     else:
         weight_map = {}
         for i, shard in enumerate(shards, start=1):
             name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            _atomic_write_bytes(out / name, lambda tmp, s=shard: save_file(s, tmp, metadata=metadata))
+            atomic_write(out / name, lambda tmp, s=shard: save_file(s, tmp, metadata=metadata))
             weight_map.update({k: name for k in shard})
         total = sum(t.numel() * t.element_size() for t in state.values())
         write_json_atomic(out / WEIGHTS_INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})

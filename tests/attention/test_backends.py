@@ -1,0 +1,357 @@
+"""Every attention backend against the eager reference, plus the DSA / gate specifics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from seekdeep.attention import AttentionMask, AttentionSpec, available_backends, build_attention
+from seekdeep.attention.dense import eager_attention, sdpa_attention
+from seekdeep.attention.dsa import DynamicSparseAttention, select_topk
+from seekdeep.attention.gated import GatedAttention
+from seekdeep.errors import ConfigError, UnknownBackendError
+
+B, H, D, C = 2, 4, 8, 32
+SCALE = D**-0.5
+ATOL = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)  # backend parameters are drawn from the global generator
+
+
+def spec(num_kv_heads: int = 2, **options) -> AttentionSpec:
+    return AttentionSpec(
+        hidden_size=C, num_heads=H, num_kv_heads=num_kv_heads, head_dim=D, v_head_dim=D, options=options
+    )
+
+
+def inputs(tq: int = 10, tk: int = 10, hkv: int = 2, seed: int = 0):
+    """q (B, H, Tq, D), k / v (B, Hkv, Tk, D), hidden states (B, Tk, C) for every key slot."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, tq, D, generator=g)
+    k = torch.randn(B, hkv, tk, D, generator=g)
+    v = torch.randn(B, hkv, tk, D, generator=g)
+    x = torch.randn(B, tk, C, generator=g)
+    return q, k, v, x
+
+
+def left_padding(tk: int, pads=(0, 3)) -> torch.Tensor:
+    """(B, Tk) key_valid with ``pads[b]`` padded slots on the left of row b."""
+    return torch.stack([torch.arange(tk) >= p for p in pads])
+
+
+def eager(q, k, v, mask: AttentionMask) -> torch.Tensor:
+    return eager_attention(q, k, v, mask.to_bool("cpu"), SCALE)
+
+
+def run(backend, q, k, v, x, mask, cache_state=None):
+    return backend(q, k, v, mask=mask, scale=SCALE, hidden_states=x, cache_state=cache_state)
+
+
+def nudge_gate(gated: GatedAttention) -> GatedAttention:
+    """Give the zero-initialised gate real values so its tests are not trivially satisfied."""
+    with torch.no_grad():
+        gated.gate_out.weight.normal_(std=1.0, generator=torch.Generator().manual_seed(7))
+    return gated
+
+
+# --- sdpa vs eager ------------------------------------------------------------------------
+
+SDPA_CASES = {
+    "causal_mha": dict(tq=10, tk=10, hkv=4),
+    "causal_gqa": dict(tq=10, tk=10, hkv=2),
+    "left_padding": dict(tq=10, tk=10, hkv=2, pad=True),
+    "sliding_window": dict(tq=10, tk=10, hkv=2, window=3),
+    "decode_offset": dict(tq=3, tk=10, hkv=2),
+    "decode_offset_padding_window": dict(tq=3, tk=10, hkv=1, pad=True, window=4),
+}
+
+
+@pytest.mark.parametrize("case", SDPA_CASES.values(), ids=SDPA_CASES.keys())
+def test_sdpa_matches_eager(case):
+    q, k, v, _ = inputs(case["tq"], case["tk"], case["hkv"])
+    key_valid = left_padding(case["tk"]) if case.get("pad") else None
+    mask = AttentionMask(case["tq"], case["tk"], key_valid=key_valid, sliding_window=case.get("window"))
+    ref = eager(q, k, v, mask)
+    torch.testing.assert_close(sdpa_attention(q, k, v, mask, SCALE), ref, atol=ATOL, rtol=0)
+    if key_valid is not None and case["tq"] == case["tk"]:
+        assert ref[1, :, :3].abs().max() == 0  # fully padded query rows give 0
+
+
+# --- dsa: selection and equality with dense ------------------------------------------------
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "straight_through"])
+@pytest.mark.parametrize("pad,window", [(False, None), (True, None), (True, 4)])
+def test_dsa_equals_eager_when_topk_covers_keys(grad, pad, window):
+    q, k, v, x = inputs()
+    mask = AttentionMask(10, 10, key_valid=left_padding(10) if pad else None, sliding_window=window)
+    dsa = DynamicSparseAttention(spec(topk=64))
+    with torch.set_grad_enabled(grad):
+        out = run(dsa, q, k, v, x, mask)
+    torch.testing.assert_close(out, eager(q, k, v, mask), atol=ATOL, rtol=0)
+
+
+def test_dsa_selection_path_equals_eager_when_window_bounds_keys():
+    # topk < Tk, so the selection path runs, but no row has more than topk allowed keys.
+    q, k, v, x = inputs()
+    mask = AttentionMask(10, 10, sliding_window=4)
+    dsa = DynamicSparseAttention(spec(topk=4))
+    with torch.no_grad():
+        torch.testing.assert_close(run(dsa, q, k, v, x, mask), eager(q, k, v, mask), atol=ATOL, rtol=0)
+
+
+def reference_selection(scores, allowed, topk, local_window, q_offset):
+    """Per-row python selection: allowed local keys first, then the best-scoring allowed keys."""
+    b_n, tq, tk = scores.shape
+    selected = torch.zeros(b_n, tq, tk, dtype=torch.bool)
+    for b in range(b_n):
+        for t in range(tq):
+            slot = q_offset + t
+            keys = [s for s in range(tk) if allowed[min(b, allowed.shape[0] - 1), t, s]]
+            local = [s for s in keys if slot - local_window < s <= slot]
+            rest = sorted((s for s in keys if s not in local), key=lambda s: -scores[b, t, s].item())
+            for s in (local + rest)[: min(topk, tk)]:
+                selected[b, t, s] = True
+    return selected
+
+
+@pytest.mark.parametrize("topk,local_window", [(9, 1), (3, 1), (3, 2), (3, 3)])
+@pytest.mark.parametrize("pad", [False, True])
+def test_dsa_selection_matches_independent_reference(topk, local_window, pad):
+    q, k, v, x = inputs()
+    mask = AttentionMask(10, 10, key_valid=left_padding(10) if pad else None)
+    # 16 ReLU index heads: a key whose dots are all negative (score exactly 0, a tie) is rare.
+    dsa = DynamicSparseAttention(spec(topk=topk, local_window=local_window, index_heads=16))
+    allowed = mask.to_bool("cpu")[:, 0]  # (B or 1, Tq, Tk)
+    with torch.no_grad():
+        scores = dsa.index_scores(x, None)
+        out = run(dsa, q, k, v, x, mask)
+    ref_sel = reference_selection(scores, allowed, topk, local_window, mask.q_offset)
+    for row, keys in zip(scores.flatten(0, 1), allowed.expand_as(scores).flatten(0, 1)):
+        assert row[keys].unique().numel() == keys.sum()  # no ties: the selection is unique
+
+    indices, valid = select_topk(scores, allowed, topk, local_window=local_window, q_offset=0)
+    assert indices.shape == valid.shape == (B, 10, min(topk, 10))
+    got_sel = torch.zeros_like(ref_sel).scatter(-1, indices, valid)
+    assert torch.equal(got_sel, ref_sel)
+    assert valid.sum(-1).tolist() == ref_sel.sum(-1).tolist()  # short rows: only allowed keys
+
+    ref = eager_attention(q, k, v, (allowed & ref_sel)[:, None], SCALE)
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+    dsa.train()
+    torch.testing.assert_close(run(dsa, q, k, v, x, mask), ref, atol=ATOL, rtol=0)  # STE: same value
+    if topk <= 3:
+        assert (out - eager(q, k, v, mask)).abs().max() > 1e-3  # sparsity really changed something
+
+
+# --- all backends: causality and padding ---------------------------------------------------
+
+
+def make_backend(name: str):
+    backend = build_attention(name, spec(topk=3, local_window=2))
+    return nudge_gate(backend) if name == "gated" else backend
+
+
+@pytest.mark.parametrize("name", ["eager", "sdpa", "dsa", "gated"])
+def test_future_tokens_do_not_change_past_outputs(name):
+    backend = make_backend(name)
+    q, k, v, x = inputs()
+    q2, k2, v2, x2 = (t.clone() for t in (q, k, v, x))
+    for t in (q2, k2, v2):
+        t[:, :, 6:] += 5.0 * torch.randn_like(t[:, :, 6:])
+    x2[:, 6:] += 5.0 * torch.randn_like(x2[:, 6:])
+    mask = AttentionMask(10, 10)
+    with torch.no_grad():
+        out, out2 = run(backend, q, k, v, x, mask), run(backend, q2, k2, v2, x2, mask)
+    torch.testing.assert_close(out2[:, :, :6], out[:, :, :6], atol=ATOL, rtol=0)
+    assert (out2[:, :, 6:] - out[:, :, 6:]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name", ["eager", "sdpa", "dsa", "gated"])
+def test_padding_is_ignored(name):
+    backend = make_backend(name)
+    q, k, v, x = inputs()
+    key_valid = left_padding(10, pads=(0, 3))
+    mask = AttentionMask(10, 10, key_valid=key_valid)
+    k2, v2, x2 = k.clone(), v.clone(), x.clone()
+    k2[1, :, :3] += 5.0
+    v2[1, :, :3] += 5.0
+    x2[1, :3] += 5.0
+    with torch.no_grad():
+        out, out2 = run(backend, q, k, v, x, mask), run(backend, q, k2, v2, x2, mask)
+    torch.testing.assert_close(out2, out, atol=ATOL, rtol=0)
+    assert out[1, :, :3].abs().max() == 0  # padded queries see no key
+    assert torch.isfinite(out).all()
+
+
+# --- dsa: decode with cache, gradients, indexer loss ---------------------------------------
+
+
+def test_dsa_decode_with_cache_matches_full_sequence():
+    t_total, prefill = 12, 5
+    q, k, v, x = inputs(t_total, t_total)
+    key_valid = left_padding(t_total, pads=(0, 2))
+    dsa = DynamicSparseAttention(spec(topk=3, local_window=2, index_heads=16, index_head_dim=16))
+    with torch.no_grad():
+        full = run(dsa, q, k, v, x, AttentionMask(t_total, t_total, key_valid=key_valid))
+        state: dict = {}
+        mask = AttentionMask(prefill, prefill, key_valid=key_valid[:, :prefill])
+        pre = run(dsa, q[:, :, :prefill], k[:, :, :prefill], v[:, :, :prefill], x[:, :prefill], mask, state)
+        torch.testing.assert_close(pre, full[:, :, :prefill], atol=ATOL, rtol=0)
+        for t in range(prefill, t_total):
+            mask = AttentionMask(1, t + 1, key_valid=key_valid[:, : t + 1])
+            step = run(dsa, q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], x[:, t : t + 1], mask, state)
+            torch.testing.assert_close(step, full[:, :, t : t + 1], atol=ATOL, rtol=0)
+    assert state["index_k"].shape == (B, t_total, 16)
+
+
+def test_dsa_rejects_index_cache_out_of_step():
+    q, k, v, x = inputs(1, 6)
+    dsa = DynamicSparseAttention(spec(topk=3))
+    state = {"index_k": torch.zeros(B, 2, 32)}  # 2 cached + 1 new index keys, but Tk = 6
+    with pytest.raises(ValueError, match="index_k"):
+        run(dsa, q, k, v, x[:, -1:], AttentionMask(1, 6), state)
+
+
+def test_dsa_straight_through_trains_indexer():
+    q, k, v, x = inputs()
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    dsa = DynamicSparseAttention(spec(topk=3)).train()
+    mask = AttentionMask(10, 10, key_valid=left_padding(10))
+    out = run(dsa, q, k, v, x, mask)
+    (out * torch.randn_like(out)).sum().backward()
+    for name in ("index_q.weight", "index_k.weight", "index_weights.weight", "index_k_norm.weight"):
+        grad = dsa.get_parameter(name).grad
+        assert grad is not None and torch.isfinite(grad).all() and grad.abs().max() > 0, name
+    assert all(torch.isfinite(t.grad).all() and t.grad.abs().max() > 0 for t in (q, k, v))
+
+
+def reference_indexer_loss(q, k, scores, allowed):
+    """KL over allowed keys, computed with F.kl_div from the eager attention probabilities."""
+    kr = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    probs = (q @ kr.transpose(-1, -2) * SCALE).masked_fill(~allowed[:, None], float("-inf")).softmax(-1)
+    target = probs.nan_to_num(0.0).sum(1)
+    target = target / target.sum(-1, keepdim=True)
+    losses = []
+    for b in range(scores.shape[0]):
+        for t in range(scores.shape[1]):
+            keys = allowed[min(b, allowed.shape[0] - 1), t]
+            if keys.any():
+                log_pred = scores[b, t, keys].log_softmax(-1)
+                losses.append(F.kl_div(log_pred, target[b, t, keys], reduction="sum"))
+    return torch.stack(losses).mean()
+
+
+@pytest.mark.parametrize("dense_warmup", [True, False])
+def test_indexer_loss_matches_reference_and_decreases(dense_warmup):
+    q, k, v, x = inputs()
+    mask = AttentionMask(10, 10, key_valid=left_padding(10))
+    dsa = DynamicSparseAttention(spec(topk=3)).train()
+    dsa.compute_indexer_loss, dsa.dense_warmup = True, dense_warmup
+    out = run(dsa, q, k, v, x, mask)
+    if dense_warmup:
+        torch.testing.assert_close(out.detach(), eager(q, k, v, mask), atol=ATOL, rtol=0)
+    with torch.no_grad():
+        ref = reference_indexer_loss(q, k, dsa.index_scores(x, None), mask.to_bool("cpu")[:, 0])
+    torch.testing.assert_close(dsa.indexer_loss.detach(), ref, atol=1e-5, rtol=1e-5)
+
+    q, k, x = q.requires_grad_(), k.requires_grad_(), x.requires_grad_()
+    indexer_params = [p for n, p in dsa.named_parameters() if n.startswith("index_")]
+    opt = torch.optim.SGD(indexer_params, lr=2.0)
+    losses = []
+    for _ in range(15):
+        opt.zero_grad()
+        run(dsa, q, k, v, x, mask)
+        loss = dsa.indexer_loss
+        assert torch.isfinite(loss) and loss >= 0
+        loss.backward()
+        losses.append(loss.item())
+        opt.step()
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert q.grad is None and k.grad is None and x.grad is None  # target and trunk stay detached
+
+
+def test_indexer_loss_is_off_by_default():
+    q, k, v, x = inputs()
+    dsa = DynamicSparseAttention(spec(topk=3))
+    run(dsa, q, k, v, x, AttentionMask(10, 10))
+    assert dsa.indexer_loss is None
+
+
+# --- gated ---------------------------------------------------------------------------------
+
+
+def test_gated_at_init_equals_sdpa():
+    q, k, v, x = inputs()
+    mask = AttentionMask(10, 10, key_valid=left_padding(10), sliding_window=5)
+    gated = GatedAttention(spec())
+    assert torch.equal(gated.gate(x), torch.ones(B, 10, H))
+    torch.testing.assert_close(run(gated, q, k, v, x, mask), sdpa_attention(q, k, v, mask, SCALE), atol=0, rtol=0)
+
+
+def test_gated_gradients_reach_gate_params():
+    q, k, v, x = inputs()
+    gated = GatedAttention(spec())
+    out = run(gated, q, k, v, x, AttentionMask(10, 10))
+    (out * torch.randn_like(out)).sum().backward()
+    assert gated.gate_out.weight.grad.abs().max() > 0 and gated.gate_out.bias.grad.abs().max() > 0
+    gated.zero_grad()
+    nudge_gate(gated)
+    out = run(gated, q, k, v, x, AttentionMask(10, 10))
+    assert (out - sdpa_attention(q, k, v, AttentionMask(10, 10), SCALE)).abs().max() > 1e-3
+    (out * torch.randn_like(out)).sum().backward()
+    assert gated.gate_proj.weight.grad.abs().max() > 0 and torch.isfinite(gated.gate_proj.weight.grad).all()
+
+
+# --- registry, options, meta-device materialisation ----------------------------------------
+
+
+def test_unknown_backend_names_accepted_ones():
+    assert {"eager", "sdpa", "dsa", "gated"} <= set(available_backends())
+    with pytest.raises(UnknownBackendError) as err:
+        build_attention("flashy", spec())
+    for name in ("eager", "sdpa", "dsa", "gated", "flashy"):
+        assert name in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "options,field",
+    [
+        ({"topk": 0}, "topk"),
+        ({"topk": "8"}, "topk"),
+        ({"topk": True}, "topk"),
+        ({"index_heads": -1}, "index_heads"),
+        ({"index_head_dim": 2.5}, "index_head_dim"),
+        ({"local_window": 0}, "local_window"),
+        ({"topk": 2, "local_window": 3}, "local_window"),
+    ],
+)
+def test_bad_dsa_options_raise_config_error(options, field):
+    with pytest.raises(ConfigError, match="accepted") as err:
+        build_attention("dsa", spec(**options))
+    assert err.value.field == f"attention_options.{field}"
+
+
+def test_bad_gate_hidden_raises_config_error():
+    with pytest.raises(ConfigError) as err:
+        GatedAttention(spec(gate_hidden=0))
+    assert err.value.field == "attention_options.gate_hidden"
+
+
+@pytest.mark.parametrize("name", ["dsa", "gated"])
+def test_meta_construction_then_reset_parameters(name):
+    with torch.device("meta"):
+        backend = build_attention(name, spec(topk=3))
+    backend.to_empty(device="cpu")
+    backend.reset_parameters()
+    assert all(torch.isfinite(p).all() for p in backend.parameters())
+    q, k, v, x = inputs()
+    with torch.no_grad():
+        out = run(backend, q, k, v, x, AttentionMask(10, 10))
+    assert torch.isfinite(out).all()
+    if name == "gated":
+        torch.testing.assert_close(out, eager(q, k, v, AttentionMask(10, 10)), atol=ATOL, rtol=0)
