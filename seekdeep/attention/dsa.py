@@ -52,8 +52,11 @@ def select_topk(
     local = (k_slots <= q_slots) & (q_slots - k_slots < local_window)  # (Tq, Tk)
     ranked = scores.detach().float().masked_fill(local, float("inf"))
     ranked = ranked.masked_fill(~allowed, float("-inf"))  # (B, Tq, Tk)
-    values, indices = ranked.topk(min(topk, tk), dim=-1)  # (B, Tq, k)
-    return indices, values > float("-inf")
+    # A stable sort, not topk: ReLU'd index scores are often exactly 0, and ties must break
+    # the same way (earliest key first) whether a query is scored in a prefill or a decode step.
+    values, indices = ranked.sort(dim=-1, descending=True, stable=True)
+    k = min(topk, tk)
+    return indices[..., :k], values[..., :k] > float("-inf")  # (B, Tq, k)
 
 
 class DynamicSparseAttention(nn.Module):

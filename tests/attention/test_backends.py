@@ -355,3 +355,22 @@ def test_meta_construction_then_reset_parameters(name):
     assert torch.isfinite(out).all()
     if name == "gated":
         torch.testing.assert_close(out, eager(q, k, v, AttentionMask(10, 10)), atol=ATOL, rtol=0)
+
+
+def test_dsa_model_decode_matches_full_forward_with_default_indexer():
+    """Regression: with 4 index heads many ReLU'd scores are exactly 0; ties must break the
+    same way in a prefill and in a decode step."""
+    from seekdeep.models.llama import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig.from_name("tiny", vocab_size=64, max_position_embeddings=128,
+                                                   attention_backend="dsa", attention_options={"topk": 4}))
+    model.init_weights()
+    model.eval()
+    ids = torch.randint(0, 64, (1, 20))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = model(ids[:, :12], use_cache=True).past_key_values
+        for t in range(12, 20):
+            step = model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits[:, -1]
+            assert (step - full[:, t]).abs().max().item() < 1e-4
