@@ -27,6 +27,8 @@ class StateDictAdapter:
     #: parameter-name fragments that a plain Hugging Face checkpoint cannot have (they belong
     #: to seekdeep's attention backends) and that are initialised fresh when absent.
     optional_fragments = (".self_attn.inner.",)
+    #: tensors kept in fp32 whatever dtype the model is loaded in (numerically sensitive).
+    fp32_fragments: tuple[str, ...] = ()
 
     def __init__(self, config):
         self.config = config
@@ -44,6 +46,9 @@ class StateDictAdapter:
         if self.config.tie_word_embeddings:
             out.pop("lm_head.weight", None)
         return out
+
+    def keeps_fp32(self, key: str) -> bool:
+        return any(frag in key for frag in self.fp32_fragments)
 
     def is_optional(self, key: str) -> bool:
         return any(frag in key for frag in self.optional_fragments)

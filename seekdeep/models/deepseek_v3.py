@@ -224,6 +224,8 @@ class DeepseekV3StateDictAdapter(StateDictAdapter):
     tools write, splitting it into per-expert ``mlp.experts.{i}.*_proj.weight``; saving
     always writes the per-expert layout that transformers' ``save_pretrained`` writes."""
 
+    fp32_fragments = ("e_score_correction_bias",)  # routing decisions hinge on it, as in transformers
+
     def from_hf(self, key: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
         for name, value in super().from_hf(key, tensor):
             prefix, _, leaf = name.rpartition(".experts.")

@@ -109,7 +109,8 @@ def load_pretrained(path_or_id, dtype=None, device=None, expected_class=None, **
                                 f"{file}: shape mismatch for {hf_key!r}: checkpoint {tuple(tensor.shape)}, "
                                 f"config.json implies {tuple(expected[key].shape)}"
                             )
-                        state[key] = tensor.to(device=device, dtype=torch_dtype if tensor.is_floating_point() else tensor.dtype)
+                        target = torch.float32 if adapter.keeps_fp32(key) else torch_dtype
+                        state[key] = tensor.to(device=device, dtype=target if tensor.is_floating_point() else tensor.dtype)
         except CheckpointError:
             raise
         except Exception as exc:  # truncated / corrupt file

@@ -269,3 +269,15 @@ def test_unknown_backend_and_bad_hf_dicts_are_named(hf_dirs):
     with pytest.raises(ConfigError) as exc:
         DeepseekV3Config.from_name("huge")
     assert exc.value.field == "preset"
+
+
+def test_router_correction_bias_stays_fp32_in_a_bf16_load(tmp_path):
+    config = DeepseekV3Config.from_name("tiny", vocab_size=64)
+    model = DeepseekV3ForCausalLM(config)
+    model.init_weights()
+    model.save_pretrained(tmp_path)
+    loaded = seekdeep.AutoModel.from_pretrained(tmp_path, dtype="bfloat16")
+    biases = [b for n, b in loaded.named_buffers() if n.endswith("e_score_correction_bias")]
+    assert biases and all(b.dtype == torch.float32 for b in biases)
+    assert loaded.model.layers[-1].mlp.experts[0].gate_proj.weight.dtype == torch.bfloat16
+    loaded(torch.randint(0, 64, (1, 6)))  # runs in mixed dtypes
