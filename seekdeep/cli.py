@@ -90,6 +90,40 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
+    from seekdeep.recipes.train import TrainConfig, train
+
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    summary = train(cfg)
+    print(f"\nheld-out perplexity: {summary['heldout_ppl']:.2f} (loss {summary['heldout_loss']:.4f} nats/token) "
+          f"after {summary['steps']} steps, {summary['train_seconds']:.0f}s")
+    print(f"sample:\n{summary['sample']}\n")
+    print(f"model: {summary['model_dir']}  (try: seekdeep generate {summary['model_dir']} --prompt 'def ')")
+    print(f"loss curve: {summary['loss_curve']}")
+    return 0
+
+
+def _add_dataclass_flags(parser: argparse.ArgumentParser, cls, help_overrides: dict[str, str]) -> None:
+    """One ``--flag`` per dataclass field, typed by its default, so the CLI is not a second
+    config system."""
+    from dataclasses import MISSING, fields
+
+    for f in fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not MISSING else None
+        help_text = help_overrides.get(f.name, f"(default: {default})")
+        if isinstance(default, bool):
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        elif isinstance(default, (int, float)) and not isinstance(default, bool):
+            parser.add_argument(flag, dest=f.name, type=type(default), default=default, help=help_text)
+        elif f.name == "max_time":
+            parser.add_argument(flag, dest=f.name, type=float, default=default, help=help_text)
+        else:
+            parser.add_argument(flag, dest=f.name, type=str, default=default, help=help_text)
+
+
 def _probability(text: str) -> float:
     value = float(text)
     if not 0 < value <= 1:
@@ -123,6 +157,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16 or auto")
     gen.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, ...")
     gen.set_defaults(func=cmd_generate)
+
+    from seekdeep.recipes.train import TrainConfig
+
+    tr = sub.add_parser("train", help="train a code model on the embedded corpus (the Python standard library) or --data")
+    _add_dataclass_flags(tr, TrainConfig, {
+        "data": "text file, folder or .jsonl (text field); default: the Python standard library",
+        "resume": "'auto' (latest checkpoint in --output-dir) or a checkpoint directory",
+        "max_time": "seconds of training after which the run evaluates, saves and stops",
+        "preset": "model size: tiny, small, base, 125m (default: tiny)",
+        "attention_backend": "eager, sdpa, dsa (default) or gated",
+        "precision": "fp32 (default), bf16 or fp16 (with dynamic loss scaling)",
+    })
+    tr.set_defaults(func=cmd_train)
     return parser
 
 

@@ -1,0 +1,1 @@
+"""Recipes: end-to-end jobs (training, ...) that pick components and own their loop."""

@@ -1,0 +1,397 @@
+"""``seekdeep train``: pre-train a small code model on the embedded corpus (or user data).
+
+The recipe owns its loop: data -> model -> AdamW + warm-up/cosine -> precision policy
+(autocast, fp16 loss scaling) -> gradient accumulation and clipping -> periodic held-out
+evaluation and crash-safe checkpoints -> final model directory, loss curve and a sample.
+
+With the ``dsa`` backend the run follows DeepSeek-V3.2's recipe for its indexer, adapted to
+training from scratch: (1) dense attention while the indexer learns to imitate it through a
+KL loss, (2) a short warm-up in which only the indexer learns (dense attention, trunk frozen),
+(3) sparse training with the top-k selection, the indexer still following the KL loss.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from tqdm import tqdm
+
+from seekdeep.errors import CheckpointError, ConfigError
+
+PRESETS = ("tiny", "small", "base", "125m")
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a training run; the defaults fit a 2-core CPU in about ten minutes."""
+
+    preset: str = "tiny"
+    attention_backend: str = "dsa"
+    topk: int = 64  # dsa: keys per query
+    data: str | None = None  # None: the Python standard library (the embedded corpus)
+    vocab_size: int = 4096
+    seq_len: int = 256
+    batch_size: int = 16
+    grad_accum: int = 1
+    steps: int = 700
+    max_time: float | None = None  # seconds of training after which the run wraps up early
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50  # capped at steps
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    precision: str = "fp32"
+    dense_fraction: float = 0.3  # dsa: share of steps trained densely (indexer imitating)
+    indexer_warmup_steps: int = 30  # dsa: steps in which only the indexer learns
+    indexer_loss_weight: float = 1.0
+    eval_interval: int = 100
+    eval_batches: int = 20
+    checkpoint_interval: int = 100
+    keep_last: int = 2
+    output_dir: str = "runs/train"
+    resume: str | None = None  # "auto" (latest in output_dir) or a checkpoint path
+    compile: bool = False
+    gradient_checkpointing: bool = False
+    fp8: bool = False
+    device: str | None = None  # None: cuda when available, else cpu
+    seed: int = 0
+    sample_prompt: str = "def "
+    sample_tokens: int = 96
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ConfigError("preset", f"unknown preset {self.preset!r}; accepted: {', '.join(PRESETS)}")
+        for name in ("vocab_size", "seq_len", "batch_size", "grad_accum", "steps", "eval_interval", "eval_batches",
+                     "checkpoint_interval", "keep_last", "topk", "sample_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(name, f"must be an integer >= 1, got {value!r}")
+        for name in ("warmup_steps", "indexer_warmup_steps", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(name, f"must be an integer >= 0, got {value!r}")
+        for name in ("lr", "grad_clip"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(name, f"must be > 0, got {getattr(self, name)!r}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError("min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio!r}")
+        if not 0 <= self.dense_fraction < 1:
+            raise ConfigError("dense_fraction", f"must be in [0, 1), got {self.dense_fraction!r}")
+        if self.max_time is not None and not self.max_time > 0:
+            raise ConfigError("max_time", f"must be > 0 seconds, got {self.max_time!r}")
+        if self.vocab_size < 300:
+            raise ConfigError("vocab_size", f"must be >= 300 (256 bytes + merges + special tokens), got {self.vocab_size}")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ConfigError("precision", f"unknown {self.precision!r}; accepted: fp32, bf16, fp16")
+
+    @property
+    def dense_steps(self) -> int:
+        return int(self.steps * self.dense_fraction) if self.attention_backend == "dsa" else 0
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.grad_accum * self.seq_len
+
+    def phase(self, step: int) -> str:
+        """'dense' | 'indexer_warmup' | 'sparse' for dsa; 'dense' for every other backend."""
+        if self.attention_backend != "dsa":
+            return "dense"
+        if step < self.dense_steps:
+            return "dense"
+        if step < self.dense_steps + self.indexer_warmup_steps:
+            return "indexer_warmup"
+        return "sparse"
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+def build_model(cfg: TrainConfig, tokenizer, device: torch.device):
+    from seekdeep.models.llama import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig.from_name(
+        cfg.preset,
+        vocab_size=tokenizer.vocab_size,
+        max_position_embeddings=max(1024, cfg.seq_len),
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+        attention_backend=cfg.attention_backend,
+        attention_options={"topk": cfg.topk} if cfg.attention_backend == "dsa" else {},
+    )
+    torch.manual_seed(cfg.seed)
+    with torch.device(device):
+        model = LlamaForCausalLM(config)
+    model.init_weights()
+    model.gradient_checkpointing = cfg.gradient_checkpointing
+    return model
+
+
+def _indexers(model) -> list[torch.nn.Module]:
+    from seekdeep.attention.dsa import DynamicSparseAttention
+
+    return [m for m in model.modules() if isinstance(m, DynamicSparseAttention)]
+
+
+def apply_phase(model, phase: str) -> None:
+    """Switch the DSA modules and which parameters learn for a training phase."""
+    indexers = _indexers(model)
+    if not indexers:
+        return
+    indexer_params = {id(p) for m in indexers for p in m.parameters()}
+    for module in indexers:
+        module.dense_warmup = phase != "sparse"
+        module.compute_indexer_loss = True
+    for param in model.parameters():
+        param.requires_grad_(phase != "indexer_warmup" or id(param) in indexer_params)
+
+
+@torch.no_grad()
+def evaluate(model, windows, max_batches: int, policy) -> float:
+    """Mean held-out cross-entropy (nats per token) over the first ``max_batches`` batches."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for batch in windows.eval_batches(max_batches):
+            batch = batch.to(model.device)
+            with policy.autocast():
+                loss = model(batch, labels=batch).loss
+            n = batch.shape[0] * (batch.shape[1] - 1)
+            total += float(loss) * n
+            count += n
+    finally:
+        model.train(was_training)
+    return total / max(count, 1)
+
+
+class MetricsLog:
+    """metrics.jsonl (plus TensorBoard when installed). On resume, lines past the resumed
+    step are dropped so the log reads as one uninterrupted run."""
+
+    def __init__(self, path: Path, resume_step: int | None, use_tensorboard: bool = True):
+        self.path = path
+        if resume_step is None:
+            path.write_text("")
+        elif path.exists():
+            kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= resume_step]
+            path.write_text("".join(line + "\n" for line in kept))
+        self._file = open(path, "a", encoding="utf-8")
+        self._tb = None
+        if use_tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(path.parent / "tensorboard"))
+            except ImportError:
+                pass
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for key, value in record.items():
+                if key not in ("step", "kind", "phase") and isinstance(value, (int, float)):
+                    self._tb.add_scalar(f"{record.get('kind', 'train')}/{key}", value, record["step"])
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def plot_losses(metrics_path: Path, out_png: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
+    train = [(r["step"], r["loss"]) for r in records if r.get("kind") == "train"]
+    evals = [(r["step"], r["eval_loss"]) for r in records if r.get("kind") == "eval"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss (LM)", linewidth=1)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="held-out loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = out_png.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, out_png)
+
+
+def _maybe_fp8(model, cfg: TrainConfig, device: torch.device) -> None:
+    if not cfg.fp8:
+        return
+    if device.type != "cuda":
+        raise ConfigError("fp8", "fp8 matmuls need a CUDA device; accepted on this machine: --fp8 off")
+    try:
+        from torchao.float8 import convert_to_float8_training
+    except ImportError as exc:
+        raise ConfigError("fp8", "needs torchao (pip install 'seekdeep[fp8]')") from exc
+    convert_to_float8_training(model, module_filter_fn=lambda mod, name: "lm_head" not in name and mod.in_features % 16 == 0 and mod.out_features % 16 == 0)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run (or resume) a training job; returns a summary dict (also written to summary.json)."""
+    from seekdeep.data import TokenWindows, prepare_data
+    from seekdeep.files import write_json_atomic
+    from seekdeep.train import PrecisionPolicy, latest_checkpoint, load_checkpoint, make_scheduler, param_groups, save_checkpoint
+    from seekdeep.train.checkpoint import resolve_checkpoint
+
+    out = Path(cfg.output_dir).expanduser()
+    ckpt_dir = out / "checkpoints"
+    resume_path = None
+    if cfg.resume is not None:
+        resume_path = latest_checkpoint(ckpt_dir) if cfg.resume == "auto" else resolve_checkpoint(cfg.resume)
+        if resume_path is None and cfg.resume == "auto":
+            print(f"no checkpoint in {ckpt_dir}; starting from scratch", file=sys.stderr)
+    if resume_path is not None:
+        saved = _saved_config(resume_path)
+        # the run's identity comes from the checkpoint; only the budget and output may change
+        cfg = TrainConfig(**{**saved, "steps": cfg.steps, "max_time": cfg.max_time, "resume": cfg.resume,
+                             "output_dir": cfg.output_dir, "progress": cfg.progress, "device": cfg.device})
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    policy = PrecisionPolicy(cfg.precision, device.type)
+    torch.manual_seed(cfg.seed)
+
+    data = prepare_data(cfg.data, vocab_size=cfg.vocab_size, seq_len=cfg.seq_len, progress=cfg.progress)
+    tokenizer = data.tokenizer
+    windows = TokenWindows(data.train_path, cfg.seq_len, cfg.batch_size, seed=cfg.seed)
+    heldout = TokenWindows(data.heldout_path, cfg.seq_len, cfg.batch_size, seed=cfg.seed, shuffle=False)
+
+    model = build_model(cfg, tokenizer, device)
+    _maybe_fp8(model, cfg, device)
+    all_params = list(model.parameters())
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8,
+                                  fused=device.type == "cuda")
+    scheduler = make_scheduler(optimizer, min(cfg.warmup_steps, cfg.steps), cfg.steps, cfg.min_lr_ratio)
+    scaler = policy.make_scaler()
+    start_step = 0
+    if resume_path is not None:
+        state = load_checkpoint(resume_path, model, optimizer, scheduler, scaler)
+        windows.load_state_dict(state.data_state)
+        start_step = state.step
+        print(f"resumed from {resume_path} at step {start_step}", file=sys.stderr)
+    forward = torch.compile(model) if cfg.compile else model
+
+    metrics = MetricsLog(out / "metrics.jsonl", start_step if resume_path is not None else None)
+    n_params = model.num_parameters()
+    print(f"model: {cfg.preset} llama, {n_params / 1e6:.2f}M parameters, attention={cfg.attention_backend}, "
+          f"device={device}, precision={cfg.precision}; data: {data.stats.get('train_tokens', '?')} training tokens",
+          file=sys.stderr)
+    model.train()
+    bar = tqdm(total=cfg.steps, initial=start_step, desc="train", disable=not cfg.progress, dynamic_ncols=True)
+    started = time.perf_counter()
+    step, tokens_seen, last_eval = start_step, 0, None
+    stopped_early = False
+    try:
+        while step < cfg.steps:
+            phase = cfg.phase(step)
+            apply_phase(model, phase)
+            t0 = time.perf_counter()
+            lm_total, aux_total = 0.0, 0.0
+            for _ in range(cfg.grad_accum):
+                batch = windows.next_batch().to(device)
+                with policy.autocast():
+                    output = forward(batch, labels=batch)
+                loss = output.loss
+                if output.aux_loss is not None:
+                    loss = loss + cfg.indexer_loss_weight * output.aux_loss
+                    aux_total += float(output.aux_loss.detach()) / cfg.grad_accum
+                lm_total += float(output.loss.detach()) / cfg.grad_accum
+                scaler.scale(loss / cfg.grad_accum).backward()
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_([p for p in all_params if p.grad is not None], cfg.grad_clip)
+            applied = scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            step += 1
+            dt = time.perf_counter() - t0
+            tokens_seen += cfg.tokens_per_step
+            record = {"kind": "train", "step": step, "phase": phase, "loss": lm_total, "indexer_loss": aux_total,
+                      "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "tokens_per_s": cfg.tokens_per_step / dt,
+                      "applied": bool(applied), "loss_scale": scaler.scale_value}
+            metrics.write(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{lm_total:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", phase=phase)
+            if not math.isfinite(lm_total):
+                raise FloatingPointError(f"loss became {lm_total} at step {step}; lower --lr or use --precision fp32")
+            out_of_time = cfg.max_time is not None and time.perf_counter() - started > cfg.max_time
+            if step % cfg.eval_interval == 0 and step < cfg.steps and not out_of_time:
+                last_eval = evaluate(model, heldout, cfg.eval_batches, policy)
+                metrics.write({"kind": "eval", "step": step, "phase": phase, "eval_loss": last_eval, "eval_ppl": math.exp(last_eval)})
+                bar.write(f"step {step}: held-out loss {last_eval:.4f}, perplexity {math.exp(last_eval):.2f}")
+            if step % cfg.checkpoint_interval == 0 or step == cfg.steps or out_of_time:
+                save_checkpoint(ckpt_dir, step, model, optimizer, scheduler, scaler, data_state=windows.state_dict(),
+                                extra={"config": asdict(cfg)}, keep_last=cfg.keep_last)
+            if out_of_time:
+                stopped_early = True
+                bar.write(f"time budget of {cfg.max_time:.0f}s reached at step {step}")
+                break
+    finally:
+        bar.close()
+        metrics_path = metrics.path
+        metrics.close()
+
+    apply_phase(model, cfg.phase(step))
+    final_loss = evaluate(model, heldout, cfg.eval_batches, policy)
+    with open(metrics_path, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"kind": "eval", "step": step, "phase": cfg.phase(step), "eval_loss": final_loss,
+                            "eval_ppl": math.exp(final_loss), "final": True}) + "\n")
+    final_dir = out / "final"
+    model.eval()
+    model.save_pretrained(final_dir)
+    tokenizer.save_pretrained(final_dir)
+    prompt = tokenizer(cfg.sample_prompt, return_tensors="pt")
+    sample_ids = model.generate(prompt["input_ids"], max_new_tokens=cfg.sample_tokens, do_sample=True, temperature=0.8,
+                                top_k=50, seed=cfg.seed)
+    sample = tokenizer.decode(sample_ids[0].tolist(), skip_special_tokens=True)
+    plot_losses(metrics_path, out / "loss.png", f"seekdeep train: {cfg.preset}, {cfg.attention_backend}")
+    summary = {
+        "steps": step,
+        "stopped_early": stopped_early,
+        "heldout_loss": final_loss,
+        "heldout_ppl": math.exp(final_loss),
+        "parameters": n_params,
+        "train_seconds": time.perf_counter() - started,
+        "tokens_seen": tokens_seen,
+        "model_dir": str(final_dir),
+        "loss_curve": str(out / "loss.png"),
+        "sample": sample,
+        "config": asdict(cfg),
+    }
+    write_json_atomic(out / "summary.json", summary)
+    return summary
+
+
+def _saved_config(checkpoint: Path) -> dict[str, Any]:
+    from seekdeep.train import load_checkpoint
+
+    state = load_checkpoint(checkpoint, restore_rng=False)
+    saved = (state.extra or {}).get("config")
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{checkpoint}: not a `seekdeep train` checkpoint (no training config in it)")
+    known = {f.name for f in fields(TrainConfig)}
+    return {k: v for k, v in saved.items() if k in known}

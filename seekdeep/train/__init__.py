@@ -1,0 +1,28 @@
+"""Training components: precision policy and loss scaling, parameter groups, the LR schedule
+and crash-safe checkpoints. Recipes own the loop and combine these."""
+
+from seekdeep.train.checkpoint import TrainingState, latest_checkpoint, load_checkpoint, save_checkpoint
+from seekdeep.train.precision import (
+    DEFAULT_FP32_PATTERNS,
+    DynamicLossScaler,
+    PrecisionPolicy,
+    StaticLossScaler,
+    cast_model_for_training,
+    param_groups,
+)
+from seekdeep.train.schedule import make_scheduler, warmup_cosine
+
+__all__ = [
+    "DEFAULT_FP32_PATTERNS",
+    "DynamicLossScaler",
+    "PrecisionPolicy",
+    "StaticLossScaler",
+    "TrainingState",
+    "cast_model_for_training",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "make_scheduler",
+    "param_groups",
+    "save_checkpoint",
+    "warmup_cosine",
+]
