@@ -43,3 +43,13 @@ class GenerationError(SeekdeepError, ValueError):
     def __init__(self, field: str, message: str):
         self.field = field
         super().__init__(f"{field}: {message}")
+
+
+class DataError(SeekdeepError, ValueError):
+    """Training data is missing, empty, binary or malformed; names the path (and line)."""
+
+    def __init__(self, path: str, message: str, *, line: int | None = None):
+        self.path = str(path)
+        self.line = line
+        where = f"{path}:{line}" if line is not None else str(path)
+        super().__init__(f"{where}: {message}")
