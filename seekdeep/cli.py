@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import time
 from pathlib import Path
 
 from seekdeep.errors import SeekdeepError
+
+#: modules adding their own sub-command (see build_parser); only commands that work are listed.
+PLUGGED_COMMANDS: list[str] = []
 
 DEFAULT_MODEL_DIR = Path(os.environ.get("SEEKDEEP_HOME", Path.home() / ".cache" / "seekdeep")) / "default-model"
 
@@ -48,7 +52,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from seekdeep.auto import AutoModel, AutoTokenizer
 
-    model_dir = Path(args.model) if args.model else DEFAULT_MODEL_DIR
+    trained = Path("runs/train/final")  # what `seekdeep train` writes by default
+    model_dir = Path(args.model) if args.model else (trained if (trained / "config.json").is_file() else DEFAULT_MODEL_DIR)
     if args.model is None and not (model_dir / "config.json").is_file():
         print(f"No model given: creating the default model in {model_dir} (random weights; `seekdeep train` trains one)", file=sys.stderr)
         make_default_model(model_dir)
@@ -143,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate text from a model directory (or the default model)")
-    gen.add_argument("model", nargs="?", help=f"model directory or hub id (default: {DEFAULT_MODEL_DIR}, created if missing)")
+    gen.add_argument("model", nargs="?", help="model directory or hub id (default: runs/train/final when `seekdeep train` "
+                     f"made it, else {DEFAULT_MODEL_DIR}, created with random weights if missing)")
     gen.add_argument("--prompt", default="def fibonacci(n):\n", help="prompt text")
     gen.add_argument("--max-new-tokens", type=_non_negative_int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -170,6 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
         "precision": "fp32 (default), bf16 or fp16 (with dynamic loss scaling)",
     })
     tr.set_defaults(func=cmd_train)
+
+    # Sub-commands that live beside their recipe: each module exposes
+    # ``register(subparsers)`` adding its parser with ``set_defaults(func=...)``.
+    for module_name in PLUGGED_COMMANDS:
+        importlib.import_module(module_name).register(sub)
     return parser
 
 

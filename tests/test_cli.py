@@ -10,9 +10,10 @@ import torch
 from seekdeep.cli import main, make_default_model
 
 
-def _run(args, env_extra=None):
+def _run(args, env_extra=None, cwd=None):
     env = {**os.environ, **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "seekdeep.cli", *args], capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run([sys.executable, "-m", "seekdeep.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=300, cwd=cwd)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,7 @@ def test_errors_are_reported_not_raised(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_main_job_creates_the_default_model_and_generates(tmp_path):
-    result = _run(["generate", "--max-new-tokens", "8"], {"SEEKDEEP_HOME": str(tmp_path)})
+    result = _run(["generate", "--max-new-tokens", "8"], {"SEEKDEEP_HOME": str(tmp_path)}, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "default-model" / "config.json").is_file()
     assert (tmp_path / "default-model" / "tokenizer.json").is_file()
