@@ -80,6 +80,41 @@ def weight_files(model_dir: Path) -> list[Path]:
     raise CheckpointError(f"{model_dir}: no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME} found")
 
 
+def read_checkpoint_state(model, model_dir: Path, dtype: torch.dtype | None = None, device=None):
+    """Read every tensor of a Hugging Face layout directory into ``model``'s names, checking
+    names and shapes against the model. Returns ``(state, fresh)``: ``fresh`` lists the
+    backend parameters the checkpoint may lack (they need initialising); any other missing
+    tensor is a CheckpointError. ``dtype=None`` keeps the stored dtypes."""
+    adapter = model.adapter_class(model.config)
+    expected = model.state_dict()
+    state: dict[str, torch.Tensor] = {}
+    for file in weight_files(model_dir):
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for hf_key in f.keys():
+                    for key, tensor in adapter.from_hf(hf_key, f.get_tensor(hf_key)):
+                        if key not in expected:
+                            raise CheckpointError(f"{file}: unexpected tensor {hf_key!r} (no such parameter in {type(model).__name__})")
+                        if tuple(tensor.shape) != tuple(expected[key].shape):
+                            raise CheckpointError(
+                                f"{file}: shape mismatch for {hf_key!r}: checkpoint {tuple(tensor.shape)}, "
+                                f"config.json implies {tuple(expected[key].shape)}"
+                            )
+                        target = torch.float32 if adapter.keeps_fp32(key) else (dtype or tensor.dtype)
+                        state[key] = tensor.to(device=device, dtype=target if tensor.is_floating_point() else tensor.dtype)
+        except CheckpointError:
+            raise
+        except Exception as exc:  # truncated / corrupt file
+            raise CheckpointError(f"{file}: unreadable safetensors file ({exc})") from exc
+    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    missing = [k for k in expected if k not in state and k not in tied]
+    fresh = [k for k in missing if adapter.is_optional(k)]
+    hard_missing = [k for k in missing if k not in fresh]
+    if hard_missing:
+        raise CheckpointError(f"{model_dir}: checkpoint lacks {len(hard_missing)} tensor(s), e.g. {hard_missing[:3]}")
+    return state, fresh
+
+
 def load_pretrained(path_or_id, dtype=None, device=None, expected_class=None, **overrides: Any):
     """Build the model named by config.json on the meta device and assign the checkpoint."""
     model_dir = resolve_model_dir(path_or_id)
@@ -94,33 +129,7 @@ def load_pretrained(path_or_id, dtype=None, device=None, expected_class=None, **
     device = torch.device(device) if device is not None else torch.device("cpu")
     with torch.device("meta"):
         model = model_cls(config)
-    adapter = model.adapter_class(config)
-    expected = model.state_dict()
-    state: dict[str, torch.Tensor] = {}
-    for file in weight_files(model_dir):
-        try:
-            with safe_open(str(file), framework="pt", device="cpu") as f:
-                for hf_key in f.keys():
-                    for key, tensor in adapter.from_hf(hf_key, f.get_tensor(hf_key)):
-                        if key not in expected:
-                            raise CheckpointError(f"{file}: unexpected tensor {hf_key!r} (no such parameter in {model_cls.__name__})")
-                        if tuple(tensor.shape) != tuple(expected[key].shape):
-                            raise CheckpointError(
-                                f"{file}: shape mismatch for {hf_key!r}: checkpoint {tuple(tensor.shape)}, "
-                                f"config.json implies {tuple(expected[key].shape)}"
-                            )
-                        target = torch.float32 if adapter.keeps_fp32(key) else torch_dtype
-                        state[key] = tensor.to(device=device, dtype=target if tensor.is_floating_point() else tensor.dtype)
-        except CheckpointError:
-            raise
-        except Exception as exc:  # truncated / corrupt file
-            raise CheckpointError(f"{file}: unreadable safetensors file ({exc})") from exc
-    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    missing = [k for k in expected if k not in state and k not in tied]
-    fresh = [k for k in missing if adapter.is_optional(k)]
-    hard_missing = [k for k in missing if k not in fresh]
-    if hard_missing:
-        raise CheckpointError(f"{model_dir}: checkpoint lacks {len(hard_missing)} tensor(s), e.g. {hard_missing[:3]}")
+    state, fresh = read_checkpoint_state(model, model_dir, dtype=torch_dtype, device=device)
     model.load_state_dict(state, strict=False, assign=True)
     if fresh:  # backend parameters (DSA indexer, attention gate) a plain checkpoint has no values for
         _materialise_fresh(model, fresh, device, torch_dtype)

@@ -347,10 +347,6 @@ def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _load_model(model: nn.Module, path: Path) -> None:
-    from safetensors import safe_open
-
-    from seekdeep.models.loading import weight_files
-
     config = getattr(model, "config", None)
     adapter_class = getattr(model, "adapter_class", None)
     if adapter_class is None or config is None:
@@ -361,24 +357,11 @@ def _load_model(model: nn.Module, path: Path) -> None:
         except Exception as exc:
             raise CheckpointError(f"{path / 'model.safetensors'}: does not match the model ({exc})") from exc
         return
-    adapter = adapter_class(config)
-    expected = model.state_dict()
-    state: dict[str, torch.Tensor] = {}
-    for file in weight_files(path):
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for hf_key in f.keys():
-                for key, tensor in adapter.from_hf(hf_key, f.get_tensor(hf_key)):
-                    if key not in expected:
-                        raise CheckpointError(f"{file}: tensor {hf_key!r} has no parameter in {type(model).__name__}")
-                    if tuple(tensor.shape) != tuple(expected[key].shape):
-                        raise CheckpointError(
-                            f"{file}: {hf_key!r} has shape {tuple(tensor.shape)}, the model expects {tuple(expected[key].shape)}"
-                        )
-                    state[key] = tensor
-    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
-    missing = sorted(set(expected) - set(state) - tied)
-    if missing:
-        raise CheckpointError(f"{path}: checkpoint lacks {len(missing)} tensor(s) the model has, e.g. {missing[:3]}")
+    from seekdeep.models.loading import read_checkpoint_state
+
+    state, fresh = read_checkpoint_state(model, path)
+    if fresh:  # a training checkpoint always holds the backend parameters it trained
+        raise CheckpointError(f"{path}: checkpoint lacks {len(fresh)} tensor(s) the model has, e.g. {fresh[:3]}")
     model.load_state_dict(state, strict=False)
 
 
