@@ -313,8 +313,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             lm_total, aux_total = 0.0, 0.0
             for _ in range(cfg.grad_accum):
                 batch = windows.next_batch().to(device)
-                with policy.autocast():
-                    output = forward(batch, labels=batch)
+                try:
+                    with policy.autocast():
+                        output = forward(batch, labels=batch)
+                except torch.OutOfMemoryError as exc:
+                    raise ConfigError(
+                        "batch_size",
+                        f"a batch of {cfg.batch_size} x {cfg.seq_len} tokens does not fit in {device} memory; lower "
+                        "--batch-size (and raise --grad-accum to keep the tokens per step) or use --gradient-checkpointing",
+                    ) from exc
                 loss = output.loss
                 if output.aux_loss is not None:
                     loss = loss + cfg.indexer_loss_weight * output.aux_loss
