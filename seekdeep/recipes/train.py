@@ -12,6 +12,7 @@ KL loss, (2) a short warm-up in which only the indexer learns (dense attention, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -35,7 +36,8 @@ class TrainConfig:
 
     preset: str = "tiny"
     attention_backend: str = "dsa"
-    topk: int = 64  # dsa: keys per query
+    topk: int = 64  # dsa: keys per query (block mode: the key budget per query block)
+    block_size: int = 1  # dsa: 1 = token-level selection; > 1 = select key blocks of this many slots
     data: str | None = None  # None: the Python standard library (the embedded corpus)
     vocab_size: int = 4096
     seq_len: int = 256
@@ -66,12 +68,13 @@ class TrainConfig:
     sample_prompt: str = "def "
     sample_tokens: int = 96
     progress: bool = True
+    parallel: str | None = None  # under torchrun: a layout such as "dp_shard=2" or "dp_shard=2,tp=2"
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
             raise ConfigError("preset", f"unknown preset {self.preset!r}; accepted: {', '.join(PRESETS)}")
         for name in ("vocab_size", "seq_len", "batch_size", "grad_accum", "steps", "eval_interval", "eval_batches",
-                     "checkpoint_interval", "keep_last", "topk", "sample_tokens"):
+                     "checkpoint_interval", "keep_last", "topk", "block_size", "sample_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(name, f"must be an integer >= 1, got {value!r}")
@@ -92,6 +95,10 @@ class TrainConfig:
             raise ConfigError("vocab_size", f"must be >= 300 (256 bytes + merges + special tokens), got {self.vocab_size}")
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ConfigError("precision", f"unknown {self.precision!r}; accepted: fp32, bf16, fp16")
+        if self.parallel is not None:
+            from seekdeep.parallel.recipe import check_recipe_config
+
+            check_recipe_config(self.parallel, self.attention_backend, self.indexer_warmup_steps, self.fp8)
 
     @property
     def dense_steps(self) -> int:
@@ -115,6 +122,13 @@ class TrainConfig:
 # ----------------------------------------------------------------------------- pieces
 
 
+def _dsa_options(cfg: TrainConfig) -> dict[str, Any]:
+    options: dict[str, Any] = {"topk": cfg.topk}
+    if cfg.block_size > 1:  # token mode keeps the options (and config.json) it always had
+        options["block_size"] = cfg.block_size
+    return options
+
+
 def build_model(cfg: TrainConfig, tokenizer, device: torch.device):
     from seekdeep.models.llama import LlamaConfig, LlamaForCausalLM
 
@@ -127,7 +141,7 @@ def build_model(cfg: TrainConfig, tokenizer, device: torch.device):
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True,
         attention_backend=cfg.attention_backend,
-        attention_options={"topk": cfg.topk} if cfg.attention_backend == "dsa" else {},
+        attention_options=_dsa_options(cfg) if cfg.attention_backend == "dsa" else {},
     )
     torch.manual_seed(cfg.seed)
     with torch.device(device):
@@ -269,50 +283,77 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         saved = _saved_config(resume_path)
         # the run's identity comes from the checkpoint; only the budget and output may change
         cfg = TrainConfig(**{**saved, "steps": cfg.steps, "max_time": cfg.max_time, "resume": cfg.resume,
-                             "output_dir": cfg.output_dir, "progress": cfg.progress, "device": cfg.device})
+                             "output_dir": cfg.output_dir, "progress": cfg.progress, "device": cfg.device,
+                             "parallel": cfg.parallel})  # a distributed checkpoint may resume on another layout
+    run = None
+    if cfg.parallel:
+        from seekdeep.parallel.recipe import DistributedRun
+
+        run = DistributedRun.start(cfg.parallel, cfg.precision, cfg.gradient_checkpointing, cfg.compile)
+    main_rank = run is None or run.is_main
+    say = (lambda text, file=None: tqdm.write(text, file=file)) if main_rank else (lambda text, file=None: None)
     out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = run.device if run else torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     policy = PrecisionPolicy(cfg.precision, device.type)
     torch.manual_seed(cfg.seed)
 
-    data = prepare_data(cfg.data, vocab_size=cfg.vocab_size, seq_len=cfg.seq_len, progress=cfg.progress)
+    with run.main_first() if run else contextlib.nullcontext():  # rank 0 fills the data cache
+        data = prepare_data(cfg.data, vocab_size=cfg.vocab_size, seq_len=cfg.seq_len, progress=cfg.progress and main_rank)
     tokenizer = data.tokenizer
     windows = TokenWindows(data.train_path, cfg.seq_len, cfg.batch_size, seed=cfg.seed)
     heldout = TokenWindows(data.heldout_path, cfg.seq_len, cfg.batch_size, seed=cfg.seed, shuffle=False)
 
-    model = build_model(cfg, tokenizer, device)
+    model = build_model(cfg, tokenizer, device if run is None else torch.device("cpu"))
     _maybe_fp8(model, cfg, device)
     all_params = list(model.parameters())
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8,
                                   fused=device.type == "cuda")
+    pm = None
+    if run is not None:  # `model` stays a full CPU copy: the source of every rank's shards and the final save
+        pm = run.parallelize(model)
+        optimizer = run.optimizer(lambda part: torch.optim.AdamW(
+            param_groups(part, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, foreach=False))
     scheduler = make_scheduler(optimizer, min(cfg.warmup_steps, cfg.steps), cfg.steps, cfg.min_lr_ratio)
     scaler = policy.make_scaler()
     start_step = 0
     if resume_path is not None:
-        state = load_checkpoint(resume_path, model, optimizer, scheduler, scaler)
+        from seekdeep.parallel.checkpoint import is_distributed_checkpoint, load_distributed_checkpoint
+
+        if pm is not None or is_distributed_checkpoint(resume_path):
+            state = load_distributed_checkpoint(resume_path, pm.parts if pm is not None else [model], optimizer,
+                                                scheduler, scaler)
+        else:
+            state = load_checkpoint(resume_path, model, optimizer, scheduler, scaler)
         windows.load_state_dict(state.data_state)
         start_step = state.step
-        print(f"resumed from {resume_path} at step {start_step}", file=sys.stderr)
-    forward = torch.compile(model) if cfg.compile else model
+        say(f"resumed from {resume_path} at step {start_step}", sys.stderr)
+    forward = pm if pm is not None else torch.compile(model) if cfg.compile else model
 
-    metrics = MetricsLog(out / "metrics.jsonl", start_step if resume_path is not None else None)
+    metrics = MetricsLog(out / "metrics.jsonl", start_step if resume_path is not None else None) if main_rank else None
     n_params = model.num_parameters()
-    print(f"model: {cfg.preset} llama, {n_params / 1e6:.2f}M parameters, attention={cfg.attention_backend}, "
-          f"device={device}, precision={cfg.precision}; data: {data.stats.get('train_tokens', '?')} training tokens",
-          file=sys.stderr)
-    model.train()
-    bar = tqdm(total=cfg.steps, initial=start_step, desc="train", disable=not cfg.progress, dynamic_ncols=True)
+    layout = f", parallel={run.config.describe()} on {run.world_size} ranks" if run else ""
+    say(f"model: {cfg.preset} llama, {n_params / 1e6:.2f}M parameters, attention={cfg.attention_backend}, "
+        f"device={device}, precision={cfg.precision}{layout}; data: {data.stats.get('train_tokens', '?')} training tokens",
+        sys.stderr)
+    (pm or model).train()
+    bar = tqdm(total=cfg.steps, initial=start_step, desc="train", disable=not (cfg.progress and main_rank), dynamic_ncols=True)
     started = time.perf_counter()
     step, tokens_seen, last_eval = start_step, 0, None
     stopped_early = False
     try:
         while step < cfg.steps:
             phase = cfg.phase(step)
-            apply_phase(model, phase)
+            for part in pm.parts if pm is not None else [model]:
+                apply_phase(part, phase)
             t0 = time.perf_counter()
             lm_total, aux_total = 0.0, 0.0
             for _ in range(cfg.grad_accum):
-                batch = windows.next_batch().to(device)
+                batch = windows.next_batch()
+                batch = (pm.local_batch(batch) if pm is not None else batch).to(device)  # this dp rank's rows
+                if pm is not None and pm.is_pipelined:  # the schedule runs forward and backward itself
+                    loss = pm.forward_backward(batch, loss_scale=scaler.scale_value / cfg.grad_accum, autocast=policy.autocast)
+                    lm_total += float(loss) / cfg.grad_accum
+                    continue
                 try:
                     with policy.autocast():
                         output = forward(batch, labels=batch)
@@ -329,7 +370,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 lm_total += float(output.loss.detach()) / cfg.grad_accum
                 scaler.scale(loss / cfg.grad_accum).backward()
             scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_([p for p in all_params if p.grad is not None], cfg.grad_clip)
+            if pm is not None:
+                grad_norm = pm.clip_grad_norm_(cfg.grad_clip)
+                lm_total, aux_total = run.mean(lm_total), run.mean(aux_total)  # the global batch's losses
+            else:
+                grad_norm = torch.nn.utils.clip_grad_norm_([p for p in all_params if p.grad is not None], cfg.grad_clip)
             applied = scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -340,42 +385,63 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             record = {"kind": "train", "step": step, "phase": phase, "loss": lm_total, "indexer_loss": aux_total,
                       "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "tokens_per_s": cfg.tokens_per_step / dt,
                       "applied": bool(applied), "loss_scale": scaler.scale_value}
-            metrics.write(record)
+            if metrics is not None:
+                metrics.write(record)
             bar.update(1)
             bar.set_postfix(loss=f"{lm_total:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", phase=phase)
             if not math.isfinite(lm_total):
                 raise FloatingPointError(f"loss became {lm_total} at step {step}; lower --lr or use --precision fp32")
             out_of_time = cfg.max_time is not None and time.perf_counter() - started > cfg.max_time
             if step % cfg.eval_interval == 0 and step < cfg.steps and not out_of_time:
-                last_eval = evaluate(model, heldout, cfg.eval_batches, policy)
-                metrics.write({"kind": "eval", "step": step, "phase": phase, "eval_loss": last_eval, "eval_ppl": math.exp(last_eval)})
-                bar.write(f"step {step}: held-out loss {last_eval:.4f}, perplexity {math.exp(last_eval):.2f}")
+                last_eval = evaluate(pm or model, heldout, cfg.eval_batches, policy)
+                if metrics is not None:
+                    metrics.write({"kind": "eval", "step": step, "phase": phase, "eval_loss": last_eval, "eval_ppl": math.exp(last_eval)})
+                say(f"step {step}: held-out loss {last_eval:.4f}, perplexity {math.exp(last_eval):.2f}")
+            if run is not None:
+                out_of_time = bool(run.mean(float(out_of_time)) > 0)  # every rank stops at the same step
             if step % cfg.checkpoint_interval == 0 or step == cfg.steps or out_of_time:
-                save_checkpoint(ckpt_dir, step, model, optimizer, scheduler, scaler, data_state=windows.state_dict(),
-                                extra={"config": asdict(cfg)}, keep_last=cfg.keep_last)
+                if pm is not None:
+                    from seekdeep.parallel.checkpoint import save_distributed_checkpoint
+
+                    save_distributed_checkpoint(ckpt_dir, step, pm.parts, optimizer, scheduler, scaler,
+                                                data_state=windows.state_dict(), extra={"config": asdict(cfg)},
+                                                keep_last=cfg.keep_last)
+                else:
+                    save_checkpoint(ckpt_dir, step, model, optimizer, scheduler, scaler, data_state=windows.state_dict(),
+                                    extra={"config": asdict(cfg)}, keep_last=cfg.keep_last)
             if out_of_time:
                 stopped_early = True
-                bar.write(f"time budget of {cfg.max_time:.0f}s reached at step {step}")
+                say(f"time budget of {cfg.max_time:.0f}s reached at step {step}")
                 break
     finally:
         bar.close()
-        metrics_path = metrics.path
-        metrics.close()
+        metrics_path = out / "metrics.jsonl"
+        if metrics is not None:
+            metrics.close()
 
-    apply_phase(model, cfg.phase(step))
-    final_loss = evaluate(model, heldout, cfg.eval_batches, policy)
-    with open(metrics_path, "a", encoding="utf-8") as f:
-        f.write(json.dumps({"kind": "eval", "step": step, "phase": cfg.phase(step), "eval_loss": final_loss,
-                            "eval_ppl": math.exp(final_loss), "final": True}) + "\n")
-    final_dir = out / "final"
-    model.eval()
-    model.save_pretrained(final_dir)
-    tokenizer.save_pretrained(final_dir)
-    prompt = tokenizer(cfg.sample_prompt, return_tensors="pt")
-    sample_ids = model.generate(prompt["input_ids"], max_new_tokens=cfg.sample_tokens, do_sample=True, temperature=0.8,
-                                top_k=50, seed=cfg.seed)
-    sample = tokenizer.decode(sample_ids[0].tolist(), skip_special_tokens=True)
-    plot_losses(metrics_path, out / "loss.png", f"seekdeep train: {cfg.preset}, {cfg.attention_backend}")
+    for part in pm.parts if pm is not None else [model]:
+        apply_phase(part, cfg.phase(step))
+    final_loss = evaluate(pm or model, heldout, cfg.eval_batches, policy)
+    if run is not None:
+        if run.is_main:  # the full model for saving and sampling: the final checkpoint, read on rank 0 alone
+            from seekdeep.parallel.checkpoint import load_distributed_checkpoint
+
+            load_distributed_checkpoint(latest_checkpoint(ckpt_dir), [model], no_dist=True)
+        run.barrier()
+    final_dir, sample = out / "final", ""
+    if main_rank:  # under torchrun the other ranks only return the summary
+        apply_phase(model, cfg.phase(step))
+        with open(metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"kind": "eval", "step": step, "phase": cfg.phase(step), "eval_loss": final_loss,
+                                "eval_ppl": math.exp(final_loss), "final": True}) + "\n")
+        model.eval()
+        model.save_pretrained(final_dir)
+        tokenizer.save_pretrained(final_dir)
+        prompt = tokenizer(cfg.sample_prompt, return_tensors="pt")
+        sample_ids = model.generate(prompt["input_ids"], max_new_tokens=cfg.sample_tokens, do_sample=True,
+                                    temperature=0.8, top_k=50, seed=cfg.seed)
+        sample = tokenizer.decode(sample_ids[0].tolist(), skip_special_tokens=True)
+        plot_losses(metrics_path, out / "loss.png", f"seekdeep train: {cfg.preset}, {cfg.attention_backend}")
     summary = {
         "steps": step,
         "stopped_early": stopped_early,
@@ -389,14 +455,21 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "sample": sample,
         "config": asdict(cfg),
     }
-    write_json_atomic(out / "summary.json", summary)
+    if main_rank:
+        write_json_atomic(out / "summary.json", summary)
+    if run is not None:
+        run.close()
     return summary
 
 
 def _saved_config(checkpoint: Path) -> dict[str, Any]:
+    from seekdeep.parallel.checkpoint import is_distributed_checkpoint, read_trainer_state
     from seekdeep.train import load_checkpoint
 
-    state = load_checkpoint(checkpoint, restore_rng=False)
+    if is_distributed_checkpoint(checkpoint):
+        state = read_trainer_state(checkpoint)
+    else:
+        state = load_checkpoint(checkpoint, restore_rng=False)
     saved = (state.extra or {}).get("config")
     if not isinstance(saved, dict):
         raise CheckpointError(f"{checkpoint}: not a `seekdeep train` checkpoint (no training config in it)")
