@@ -1,0 +1,158 @@
+"""Model runner: turns a scheduled batch into forward passes over the paged KV cache.
+
+Sequences that add the same number of tokens this step run in one forward (all decodes
+together; prefill chunks grouped by length, which is padding-aware batching: rows of one
+forward never pad their new tokens, only their history). Each row's history is gathered
+from the pools left-padded to the longest row (see :mod:`seekdeep.serve.kv_cache`). On the
+eager path, consecutive decode steps of an unchanged batch extend a dense
+:class:`~seekdeep.serve.kv_cache.DecodeView` in place instead of gathering again.
+
+Decode on CUDA goes through ``torch.compile(mode="reduce-overhead")`` (CUDA graphs via
+cudagraph trees): the batch is padded up to a power of two and the key length up to a
+multiple of ``kv_bucket`` so only a few shapes are ever recorded, and the KV pools are marked
+as static addresses so the graphs write into them in place. The same padded ("static")
+layout runs eagerly on CPU, where a test checks it gives the eager path's tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+
+import torch
+
+from seekdeep.serve.kv_cache import DecodeView, DecodeViewCache, PagedKVCache, StepCache
+from seekdeep.serve.scheduler import Sequence
+
+log = logging.getLogger(__name__)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+class ModelRunner:
+    """Runs the model for a list of ``(sequence, num_new_tokens)`` and returns each row's
+    last logits.
+
+    ``static_decode``: pad decode batches to bucketed shapes (default: on CUDA).
+    ``compile_decode``: wrap the decode forward in ``torch.compile`` (default: on CUDA);
+    ``compile_backend`` / ``compile_mode`` are passed through (tests use ``backend="eager"``).
+    """
+
+    def __init__(
+        self,
+        model,
+        paged: PagedKVCache,
+        *,
+        static_decode: bool | None = None,
+        compile_decode: bool | None = None,
+        compile_backend: str = "inductor",
+        compile_mode: str | None = "reduce-overhead",
+        kv_bucket: int = 64,
+        max_batch: int = 32,
+    ):
+        self.model = model
+        self.paged = paged
+        self.block_size = paged.block_size
+        self.device = next(model.parameters()).device
+        on_cuda = self.device.type == "cuda"
+        self.compile_decode = on_cuda if compile_decode is None else compile_decode
+        self.static_decode = (on_cuda if static_decode is None else static_decode) or self.compile_decode
+        self.kv_bucket = kv_bucket
+        self.max_batch = max_batch
+        self.view_growth = 128
+        self._view: DecodeView | None = None  # the eager decode path's dense history (see DecodeView)
+        self._compiled = None
+        if self.compile_decode:
+            for pool in paged.pools():
+                torch._dynamo.mark_static_address(pool)
+            options = {"backend": compile_backend, "dynamic": True}
+            if compile_backend == "inductor" and compile_mode:
+                options["mode"] = compile_mode
+            self._compiled = torch.compile(self._forward, **options)
+        self.decode_path = "compiled" if self._compiled is not None else ("static" if self.static_decode else "eager")
+
+    def release(self) -> None:
+        """Drop the decode view (the engine calls this when it goes idle)."""
+        self._view = None
+
+    def _forward(self, input_ids, attention_mask, position_ids, cache):
+        out = self.model(
+            input_ids, attention_mask=attention_mask, position_ids=position_ids, past_key_values=cache,
+            use_cache=True, logits_to_keep=1,
+        )
+        return out.logits[:, -1]  # (B, V)
+
+    @torch.no_grad()
+    def execute(self, items: list[tuple[Sequence, int]]) -> torch.Tensor:
+        """(N, V) float logits of the last computed token of every item, in ``items`` order."""
+        groups: dict[int, list[int]] = defaultdict(list)
+        for i, (_, n) in enumerate(items):
+            groups[n].append(i)
+        if len(groups) == 1:  # the common all-decode step: no re-stacking
+            n = items[0][1]
+            return self._run_group([seq for seq, _ in items], n)
+        logits: list[torch.Tensor | None] = [None] * len(items)
+        for n, rows in groups.items():
+            seqs = [items[i][0] for i in rows]
+            out = self._run_group(seqs, n)
+            for j, i in enumerate(rows):
+                logits[i] = out[j]
+        return torch.stack(logits)
+
+    def _run_group(self, seqs: list[Sequence], n: int) -> torch.Tensor:
+        static = n == 1 and self.static_decode
+        batch = len(seqs)
+        computed = [s.num_computed for s in seqs]
+        past = max(computed)
+        padded_batch = batch
+        if static:
+            padded_batch = min(max(_next_pow2(batch), 1), max(self.max_batch, batch))
+            past = -(-(past + n) // self.kv_bucket) * self.kv_bucket - n
+        k_len = past + n
+
+        pad_rows = padded_batch - batch
+        lengths = torch.tensor(computed + [0] * pad_rows) + n  # (B,) tokens per row after this step
+        valid = torch.arange(k_len)[None, :] >= (k_len - lengths)[:, None]  # (B, K) real (not padding) key slots
+        input_ids = torch.tensor([s.token_ids[c : c + n] for s, c in zip(seqs, computed)] + [[0] * n] * pad_rows)
+        position_ids = torch.tensor([list(range(c, c + n)) for c in computed] + [list(range(n))] * pad_rows)  # (B, n)
+        bs = self.block_size
+
+        def slot_matrix() -> torch.Tensor:
+            """(B, K) pool slot of every key position; padding -> the null slot 0."""
+            width = max(len(s.block_ids) for s in seqs)
+            table = torch.tensor([s.block_ids + [0] * (width - len(s.block_ids)) for s in seqs]
+                                 + [[0] * width] * pad_rows)  # (B, blocks); pad rows -> null block
+            pos = (torch.arange(k_len)[None, :] - (k_len - lengths)[:, None]).clamp(min=0)  # token position per slot
+            return torch.where(valid, table.gather(1, pos // bs) * bs + pos % bs, 0)
+
+        dev = self.device
+        if n == 1 and not static:
+            seq_ids = [s.seq_id for s in seqs]
+            if self._view is None or not self._view.fits(seq_ids, computed):
+                self._view = None  # free the old buffers first
+                self._view = DecodeView(self.paged, slot_matrix()[:, :past].to(dev), past + self.view_growth,
+                                        seq_ids, computed)
+            new_slots = torch.tensor([s.block_ids[c // bs] * bs + c % bs for s, c in zip(seqs, computed)])
+            cache = DecodeViewCache(self.paged, self._view, new_slots.to(dev))
+        else:
+            slots = slot_matrix()
+            cache = StepCache(self.paged, slots.to(dev, non_blocking=True), n)
+        mask = None if (not static and bool(valid.all())) else valid.to(dev, torch.long)
+        args = (input_ids.to(dev, non_blocking=True), mask, position_ids.to(dev, non_blocking=True), cache)
+        if static and self._compiled is not None:
+            try:
+                if dev.type == "cuda":
+                    torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
+                logits = self._compiled(*args)
+            except Exception:  # noqa: BLE001 - a compile failure must not take the server down
+                log.exception("compiled decode failed; falling back to eager decode for good")
+                self._compiled = None
+                self.decode_path = "static"
+                cache = StepCache(self.paged, slots.to(dev), n)
+                logits = self._forward(*args[:3], cache)
+        else:
+            logits = self._forward(*args)
+        cache.commit()
+        return logits[:batch].float()
