@@ -62,6 +62,15 @@ class AttentionMask:
             and (self.sliding_window is None or self.sliding_window >= self.k_len)
         )
 
+    @property
+    def sees_every_key(self) -> bool:
+        """True when one query (a decode step) may attend to every key: no mask is needed."""
+        return (
+            self.key_valid is None
+            and self.q_len == 1
+            and (self.sliding_window is None or self.sliding_window >= self.k_len)
+        )
+
     def to_bool(self, device: torch.device | str) -> torch.Tensor:
         """Dense boolean mask, True where attention is allowed: (B or 1, 1, Tq, Tk)."""
         q_slots = torch.arange(self.q_offset, self.k_len, device=device)[:, None]  # (Tq, 1)

@@ -37,6 +37,8 @@ def sdpa_attention(q, k, v, mask: AttentionMask, scale: float) -> torch.Tensor:
     gqa = q.shape[1] != k.shape[1]
     if mask.is_plain_causal:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    if mask.sees_every_key:  # a decode step without padding: no mask to build
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
     allowed = mask.to_bool(q.device)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=gqa)
     # A fully padded query row (left padding) has no key; SDPA returns NaN there.
