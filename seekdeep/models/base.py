@@ -14,6 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from seekdeep.attention import AttentionMask
 from seekdeep.models.common import CausalLMOutput, KVCache, RotaryEmbedding, positions_from_mask
+from seekdeep.peft.model import AdapterMixin
 
 
 class StateDictAdapter:
@@ -95,7 +96,7 @@ class Decoder(nn.Module):
         return self.norm(hidden)
 
 
-class CausalLM(nn.Module):
+class CausalLM(AdapterMixin, nn.Module):
     """Base of the ``*ForCausalLM`` classes: ``model`` (a :class:`Decoder`) and ``lm_head``."""
 
     config_class: type

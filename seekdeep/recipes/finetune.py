@@ -1,0 +1,439 @@
+"""``seekdeep finetune``: parameter-efficient fine-tuning of a model on new data.
+
+The recipe owns its loop and reuses the training pieces: base model + its tokenizer -> data
+split into train / held-out token files (with the base's tokenizer) -> held-out perplexity
+before -> an adapter (LoRA / DoRA, bottleneck, prompt tuning; or full fine-tuning) -> AdamW +
+warm-up/cosine -> precision policy -> periodic evaluation and crash-safe checkpoints holding
+only the adapter -> perplexity after, the adapter in peft's layout, a loss curve.
+
+With no data it fine-tunes the default model on one standard-library package that the
+default corpus split holds out of pre-training (``http``), training on the first 80% of each of
+its modules and measuring perplexity on the last 20%. With no base it uses ``runs/train/final`` when
+``seekdeep train`` made it, else trains a small model once into ``$SEEKDEEP_HOME``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import MISSING, asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from seekdeep.errors import CheckpointError, ConfigError
+
+METHODS = ("lora", "bottleneck", "prompt", "full")
+DEFAULT_LR = {"lora": 3e-3, "bottleneck": 2e-3, "prompt": 3e-2, "full": 1e-3}
+#: the budget of the base model trained when none is given and runs/train/final is missing
+DEFAULT_BASE_STEPS = 250
+
+
+@dataclass
+class FinetuneConfig:
+    """Every knob of a fine-tuning run; the defaults fit a 2-core CPU in a few minutes."""
+
+    base: str | None = None  # model directory or hub id; None: the default model (see module docstring)
+    data: str | None = None  # text file, folder or .jsonl; None: a held-out standard-library package
+    package: str | None = None  # with no data: the package (default: the largest one held out of pre-training)
+    method: str = "lora"
+    lora: str = "r=8,alpha=16,targets=all-linear"
+    bottleneck_size: int = 32
+    num_virtual_tokens: int = 16
+    adapter_name: str = "default"
+    seq_len: int = 256
+    batch_size: int = 8
+    grad_accum: int = 1
+    steps: int = 150
+    max_time: float | None = None
+    lr: float | None = None  # None: the method's default (DEFAULT_LR)
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 15
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    precision: str = "fp32"
+    eval_interval: int = 50
+    eval_batches: int = 20
+    checkpoint_interval: int = 50
+    keep_last: int = 2
+    output_dir: str = "runs/finetune"
+    resume: str | None = None  # "auto" (latest in output_dir) or a checkpoint path
+    merge: bool = False  # LoRA: also write the merged full model to output_dir/merged
+    device: str | None = None
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError("method", f"unknown {self.method!r}; accepted: {', '.join(METHODS)}")
+        for name in ("bottleneck_size", "num_virtual_tokens", "seq_len", "batch_size", "grad_accum", "steps",
+                     "eval_interval", "eval_batches", "checkpoint_interval", "keep_last"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(name, f"must be an integer >= 1, got {value!r}")
+        for name in ("warmup_steps", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(name, f"must be an integer >= 0, got {value!r}")
+        if self.lr is not None and not self.lr > 0:
+            raise ConfigError("lr", f"must be > 0, got {self.lr!r}")
+        if not self.grad_clip > 0:
+            raise ConfigError("grad_clip", f"must be > 0, got {self.grad_clip!r}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError("min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio!r}")
+        if not self.weight_decay >= 0:
+            raise ConfigError("weight_decay", f"must be >= 0, got {self.weight_decay!r}")
+        if self.max_time is not None and not self.max_time > 0:
+            raise ConfigError("max_time", f"must be > 0 seconds, got {self.max_time!r}")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ConfigError("precision", f"unknown {self.precision!r}; accepted: fp32, bf16, fp16")
+        if self.data is not None and self.package is not None:
+            raise ConfigError("package", "give --data or --package, not both")
+        if self.merge and self.method != "lora":
+            raise ConfigError("merge", f"only LoRA adapters can be merged, not method {self.method!r}")
+        self.adapter_config()  # validates --lora and the adapter settings
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR[self.method]
+
+    def adapter_config(self):
+        from seekdeep.peft.config import BottleneckConfig, PromptTuningConfig, parse_lora_spec
+
+        if self.method == "lora":
+            return parse_lora_spec(self.lora)
+        if self.method == "bottleneck":
+            return BottleneckConfig(bottleneck_size=self.bottleneck_size)
+        if self.method == "prompt":
+            return PromptTuningConfig(num_virtual_tokens=self.num_virtual_tokens, prompt_tuning_init="SAMPLE_VOCAB")
+        return None
+
+
+# ----------------------------------------------------------------------------- base and data
+
+
+def seekdeep_home() -> Path:
+    return Path(os.environ.get("SEEKDEEP_HOME") or Path.home() / ".cache" / "seekdeep").expanduser()
+
+
+def default_base(progress: bool = True, steps: int = DEFAULT_BASE_STEPS) -> Path:
+    """``runs/train/final`` when ``seekdeep train`` made it; else a small sdpa model trained once
+    on the default corpus into ``$SEEKDEEP_HOME/finetune-base/final`` (a few minutes on a CPU)."""
+    trained = Path("runs/train/final")
+    if (trained / "config.json").is_file():
+        return trained
+    out = seekdeep_home() / "finetune-base"
+    final = out / "final"
+    if (final / "config.json").is_file():
+        return final
+    from seekdeep.recipes.train import TrainConfig, train
+
+    print(f"no base model given and no {trained}: training a small one into {out} ({steps} steps, once)", file=sys.stderr)
+    train(TrainConfig(preset="tiny", attention_backend="sdpa", steps=steps, batch_size=8, seq_len=256, lr=3e-3,
+                      warmup_steps=30, eval_interval=steps, eval_batches=10, checkpoint_interval=steps, keep_last=1,
+                      output_dir=str(out), progress=progress, sample_tokens=16))
+    return final
+
+
+def default_package() -> str:
+    """The largest multi-module package the default corpus split holds out of pre-training."""
+    from seekdeep.data import default_corpus
+
+    split = default_corpus()
+    sizes: dict[str, int] = {}
+    for file in split.heldout_files:
+        parts = file.relative_to(split.root).parts
+        if len(parts) > 1:
+            sizes[parts[0]] = sizes.get(parts[0], 0) + file.stat().st_size
+    if not sizes:
+        raise ConfigError("package", "the default corpus split holds out no package here; pass --package or --data")
+    return max(sizes, key=sizes.__getitem__)
+
+
+def package_split(package: str, heldout_fraction: float = 0.2) -> tuple[list[str], list[str]]:
+    """(train, held-out) texts of a standard-library package: the last ``heldout_fraction`` of
+    every module (cut at a line start) is held out, the rest trains. Every module is on both
+    sides, so the held-out text measures the package's own code, not a different module."""
+    from seekdeep.data import iter_documents, package_files
+
+    train, heldout = [], []
+    for text in iter_documents(package_files(package)):
+        cut = text.rfind("\n", 0, int(len(text) * (1 - heldout_fraction))) + 1
+        if 0 < cut < len(text):
+            train.append(text[:cut])
+            heldout.append(text[cut:])
+        else:  # a one-line module: train on it
+            train.append(text)
+    if not heldout:
+        raise ConfigError("package", f"{package!r} leaves no held-out text; pick a larger package or pass --data")
+    return train, heldout
+
+
+def prepare_finetune_data(cfg: FinetuneConfig, tokenizer) -> tuple[Path, Path, dict[str, Any]]:
+    """Train / held-out token files of the fine-tuning data, encoded with the base's tokenizer
+    and cached in ``$SEEKDEEP_HOME/cache`` (rebuilt when the data or the tokenizer change)."""
+    from seekdeep.data import build_token_file, default_cache_dir, source_fingerprint, tokenizer_fingerprint
+    from seekdeep.data.tokens import _plan_heldout, _split_side  # the split prepare_data applies to user data
+
+    if cfg.data is not None:
+        every, fraction = 20, 0.1
+        plan = _plan_heldout(cfg.data, every, fraction)
+        key = ["data", source_fingerprint(cfg.data), every, fraction]
+        sides = {side: (lambda side=side: _split_side(cfg.data, plan, every, side, None)) for side in ("train", "heldout")}
+        info: dict[str, Any] = {"data": cfg.data}
+    else:
+        from seekdeep.data import package_files
+
+        package = cfg.package or default_package()
+        train_texts, heldout_texts = package_split(package)
+        key = ["package", package, source_fingerprint(package_files(package)), 0.2]
+        sides = {"train": lambda: iter(train_texts), "heldout": lambda: iter(heldout_texts)}
+        info = {"package": package, "modules": len(train_texts), "heldout_rule": "last 20% of every module"}
+    fingerprint = hashlib.sha256(json.dumps([*key, tokenizer_fingerprint(tokenizer)]).encode()).hexdigest()[:16]
+    folder = default_cache_dir() / f"finetune-{fingerprint}"
+    paths = {}
+    for side, documents in sides.items():
+        paths[side] = folder / f"{side}.bin"
+        token_info = build_token_file(documents(), tokenizer, paths[side], source_fingerprint=f"{fingerprint}-{side}")
+        if token_info["num_tokens"] < cfg.seq_len:
+            raise ConfigError("seq_len", f"{cfg.seq_len} is longer than the {side} side of the data "
+                              f"({token_info['num_tokens']} tokens); use a smaller --seq-len or more data")
+        info[f"{side}_tokens"] = token_info["num_tokens"]
+    return paths["train"], paths["heldout"], info
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+class _AdapterArtifact:
+    """What checkpoints save for an adapter run: the adapter alone, in peft's layout."""
+
+    def __init__(self, model, adapter_name: str):
+        self.model, self.adapter_name = model, adapter_name
+
+    def save_pretrained(self, directory) -> None:
+        self.model.save_adapter(directory, adapter_name=self.adapter_name)
+
+
+def _freeze_backends(model) -> None:
+    """Attention backends keep their inference behaviour (DSA: sparse, no indexer loss) and
+    their own parameters (the indexer) stay as pre-trained."""
+    for name, module in model.named_modules():
+        if name.endswith(".inner"):
+            if hasattr(module, "dense_warmup"):
+                module.dense_warmup = False
+                module.compute_indexer_loss = False
+            for param in module.parameters():
+                param.requires_grad_(False)
+
+
+def attach_method(model, cfg: FinetuneConfig) -> None:
+    """Add the adapter (every base parameter frozen), or for ``full`` unfreeze the trunk."""
+    if cfg.method == "full":
+        for param in model.parameters():
+            param.requires_grad_(True)
+    else:
+        config = cfg.adapter_config()
+        config.base_model_name_or_path = cfg.base
+        model.add_adapter(cfg.adapter_name, config)
+    _freeze_backends(model)
+
+
+def _resume_path(cfg: FinetuneConfig, ckpt_dir: Path):
+    from seekdeep.train import latest_checkpoint
+    from seekdeep.train.checkpoint import resolve_checkpoint
+
+    if cfg.resume is None:
+        return None
+    path = latest_checkpoint(ckpt_dir) if cfg.resume == "auto" else resolve_checkpoint(cfg.resume)
+    if path is None:
+        print(f"no checkpoint in {ckpt_dir}; starting from scratch", file=sys.stderr)
+    return path
+
+
+def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
+    """Run (or resume) a fine-tuning job; returns a summary dict (also in summary.json)."""
+    from seekdeep.auto import AutoModel, AutoTokenizer
+    from seekdeep.data import TokenWindows
+    from seekdeep.files import write_json_atomic
+    from seekdeep.peft.io import copy_into_adapter, read_adapter_weights
+    from seekdeep.recipes.train import MetricsLog, evaluate, plot_losses
+    from seekdeep.train import PrecisionPolicy, load_checkpoint, make_scheduler, param_groups, save_checkpoint
+
+    out = Path(cfg.output_dir).expanduser()
+    ckpt_dir = out / "checkpoints"
+    resume_path = _resume_path(cfg, ckpt_dir)
+    if resume_path is not None:
+        saved = load_checkpoint(resume_path, restore_rng=False).extra.get("config")
+        if not isinstance(saved, dict):
+            raise CheckpointError(f"{resume_path}: not a `seekdeep finetune` checkpoint (no fine-tuning config in it)")
+        known = {f.name for f in fields(FinetuneConfig)}
+        cfg = FinetuneConfig(**{**{k: v for k, v in saved.items() if k in known}, "steps": cfg.steps, "max_time": cfg.max_time,
+                                "resume": cfg.resume, "output_dir": cfg.output_dir, "progress": cfg.progress,
+                                "device": cfg.device})
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    policy = PrecisionPolicy(cfg.precision, device.type)
+    base_dir = Path(cfg.base) if cfg.base else default_base(cfg.progress)
+    if cfg.base is None:
+        cfg = FinetuneConfig(**{**asdict(cfg), "base": str(base_dir)})
+    model = AutoModel.from_pretrained(base_dir, device=device)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    train_path, heldout_path, data_info = prepare_finetune_data(cfg, tokenizer)
+    windows = TokenWindows(train_path, cfg.seq_len, cfg.batch_size, seed=cfg.seed)
+    heldout = TokenWindows(heldout_path, cfg.seq_len, cfg.batch_size, seed=cfg.seed, shuffle=False)
+
+    loss_before = evaluate(model, heldout, cfg.eval_batches, policy)
+    torch.manual_seed(cfg.seed)
+    attach_method(model, cfg)
+    trainable, total = model.get_nb_trainable_parameters()
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.learning_rate, betas=(0.9, 0.95),
+                                  eps=1e-8, fused=device.type == "cuda")
+    scheduler = make_scheduler(optimizer, min(cfg.warmup_steps, cfg.steps), cfg.steps, cfg.min_lr_ratio)
+    scaler = policy.make_scaler()
+    artifact = model if cfg.method == "full" else _AdapterArtifact(model, cfg.adapter_name)
+    start_step = 0
+    if resume_path is not None:
+        state = load_checkpoint(resume_path, model if cfg.method == "full" else None, optimizer, scheduler, scaler)
+        if cfg.method != "full":
+            copy_into_adapter(model, cfg.adapter_name, read_adapter_weights(resume_path), str(resume_path))
+        windows.load_state_dict(state.data_state)
+        start_step = state.step
+        print(f"resumed from {resume_path} at step {start_step}", file=sys.stderr)
+
+    metrics = MetricsLog(out / "metrics.jsonl", start_step if resume_path is not None else None)
+    print(f"fine-tuning {base_dir} ({cfg.method}): {trainable:,d} of {total:,d} parameters trainable "
+          f"({100 * trainable / total:.3f}%); held-out perplexity before: {math.exp(loss_before):.2f}", file=sys.stderr)
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    bar = tqdm(total=cfg.steps, initial=start_step, desc="finetune", disable=not cfg.progress, dynamic_ncols=True)
+    started = time.perf_counter()
+    step, stopped_early = start_step, False
+    try:
+        while step < cfg.steps:
+            t0 = time.perf_counter()
+            total_loss = 0.0
+            for _ in range(cfg.grad_accum):
+                batch = windows.next_batch().to(device)
+                with policy.autocast():
+                    loss = model(batch, labels=batch).loss
+                total_loss += float(loss.detach()) / cfg.grad_accum
+                scaler.scale(loss / cfg.grad_accum).backward()
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            step += 1
+            dt = time.perf_counter() - t0
+            metrics.write({"kind": "train", "step": step, "loss": total_loss, "lr": scheduler.get_last_lr()[0],
+                           "grad_norm": float(grad_norm), "tokens_per_s": cfg.batch_size * cfg.grad_accum * cfg.seq_len / dt})
+            bar.update(1)
+            bar.set_postfix(loss=f"{total_loss:.3f}")
+            if not math.isfinite(total_loss):
+                raise FloatingPointError(f"loss became {total_loss} at step {step}; lower --lr or use --precision fp32")
+            out_of_time = cfg.max_time is not None and time.perf_counter() - started > cfg.max_time
+            if step % cfg.eval_interval == 0 and step < cfg.steps and not out_of_time:
+                eval_loss = evaluate(model, heldout, cfg.eval_batches, policy)
+                metrics.write({"kind": "eval", "step": step, "eval_loss": eval_loss, "eval_ppl": math.exp(eval_loss)})
+                bar.write(f"step {step}: held-out perplexity {math.exp(eval_loss):.2f}")
+            if step % cfg.checkpoint_interval == 0 or step == cfg.steps or out_of_time:
+                save_checkpoint(ckpt_dir, step, artifact, optimizer, scheduler, scaler, data_state=windows.state_dict(),
+                                extra={"config": asdict(cfg)}, keep_last=cfg.keep_last)
+            if out_of_time:
+                stopped_early = True
+                bar.write(f"time budget of {cfg.max_time:.0f}s reached at step {step}")
+                break
+    finally:
+        bar.close()
+        metrics.close()
+
+    loss_after = evaluate(model, heldout, cfg.eval_batches, policy)
+    with open(metrics.path, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"kind": "eval", "step": step, "eval_loss": loss_after, "eval_ppl": math.exp(loss_after),
+                            "final": True}) + "\n")
+    model.eval()
+    artefacts: dict[str, str] = {}
+    if cfg.method == "full":
+        model.save_pretrained(out / "final")
+        tokenizer.save_pretrained(out / "final")
+        artefacts["model_dir"] = str(out / "final")
+    else:
+        model.save_adapter(out / "adapter", adapter_name=cfg.adapter_name)
+        artefacts["adapter_dir"] = str(out / "adapter")
+        if cfg.merge:
+            model.merge_and_unload()
+            model.save_pretrained(out / "merged")
+            tokenizer.save_pretrained(out / "merged")
+            artefacts["merged_dir"] = str(out / "merged")
+    plot_losses(metrics.path, out / "loss.png", f"seekdeep finetune: {cfg.method}")
+    summary = {
+        "method": cfg.method, "base": str(base_dir), **data_info, "steps": step, "stopped_early": stopped_early,
+        "loss_before": loss_before, "loss_after": loss_after,
+        "ppl_before": math.exp(loss_before), "ppl_after": math.exp(loss_after),
+        "trainable_parameters": trainable, "total_parameters": total, "trainable_percent": 100 * trainable / total,
+        "train_seconds": time.perf_counter() - started, **artefacts, "loss_curve": str(out / "loss.png"),
+        "config": asdict(cfg),
+    }
+    write_json_atomic(out / "summary.json", summary)
+    return summary
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _flag_type(annotation: str):
+    for name, kind in (("bool", bool), ("int", int), ("float", float)):
+        if annotation.startswith(name):
+            return kind
+    return str
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    cfg = FinetuneConfig(**{f.name: getattr(args, f.name) for f in fields(FinetuneConfig)})
+    s = finetune(cfg)
+    where = s.get("data") or f"held-out package {s.get('package')!r}"
+    print(f"\nheld-out perplexity on {where}: {s['ppl_before']:.2f} before -> {s['ppl_after']:.2f} after "
+          f"{s['steps']} steps ({s['method']}, {s['trainable_percent']:.3f}% of parameters trained, {s['train_seconds']:.0f}s)")
+    print(f"saved: {s.get('adapter_dir') or s.get('model_dir')}" + (f" and {s['merged_dir']}" if s.get("merged_dir") else ""))
+    print(f"loss curve: {s['loss_curve']}")
+    return 0
+
+
+_HELP = {
+    "base": "model directory or hub id (default: runs/train/final, else a small model trained once)",
+    "data": "text file, folder or .jsonl (text field); default: a standard-library package held out of pre-training",
+    "package": "with no --data: the standard-library package (default: the largest one held out, e.g. http)",
+    "method": f"one of {', '.join(METHODS)} (default: lora)",
+    "lora": "LoRA settings, e.g. r=16,alpha=32,targets=q_proj,v_proj[,dropout=0.05][,rslora][,dora]; "
+            "targets=all-linear or targets=re:<regex> work too",
+    "lr": f"learning rate (default per method: {DEFAULT_LR})",
+    "resume": "'auto' (latest checkpoint in --output-dir) or a checkpoint directory",
+    "merge": "LoRA: also save the model with the adapter merged in (output-dir/merged)",
+}
+
+
+def register(subparsers) -> None:
+    """Add ``seekdeep finetune`` (see the module docstring)."""
+    parser = subparsers.add_parser("finetune", help="fine-tune a model with LoRA / adapters / prompt tuning (or in full)")
+    parser.add_argument("base", nargs="?", default=None, help=_HELP["base"])
+    for f in fields(FinetuneConfig):
+        if f.name == "base":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not MISSING else None
+        help_text = _HELP.get(f.name, f"(default: {default})")
+        kind = _flag_type(str(f.type))
+        if kind is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        else:
+            parser.add_argument(flag, dest=f.name, type=kind, default=default, help=help_text)
+    parser.set_defaults(func=cmd_finetune)

@@ -1,0 +1,287 @@
+"""LoRA / rsLoRA / DoRA on seekdeep models: wrapping, freezing, merging, switching, quantized bases."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from seekdeep.errors import ConfigError
+from seekdeep.peft import LoRAConfig, LoRALinear, ModulesToSaveWrapper
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_new_adapter_is_a_no_op_and_only_it_trains(model, ids):
+    before = _logits(model, ids)
+    model.add_adapter("task_adapter", LoRAConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    assert isinstance(model.model.layers[0].self_attn.q_proj, LoRALinear)
+    assert isinstance(model.model.layers[0].self_attn.k_proj, nn.Linear)
+    assert torch.equal(_logits(model, ids), before)  # B starts at zero
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_A.task_adapter." in n or ".lora_B.task_adapter." in n for n in trainable)
+    report = model.trainable_parameters_report()
+    # per layer: q (64->64) and v (64->32), each r * (in + out)
+    assert report["trainable"] == 2 * (4 * (64 + 64) + 4 * (64 + 32))
+    assert report["adapters"]["task_adapter"]["parameters"] == report["trainable"]
+    assert report["percent"] == pytest.approx(100 * report["trainable"] / report["total"])
+
+
+def test_training_moves_only_the_adapter(model, ids):
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model.add_adapter("a", LoRAConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    model.train()
+    losses = []
+    for _ in range(8):
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05
+    unloaded = model.unload()
+    for name, param in unloaded.named_parameters():
+        assert torch.equal(param, base[name]), name
+
+
+@pytest.mark.parametrize("options", [{}, {"use_rslora": True}, {"use_dora": True}, {"use_dora": True, "use_rslora": True}],
+                         ids=["lora", "rslora", "dora", "dora-rslora"])
+def test_merged_and_unmerged_outputs_agree(model, ids, options, randomize_adapter):
+    base = _logits(model, ids)
+    model.add_adapter("a", LoRAConfig(r=4, lora_alpha=16, target_modules="all-linear", **options))
+    randomize_adapter(model, "a")
+    unmerged = _logits(model, ids)
+    assert (unmerged - base).abs().max() > 1e-2
+    model.merge_adapter()
+    assert model.model.layers[0].mlp.up_proj.merged == ["a"]
+    assert (_logits(model, ids) - unmerged).abs().max() <= 1e-4
+    model.unmerge_adapter()
+    assert (_logits(model, ids) - unmerged).abs().max() <= 1e-5
+    with model.disable_adapters():  # restores the base weights exactly enough
+        assert (_logits(model, ids) - base).abs().max() <= 1e-5
+    merged = model.merge_and_unload()
+    assert merged is model and not any(isinstance(m, LoRALinear) for m in model.modules())
+    assert model.peft_config == {} and all(p.requires_grad for p in model.parameters())
+    assert (_logits(model, ids) - unmerged).abs().max() <= 1e-4
+
+
+def test_rslora_and_dora_scaling(model):
+    assert LoRAConfig(r=16, lora_alpha=32).scaling == 2.0
+    assert LoRAConfig(r=16, lora_alpha=32, use_rslora=True).scaling == pytest.approx(32 / math.sqrt(16))
+    model.add_adapter("d", LoRAConfig(r=4, lora_alpha=8, use_dora=True))
+    layer = model.model.layers[0].self_attn.q_proj
+    # DoRA's magnitude starts at the row norms of the base weight (B = 0)
+    assert torch.allclose(layer.lora_magnitude_vector["d"].weight, layer.base_layer.weight.norm(dim=1))
+
+
+def test_disable_adapters_context_and_bare_call(model, ids, randomize_adapter):
+    base = _logits(model, ids)
+    model.add_adapter("a", LoRAConfig(r=2, target_modules=["o_proj"]))
+    randomize_adapter(model, "a")
+    adapted = _logits(model, ids)
+    with model.disable_adapters():
+        assert torch.equal(_logits(model, ids), base)
+    assert torch.equal(_logits(model, ids), adapted)
+    model.disable_adapters()
+    assert model.adapters_disabled and torch.equal(_logits(model, ids), base)
+    model.enable_adapters()
+    assert torch.equal(_logits(model, ids), adapted)
+
+
+def test_set_adapter_switches_outputs_and_trainability(model, ids, randomize_adapter):
+    model.add_adapter("a", LoRAConfig(r=2, target_modules=["q_proj"]))
+    randomize_adapter(model, "a", seed=1)
+    out_a = _logits(model, ids)
+    model.add_adapter("b", LoRAConfig(r=2, target_modules=["q_proj"]))
+    randomize_adapter(model, "b", seed=2)
+    assert model.active_adapters == ["b"]
+    out_b = _logits(model, ids)
+    assert not torch.allclose(out_a, out_b)
+    model.set_adapter("a")
+    assert torch.equal(_logits(model, ids), out_a)
+    assert all(".a." in n for n, p in model.named_parameters() if p.requires_grad)
+    model.set_adapter(["a", "b"])  # both deltas add up
+    both = _logits(model, ids)
+    with model.disable_adapters():
+        base = _logits(model, ids)
+    assert (both - base).abs().max() > (out_a - base).abs().max() * 0.5
+    with model.use_adapter("b"):
+        assert torch.equal(_logits(model, ids), out_b)
+    assert model.active_adapters == ["a", "b"]
+
+
+def test_delete_adapter_unwraps_when_last(model, ids):
+    base = _logits(model, ids)
+    model.add_adapter("a", LoRAConfig(r=2, target_modules=["q_proj"]))
+    model.add_adapter("b", LoRAConfig(r=2, target_modules=["q_proj", "k_proj"]))
+    model.delete_adapter("b")
+    assert isinstance(model.model.layers[0].self_attn.k_proj, nn.Linear)
+    assert model.model.layers[0].self_attn.q_proj.adapter_names == ["a"]
+    model.delete_adapter("a")
+    assert isinstance(model.model.layers[0].self_attn.q_proj, nn.Linear)
+    assert model.list_adapters() == [] and torch.equal(_logits(model, ids), base)
+
+
+def test_target_matching_rules(model):
+    model.add_adapter("regex", LoRAConfig(r=2, target_modules=r"model\.layers\.1\.mlp\.(up|down)_proj"))
+    wrapped = sorted(n for n, m in model.named_modules() if isinstance(m, LoRALinear))
+    assert wrapped == ["model.layers.1.mlp.down_proj", "model.layers.1.mlp.up_proj"]
+    model.unload()
+    model.add_adapter("all", LoRAConfig(r=2, target_modules="all-linear", exclude_modules=["o_proj"]))
+    wrapped = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    assert wrapped == {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"}  # no lm_head
+
+
+def test_all_linear_leaves_attention_backend_layers_alone():
+    from seekdeep.models.llama import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig.from_name("tiny", vocab_size=64, num_hidden_layers=1, attention_backend="dsa",
+                                   attention_options={"topk": 4})
+    model = LlamaForCausalLM(config)
+    model.init_weights()
+    model.add_adapter("a", LoRAConfig(r=2, target_modules="all-linear"))
+    wrapped = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    assert len(wrapped) == 7 and not any(".inner." in n for n in wrapped)
+    ids = torch.randint(0, 64, (1, 12))
+    model(ids, labels=ids).loss.backward()
+
+
+def test_modules_to_save_trains_a_copy(model, ids):
+    head = model.lm_head.weight.detach().clone()
+    model.add_adapter("a", LoRAConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    assert isinstance(model.lm_head, ModulesToSaveWrapper)
+    copy = model.lm_head.modules_to_save["a"].weight
+    assert copy.requires_grad and not model.lm_head.original_module.weight.requires_grad
+    with torch.no_grad():
+        copy.add_(0.5)
+    adapted = _logits(model, ids)
+    with model.disable_adapters():
+        assert not torch.allclose(_logits(model, ids), adapted)
+    model.merge_and_unload()
+    assert isinstance(model.lm_head, nn.Linear) and torch.allclose(model.lm_head.weight, head + 0.5)
+    assert torch.allclose(_logits(model, ids), adapted, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- quantized bases
+
+
+class Int8WeightOnlyLinear(nn.Module):
+    """A minimal weight-only int8 linear (per-row scales), the interface LoRA relies on:
+    in_features / out_features, a forward, and dequantize_weight() for DoRA."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        w = linear.weight.detach()
+        scale = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-8) / 127
+        self.register_buffer("qweight", torch.round(w / scale).to(torch.int8))
+        self.register_buffer("scale", scale)
+
+    def dequantize_weight(self) -> torch.Tensor:
+        return self.qweight.float() * self.scale
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.dequantize_weight().to(x.dtype))
+
+
+def _quantize(model, make):
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear) and child_name != "lm_head":
+                setattr(module, child_name, make(child))
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_lora_on_a_quantized_base_trains(model, ids, use_dora):
+    # (torch.ao's dynamic int8 Linear is not usable here: it has no autograd kernel, so no
+    # gradient would reach the adapters of earlier layers through it.)
+    _quantize(model, Int8WeightOnlyLinear)
+    quantized = _logits(model, ids)
+    model.add_adapter("q", LoRAConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                      use_dora=use_dora))
+    assert torch.allclose(_logits(model, ids), quantized, atol=1e-5)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    first = None
+    for _ in range(6):
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        first = first if first is not None else loss.item()
+    assert loss.item() < first
+    with pytest.raises(ConfigError, match="quantized"):
+        model.merge_adapter()
+    with model.disable_adapters():
+        assert torch.allclose(_logits(model, ids), quantized, atol=1e-6)
+
+
+def test_adapter_weights_stay_fp32_on_a_bf16_base(base_dir, ids):
+    import seekdeep
+
+    model = seekdeep.AutoModel.from_pretrained(base_dir, dtype="bfloat16")
+    model.add_adapter("a", LoRAConfig(r=2, target_modules=["q_proj"]))
+    layer = model.model.layers[0].self_attn.q_proj
+    assert layer.lora_A["a"].weight.dtype == torch.float32 and layer.base_layer.weight.dtype == torch.bfloat16
+    assert model(ids).logits.dtype == torch.bfloat16
+    
+
+class NoGradInt8Linear(Int8WeightOnlyLinear):
+    """Like an integer kernel: the output carries no derivative at all."""
+
+    def forward(self, x):
+        with torch.no_grad():
+            return super().forward(x)
+
+
+def test_quantized_layers_without_a_derivative_still_pass_gradients(base_dir, ids):
+    import seekdeep
+
+    grads = {}
+    for kind in (Int8WeightOnlyLinear, NoGradInt8Linear):
+        model = seekdeep.AutoModel.from_pretrained(base_dir)
+        _quantize(model, kind)
+        torch.manual_seed(0)
+        model.add_adapter("q", LoRAConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+        model(ids, labels=ids).loss.backward()
+        grads[kind] = model.model.layers[0].self_attn.q_proj.lora_B["q"].weight.grad
+    assert grads[NoGradInt8Linear] is not None and grads[NoGradInt8Linear].abs().sum() > 0
+    assert torch.allclose(grads[NoGradInt8Linear], grads[Int8WeightOnlyLinear], atol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_qlora_on_seekdeep_quantized_base(bits):
+    quantization = pytest.importorskip("seekdeep.quantization")
+    from seekdeep.models.llama import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                         num_attention_heads=4))
+    model.init_weights()
+    ids = torch.randint(0, 256, (2, 16))
+    quantization.QuantConfig(method="weight_only", bits=bits).apply(model)
+    frozen = {n: b.clone() for n, b in model.named_buffers()}
+    with torch.no_grad():
+        before = model(ids).logits
+    model.add_adapter("q", LoRAConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    losses = []
+    for _ in range(5):
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        assert model.model.layers[0].self_attn.q_proj.lora_B["q"].weight.grad.abs().sum() > 0
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert all(torch.equal(b, frozen[n.replace(".base_layer", "")]) for n, b in model.named_buffers())
