@@ -165,6 +165,13 @@ def _parse_size(size: int | str) -> int:
 
 
 def save_pretrained(model, save_directory, max_shard_size: int | str = "5GB") -> None:
+    adapters = model.list_adapters() if hasattr(model, "list_adapters") else []
+    if adapters:
+        raise ConfigError(
+            "model",
+            f"has adapters attached ({', '.join(adapters)}); save them with save_adapter(), or fold them into the "
+            "weights with merge_and_unload() before save_pretrained()",
+        )
     out = Path(save_directory)
     out.mkdir(parents=True, exist_ok=True)
     limit = _parse_size(max_shard_size)

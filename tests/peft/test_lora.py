@@ -285,3 +285,18 @@ def test_qlora_on_seekdeep_quantized_base(bits):
         losses.append(loss.item())
     assert losses[-1] < losses[0]
     assert all(torch.equal(b, frozen[n.replace(".base_layer", "")]) for n, b in model.named_buffers())
+
+
+def test_save_pretrained_with_adapters_attached_is_refused(tmp_path):
+    from seekdeep.errors import ConfigError
+    from seekdeep.models.llama import LlamaConfig, LlamaForCausalLM
+    from seekdeep.peft import LoRAConfig
+
+    model = LlamaForCausalLM(LlamaConfig.from_name("tiny", vocab_size=64, max_position_embeddings=64))
+    model.init_weights()
+    model.add_adapter("task", LoRAConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
+    with pytest.raises(ConfigError, match="merge_and_unload"):
+        model.save_pretrained(tmp_path / "x")
+    model.merge_and_unload()
+    model.save_pretrained(tmp_path / "x")
+    assert (tmp_path / "x" / "config.json").is_file()
