@@ -1,7 +1,8 @@
 """Attention backends, chosen by name from one registry.
 
 ``eager`` is the reference; ``sdpa`` uses torch's fused kernel; ``dsa`` is dynamic sparse
-attention (a small indexer picks the top-k keys per query); ``gated`` multiplies each head's
+attention (a small indexer picks the top-k keys per query, or with ``block_size`` > 1 the top
+key blocks per query block, see :mod:`seekdeep.attention.block_sparse`); ``gated`` multiplies each head's
 output by a learned gate. All share the signature documented in :mod:`seekdeep.attention.base`.
 """
 

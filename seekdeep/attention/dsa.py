@@ -11,6 +11,9 @@ attention runs over those keys only. Two training signals reach the indexer:
 
 Simplifications against DeepSeek-V3.2: the index queries come from ``hidden_states`` (not the
 query LoRA latent), the index heads have no RoPE, and no FP8 / Hadamard rotation is used.
+
+Block mode (``block_size > 1``) selects whole key blocks per query block instead of keys per
+query; see :mod:`seekdeep.attention.block_sparse` and :class:`DynamicSparseAttention`.
 """
 
 from __future__ import annotations
@@ -19,9 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from seekdeep.attention import block_sparse as bsa
 from seekdeep.attention.base import AttentionMask, AttentionSpec, repeat_kv
 from seekdeep.attention.dense import sdpa_attention
 from seekdeep.errors import ConfigError
+
+BLOCK_KERNELS = ("auto", "gather", "flex", "flex_eager")
 
 
 def _int_option(options: dict, name: str, default: int) -> int:
@@ -65,6 +71,22 @@ class DynamicSparseAttention(nn.Module):
     ``spec.options``: ``topk`` (64) keys per query, ``index_heads`` (4), ``index_head_dim``
     (32), ``local_window`` (1). Set ``compute_indexer_loss`` to leave the auxiliary KL in
     ``indexer_loss`` after each forward; set ``dense_warmup`` to attend to every allowed key.
+
+    Block mode, ``block_size`` > 1 (1, the default, is the token-level selection above):
+
+    * ``topk`` is the key budget: each query block attends to ``ceil(topk / block_size)`` key
+      blocks, its ``local_blocks`` (1) most recent blocks (its own included) counted in them;
+    * ``block_kernel``: ``auto`` (flex on CUDA, gather elsewhere; dense SDPA when the budget
+      covers every block and no gradient reaches the indexer), ``gather``, ``flex`` (compiled
+      flex_attention) or ``flex_eager`` (uncompiled: a reference that materialises scores);
+      query chunks shorter than a block (decode steps) always use the per-row gather kernel;
+    * padding, sliding windows, GQA and decoding with ``cache_state`` are supported;
+      ``local_window`` is token-mode only (ConfigError); the flex kernels cannot train on CPU
+      (FlexAttention has no CPU backward: ConfigError);
+    * training: a straight-through term on the logits of each block the indexer chose (not the
+      forced local ones), and ``compute_indexer_loss`` gives the KL between the dense attention
+      mass per key block and the indexer's block distribution; ``dense_warmup`` runs dense SDPA
+      (the indexer then learns from the KL loss only).
     """
 
     def __init__(self, spec: AttentionSpec):
@@ -75,6 +97,8 @@ class DynamicSparseAttention(nn.Module):
         self.index_heads = _int_option(opts, "index_heads", 4)
         self.index_head_dim = _int_option(opts, "index_head_dim", 32)
         self.local_window = _int_option(opts, "local_window", 1)
+        self.block_size = _int_option(opts, "block_size", 1)
+        self._parse_block_options(opts)
         if self.local_window > self.topk:  # forced keys beyond k would be dropped arbitrarily
             raise ConfigError(
                 "attention_options.local_window",
@@ -89,6 +113,29 @@ class DynamicSparseAttention(nn.Module):
         self.dense_warmup = False
         self.indexer_loss: torch.Tensor | None = None
         self.reset_parameters()
+
+    def _parse_block_options(self, opts: dict) -> None:
+        block_only = [name for name in ("local_blocks", "block_kernel") if name in opts]
+        if self.block_size == 1:
+            if block_only:  # nothing a user gave is silently dropped
+                raise ConfigError(f"attention_options.{block_only[0]}", "only applies with block_size > 1; "
+                                  "accepted: set block_size > 1 or drop the option")
+            return
+        if "local_window" in opts:
+            raise ConfigError("attention_options.local_window", "is token-mode only (block_size=1); accepted "
+                              "in block mode: local_blocks (recent blocks always attended)")
+        self.num_selected_blocks = -(-self.topk // self.block_size)
+        self.local_blocks = _int_option(opts, "local_blocks", 1)
+        if self.local_blocks > self.num_selected_blocks:
+            raise ConfigError(
+                "attention_options.local_blocks",
+                f"got {self.local_blocks} with ceil(topk / block_size) = {self.num_selected_blocks} selected blocks; "
+                f"accepted: an int in [1, {self.num_selected_blocks}]",
+            )
+        self.block_kernel = opts.get("block_kernel", "auto")
+        if self.block_kernel not in BLOCK_KERNELS:
+            raise ConfigError("attention_options.block_kernel",
+                              f"got {self.block_kernel!r}; accepted: {', '.join(BLOCK_KERNELS)}")
 
     def reset_parameters(self) -> None:
         """Small normal init; also what materialises the indexer after ``to_empty``."""
@@ -129,6 +176,8 @@ class DynamicSparseAttention(nn.Module):
     ) -> torch.Tensor:
         if hidden_states is None:
             raise ValueError("dsa attention needs hidden_states (B, Tq, C) for its indexer")
+        if self.block_size > 1:
+            return self._block_forward(q, k, v, mask, scale, hidden_states, cache_state)
         scores = self.index_scores(hidden_states, cache_state)  # (B, Tq, Tk)
         if scores.shape[-1] != k.shape[2] or scores.shape[1] != q.shape[2]:
             raise ValueError(
@@ -182,3 +231,152 @@ class DynamicSparseAttention(nn.Module):
         log_pred = scores.masked_fill(~(allowed | ~rows[..., None]), float("-inf")).log_softmax(-1)
         kl = torch.where(allowed, torch.xlogy(target, target) - target * log_pred, 0.0).sum(-1)  # (B, Tq)
         return kl[rows].mean() if rows.any() else scores.sum() * 0.0
+
+    # ------------------------------------------------------------------------- block mode
+
+    def _update_summaries(self, index_k: torch.Tensor, mask: AttentionMask, cache_state: dict | None):
+        """Fold this step's index keys (B, Tq, Di) into the block summaries.
+
+        Returns the summaries of the complete blocks, (B, Nc, Di) fp32 and valid counts (B, Nc),
+        and the index keys (B, r, Di) / validity (B, r) of the unfinished last block. With
+        ``cache_state`` they are kept there (``index_block_k``, ``index_block_count``,
+        ``index_tail_k``, ``index_tail_valid``): a step pools the blocks it completes, no more.
+        """
+        bs = self.block_size
+        b, tq, _ = index_k.shape
+        q_offset = mask.q_offset
+        tokens = index_k.float()
+        token_valid = None if mask.key_valid is None else mask.key_valid[:, q_offset:].bool()
+        state = cache_state if cache_state is not None else {}
+        if "index_block_k" in state:
+            done_keys, done_counts = state["index_block_k"], state["index_block_count"]
+            tail, tail_valid = state["index_tail_k"], state["index_tail_valid"]
+            if done_keys.shape[1] * bs + tail.shape[1] != q_offset:
+                raise ValueError(
+                    f"dsa block summaries cover {done_keys.shape[1] * bs + tail.shape[1]} cached slots but the "
+                    f"attention has {q_offset}; cache_state must be updated by every step"
+                )
+            if token_valid is None:
+                token_valid = torch.ones(b, tq, dtype=torch.bool, device=index_k.device)
+            tokens = torch.cat([tail, tokens], dim=1)
+            token_valid = torch.cat([tail_valid, token_valid], dim=1)
+        elif q_offset != 0:
+            raise ValueError(
+                f"dsa block mode got {tq} queries for {mask.k_len} keys without block summaries of the "
+                f"{q_offset} earlier slots; pass the cache_state that the earlier steps filled"
+            )
+        else:
+            done_keys = index_k.new_zeros(b, 0, index_k.shape[-1], dtype=torch.float32)
+            done_counts = torch.zeros(b, 0, dtype=torch.long, device=index_k.device)
+        complete = tokens.shape[1] // bs * bs
+        if complete:
+            new_keys, new_counts = bsa.pool_block_keys(
+                tokens[:, :complete], None if token_valid is None else token_valid[:, :complete], bs
+            )
+            done_keys, done_counts = torch.cat([done_keys, new_keys], 1), torch.cat([done_counts, new_counts], 1)
+        tail = tokens[:, complete:]
+        tail_valid = (torch.ones(b, tail.shape[1], dtype=torch.bool, device=tail.device) if token_valid is None
+                      else token_valid[:, complete:])
+        if cache_state is not None:
+            cache_state.update(index_block_k=done_keys.detach(), index_block_count=done_counts,
+                               index_tail_k=tail.detach(), index_tail_valid=tail_valid)
+        return done_keys, done_counts, tail, tail_valid
+
+    def block_selection(self, hidden_states: torch.Tensor, mask: AttentionMask, cache_state: dict | None = None):
+        """Score and select key blocks for the query blocks this step touches.
+
+        Returns ``q_blocks`` (Nq,), ``scores`` (B, Nq, Nk) (differentiable w.r.t. the indexer),
+        ``allowed`` (B, Nq, Nk), ``forced`` (Nq, Nk), ``indices``/``valid`` (B, Nq, n) (see
+        :func:`block_sparse.select_blocks`) and ``chosen_here`` (B, Nq): False where the block's
+        anchor lies in an earlier step and its selection came from ``cache_state``. A step that
+        stays inside a block chosen earlier (most decode steps) only updates the summaries and
+        reuses the kept selection: its scores are zeros and it costs O(1) in the context length.
+        """
+        bs = self.block_size
+        x = hidden_states.detach()  # as in DeepSeek-V3.2: indexer training never moves the trunk
+        b, tq, c = x.shape
+        q_offset, k_len = mask.q_offset, mask.k_len
+        if tq != mask.q_len:
+            raise ValueError(f"dsa hidden_states has {tq} tokens but the mask has q_len={mask.q_len}")
+        index_k = self.index_k_norm(self.index_k(x))  # (B, Tq, Di)
+        done_keys, done_counts, tail, tail_valid = self._update_summaries(index_k, mask, cache_state)
+        nk, first_block = bsa.num_blocks(k_len, bs), q_offset // bs
+        q_blocks = torch.arange(first_block, nk, device=x.device)  # (Nq,)
+        anchors = bsa.anchor_slots(q_blocks, mask.key_valid, bs, k_len).expand(b, -1)  # (B, Nq)
+        chosen_here = anchors >= q_offset
+        kept = None
+        if q_offset % bs:  # the first block started in an earlier step: its anchor may be there
+            kept = None if cache_state is None else cache_state.get("block_selection")
+            if kept is None or cache_state.get("block_selection_block") != first_block:
+                raise ValueError("dsa block mode: a step starting inside a block needs that block's selection "
+                                 "in cache_state; pass the cache_state of the earlier steps")
+            # Without padding every anchor is a block start, so nothing here can be an anchor.
+            if q_blocks.numel() == 1 and (mask.key_valid is None or not bool(chosen_here.any())):
+                scores = x.new_zeros(b, 1, nk, dtype=torch.float32)
+                nothing = torch.zeros(b, 1, nk, dtype=torch.bool, device=x.device)
+                return q_blocks, scores, nothing, nothing[0], kept[0][:, None], kept[1][:, None], chosen_here
+
+        if tail.shape[1]:
+            tail_keys, tail_counts = bsa.pool_block_keys(tail, tail_valid, bs)
+            done_keys, done_counts = torch.cat([done_keys, tail_keys], 1), torch.cat([done_counts, tail_counts], 1)
+        rows = (anchors - q_offset).clamp(0, tq - 1)
+        x_anchor = x.gather(1, rows[..., None].expand(-1, -1, c))  # (B, Nq, C)
+        index_q = self.index_q(x_anchor).view(b, -1, self.index_heads, self.index_head_dim)
+        weights = self.index_weights(x_anchor) * self.index_heads**-0.5  # (B, Nq, Hi)
+        scores = bsa.block_index_scores(index_q, weights, done_keys)  # (B, Nq, Nk)
+        allowed = bsa.allowed_blocks(q_blocks, done_counts, bs, mask.sliding_window)
+        forced = bsa.forced_blocks(q_blocks, nk, self.local_blocks)
+        indices, valid = bsa.select_blocks(scores, allowed, forced, self.num_selected_blocks)
+        if kept is not None:
+            reuse = ~chosen_here[:, :1, None]  # (B, 1, 1)
+            n = indices.shape[-1]
+            indices[:, :1] = torch.where(reuse, kept[0][:, None, :n], indices[:, :1])
+            valid[:, :1] = torch.where(reuse, kept[1][:, None, :n], valid[:, :1])
+        if cache_state is not None:
+            cache_state["block_selection"] = (indices[:, -1], valid[:, -1])
+            cache_state["block_selection_block"] = nk - 1
+        return q_blocks, scores, allowed, forced, indices, valid, chosen_here
+
+    def _block_forward(self, q, k, v, mask: AttentionMask, scale: float, hidden_states, cache_state):
+        bs, tq = self.block_size, q.shape[2]
+        q_blocks, scores, allowed, forced, indices, valid, chosen_here = self.block_selection(
+            hidden_states, mask, cache_state
+        )
+        if scores.shape[-1] != bsa.num_blocks(k.shape[2], bs):
+            raise ValueError(f"dsa indexer sees {scores.shape[-1]} key blocks but Tk={k.shape[2]} needs "
+                             f"{bsa.num_blocks(k.shape[2], bs)}")
+        selectable = allowed & ~forced & chosen_here[..., None]  # blocks the indexer chose among, here
+        self.indexer_loss = None
+        if self.compute_indexer_loss:
+            target = bsa.dense_block_mass(q, k, q_offset=mask.q_offset, block_size=bs, scale=scale,
+                                          key_valid=mask.key_valid, sliding_window=mask.sliding_window)
+            self.indexer_loss = bsa.block_indexer_loss(scores, target, selectable)
+        if self.dense_warmup:
+            return sdpa_attention(q, k, v, mask, scale)
+
+        straight_through = scores.requires_grad
+        kernel = self.block_kernel
+        if kernel == "auto":
+            if not straight_through and self.num_selected_blocks >= scores.shape[-1]:
+                return sdpa_attention(q, k, v, mask, scale)  # every block selected: dense is exact
+            kernel = "flex" if q.is_cuda else "gather"
+        bias = None
+        if straight_through:  # value 0; its gradient trains the indexer through the LM loss
+            picked = scores.gather(-1, indices)
+            bias = torch.where(valid & selectable.gather(-1, indices), picked - picked.detach(), 0.0)
+        args = dict(q_offset=mask.q_offset, block_size=bs, scale=scale, key_valid=mask.key_valid,
+                    sliding_window=mask.sliding_window)
+        if tq < bs:  # decode: each row gathers its own block's selection
+            row_block = torch.arange(mask.q_offset, mask.k_len, device=q.device) // bs - mask.q_offset // bs  # (Tq,)
+            return bsa.gather_row_attention(
+                q, k, v, indices[:, row_block], valid[:, row_block],
+                row_bias=None if bias is None else bias[:, row_block], **args,
+            )
+        if kernel == "gather":
+            return bsa.gather_block_attention(q, k, v, indices, valid, block_bias=bias, **args)
+        if q.device.type == "cpu" and torch.is_grad_enabled() and (
+            straight_through or any(t.requires_grad for t in (q, k, v))
+        ):
+            raise ConfigError("attention_options.block_kernel", f"{kernel!r} cannot train on CPU (FlexAttention "
+                              "has no CPU backward); accepted for CPU training: gather or auto")
+        return bsa.flex_block_attention(q, k, v, indices, valid, block_bias=bias, compiled=kernel == "flex", **args)

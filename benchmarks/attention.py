@@ -1,0 +1,235 @@
+"""Dense SDPA vs dynamic sparse attention (``dsa`` block mode), end to end.
+
+dsa is timed as the backend is called in a model: indexer (index keys, block summaries, anchor
+queries, scores), block selection and the block-sparse attention. The anchor is
+``scaled_dot_product_attention`` with ``is_causal=True`` (the flash kernel on CUDA and on CPU).
+
+Points: forward; forward + backward (dsa with its straight-through term, so the indexer gets
+gradients too); peak memory of the attention call (CUDA: ``max_memory_allocated`` above the
+inputs; CPU: not measured, no line); decode-step latency with a KV cache of T slots
+(dense: one query against every cached key; dsa: indexer step + the selected blocks).
+
+Usage:
+    python benchmarks/attention.py --device cpu                 # 2K/8K/16K, bf16, decode to 128K
+    python benchmarks/attention.py --device cpu --dtype fp32
+    python benchmarks/attention.py --device cuda                # 8K/32K/64K/128K, bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import device_name, emit  # noqa: E402
+
+from seekdeep.attention import AttentionMask, AttentionSpec, repeat_kv  # noqa: E402
+from seekdeep.attention.dsa import DynamicSparseAttention  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed_pair(anchor, candidate, device: torch.device, repeats: int) -> tuple[float, float, float, float]:
+    """Median and min seconds of ``anchor`` and of ``candidate``, calls interleaved (the load of
+    a shared machine drifts) after one warm-up call each: (anchor_med, anchor_min, cand_med, cand_min)."""
+    anchor(), candidate()
+    sync(device)
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(repeats):
+        for fn, out in ((anchor, times[0]), (candidate, times[1])):
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            out.append(time.perf_counter() - t0)
+    return statistics.median(times[0]), min(times[0]), statistics.median(times[1]), min(times[1])
+
+
+def peak_memory(fn, device: torch.device) -> float | None:
+    """MiB allocated by ``fn`` at its peak, above what was allocated before (CUDA only)."""
+    if device.type != "cuda":
+        return None
+    sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    sync(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+
+
+def build_dsa(args, device, dtype) -> DynamicSparseAttention:
+    spec = AttentionSpec(args.heads * args.head_dim, args.heads, args.kv_heads, args.head_dim, args.head_dim,
+                         {"topk": args.budget, "block_size": args.block_size, "block_kernel": args.kernel})
+    torch.manual_seed(0)
+    return DynamicSparseAttention(spec).to(device=device, dtype=dtype).eval()
+
+
+def bench_length(args, t: int, device, dtype, common: dict) -> None:
+    g = torch.Generator(device=device).manual_seed(t)
+    h, hkv, d = args.heads, args.kv_heads, args.head_dim
+    q = torch.randn(1, h, t, d, device=device, dtype=dtype, generator=g)
+    k = torch.randn(1, hkv, t, d, device=device, dtype=dtype, generator=g)
+    v = torch.randn(1, hkv, t, d, device=device, dtype=dtype, generator=g)
+    x = torch.randn(1, t, h * d, device=device, dtype=dtype, generator=g)
+    mask, scale = AttentionMask(t, t), d**-0.5
+    dsa = build_dsa(args, device, dtype)
+    gqa = h != hkv
+
+    def dense():
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+
+    def sparse():
+        return dsa(q, k, v, mask=mask, scale=scale, hidden_states=x)
+
+    point = dict(common, seq_len=t)
+    with torch.no_grad():
+        ref = dense().float()
+        err = (sparse().float() - ref).abs().max().item()  # sparsity changes the output: for scale only
+        d_med, d_min, s_med, s_min = timed_pair(dense, sparse, device, args.repeats)
+        d_mem, s_mem = peak_memory(dense, device), peak_memory(sparse, device)
+    emit("dsa_forward", s_med, "s", d_med, "sdpa_causal", device_name(str(device)), **point,
+         speedup=round(d_med / s_med, 3), min_s=round(s_min, 6), anchor_min_s=round(d_min, 6), max_abs_diff_vs_dense=err)
+    if s_mem is not None:
+        emit("dsa_forward_peak_memory", s_mem, "MiB", d_mem, "sdpa_causal", device_name(str(device)), **point)
+
+    if t in args.backward_lengths:
+        leaves = [z.clone().requires_grad_() for z in (q, k, v)]
+        cotangent = torch.randn_like(q)
+        dsa.train()
+
+        def dense_fb():
+            out = F.scaled_dot_product_attention(*leaves, is_causal=True, scale=scale, enable_gqa=gqa)
+            out.backward(cotangent)
+
+        def sparse_fb():
+            out = dsa(*leaves, mask=mask, scale=scale, hidden_states=x)
+            out.backward(cotangent)
+
+        d_med, d_min, s_med, s_min = timed_pair(dense_fb, sparse_fb, device, args.repeats)
+        d_mem, s_mem = peak_memory(dense_fb, device), peak_memory(sparse_fb, device)
+        dsa.eval()
+        emit("dsa_forward_backward", s_med, "s", d_med, "sdpa_causal", device_name(str(device)), **point,
+             speedup=round(d_med / s_med, 3), min_s=round(s_min, 6), anchor_min_s=round(d_min, 6))
+        if s_mem is not None:
+            emit("dsa_forward_backward_peak_memory", s_mem, "MiB", d_mem, "sdpa_causal", device_name(str(device)),
+                 **point)
+
+
+def bench_decode(args, t: int, device, dtype, common: dict) -> None:
+    """Mean step latency over ``--decode-steps`` steps after a context of ``t`` slots.
+
+    dense: one query against a contiguous cache of exactly ``t`` keys (its best case).
+    dsa: the real decode path (index key of the new token, block summaries, selection at each
+    block start, per-row gather) on views of a preallocated cache growing from ``t``; its cache
+    state starts from the prompt's block summaries, as a prefill leaves them.
+    """
+    steps = args.decode_steps
+    g = torch.Generator(device=device).manual_seed(t + 1)
+    h, hkv, d = args.heads, args.kv_heads, args.head_dim
+    k_cache = torch.randn(1, hkv, t + steps, d, device=device, dtype=dtype, generator=g)
+    v_cache = torch.randn(1, hkv, t + steps, d, device=device, dtype=dtype, generator=g)
+    q = torch.randn(1, h, steps, d, device=device, dtype=dtype, generator=g)
+    x = torch.randn(1, t + steps, h * d, device=device, dtype=dtype, generator=g)
+    k_dense, v_dense = k_cache[:, :, :t].contiguous(), v_cache[:, :, :t].contiguous()
+    scale, gqa = d**-0.5, h != hkv
+    dsa = build_dsa(args, device, dtype)
+    state: dict = {}
+
+    def dense_steps():
+        for i in range(steps):
+            F.scaled_dot_product_attention(q[:, :, i:i + 1], k_dense, v_dense, scale=scale, enable_gqa=gqa)
+
+    k_rep, v_rep = repeat_kv(k_dense, h // hkv), repeat_kv(v_dense, h // hkv)
+
+    def matmul_steps():  # a second dense anchor: SDPA's CPU bf16 decode is slower than plain matmuls
+        for i in range(steps):
+            logits = torch.matmul(q[:, :, i:i + 1], k_rep.transpose(-1, -2)).float() * scale
+            torch.matmul(logits.softmax(-1).to(dtype), v_rep)
+
+    def sparse_steps():
+        state.clear()
+        dsa.block_selection(x[:, :t], AttentionMask(t, t), state)  # what the prefill leaves (not timed)
+        sync(device)
+        t0 = time.perf_counter()
+        for i in range(steps):
+            n = t + i + 1
+            dsa(q[:, :, i:i + 1], k_cache[:, :, :n], v_cache[:, :, :n], mask=AttentionMask(1, n), scale=scale,
+                hidden_states=x[:, n - 1:n], cache_state=state)
+        sync(device)
+        return time.perf_counter() - t0
+
+    def timed_steps(fn) -> float:
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        return time.perf_counter() - t0
+
+    dense_times, matmul_times, sparse_times = [], [], []
+    with torch.no_grad():
+        dense_steps(), matmul_steps(), sparse_steps()  # warm-up
+        for _ in range(args.repeats):
+            dense_times.append(timed_steps(dense_steps))
+            matmul_times.append(timed_steps(matmul_steps))
+            sparse_times.append(sparse_steps())
+    d_med, s_med = statistics.median(dense_times) / steps, statistics.median(sparse_times) / steps
+    m_med = statistics.median(matmul_times) / steps
+    emit("dsa_decode_step", s_med, "s", d_med, "sdpa", device_name(str(device)),
+         **dict(common, context=t, steps=steps), speedup=round(d_med / s_med, 3),
+         dense_matmul_s=round(m_med, 6), speedup_vs_dense_matmul=round(m_med / s_med, 3))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--lengths", type=_ints, default=None, help="default: cuda 8K,32K,64K,128K; cpu 2K,8K,16K")
+    parser.add_argument("--backward-lengths", type=_ints, default=None,
+                        help="lengths that also time forward+backward (default: cuda all, cpu 2K,8K)")
+    parser.add_argument("--decode-lengths", type=_ints, default=None,
+                        help="default: the forward lengths plus 32K,64K,128K")
+    parser.add_argument("--decode-steps", type=int, default=64)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--kv-heads", type=int, default=None, help="default: --heads (no GQA)")
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--block-size", type=int, default=64)
+    parser.add_argument("--budget", type=int, default=2048, help="dsa topk: keys per query block")
+    parser.add_argument("--kernel", default="auto", help="dsa block_kernel: auto, gather, flex")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.kv_heads = args.kv_heads or args.heads
+    if args.lengths is None:  # an empty --lengths "" skips the forward points
+        args.lengths = [8192, 32768, 65536, 131072] if cuda else [2048, 8192, 16384]
+    if args.backward_lengths is None:
+        args.backward_lengths = args.lengths if cuda else [2048, 8192]
+    if args.decode_lengths is None:
+        args.decode_lengths = sorted(set(args.lengths) | {32768, 65536, 131072})
+    dtype = DTYPES[args.dtype]
+    common = dict(dtype=args.dtype, batch=1, heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim,
+                  block_size=args.block_size, budget=args.budget, kernel=args.kernel, threads=torch.get_num_threads())
+    for t in args.lengths:
+        bench_length(args, t, device, dtype, common)
+    for t in args.decode_lengths:
+        bench_decode(args, t, device, dtype, common)
+
+
+if __name__ == "__main__":
+    main()
