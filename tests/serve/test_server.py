@@ -285,9 +285,11 @@ def test_graceful_shutdown_drains_requests_in_flight(guarded):
     with httpx.stream("POST", f"{guarded.url}/v1/completions", json=body,
                       headers={"Authorization": "Bearer sekrit"}, timeout=120) as resp:
         lines = resp.iter_lines()
-        first = next(lines)
+        head = []
+        while not (head and head[-1].startswith("data: ")):  # a token is out: the request is in flight
+            head.append(next(lines))
         guarded.proc.send_signal(signal.SIGTERM)
-        rest = [first, *lines]
+        rest = [*head, *lines]
     data = [line for line in rest if line.startswith("data: ")]
     assert data[-1] == "data: [DONE]"
     chunks = [json.loads(line[6:]) for line in data[:-1]]
