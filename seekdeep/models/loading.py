@@ -129,11 +129,17 @@ def load_pretrained(path_or_id, dtype=None, device=None, expected_class=None, **
     device = torch.device(device) if device is not None else torch.device("cpu")
     with torch.device("meta"):
         model = model_cls(config)
+    quantization = raw.get("quantization_config")
+    if quantization is not None:  # swap in the quantised modules (still on meta) the checkpoint holds
+        from seekdeep.quantization import prepare_for_load
+
+        prepare_for_load(model, quantization, dtype=torch_dtype, source=str(config_path))
     state, fresh = read_checkpoint_state(model, model_dir, dtype=torch_dtype, device=device)
     model.load_state_dict(state, strict=False, assign=True)
     if fresh:  # backend parameters (DSA indexer, attention gate) a plain checkpoint has no values for
         _materialise_fresh(model, fresh, device, torch_dtype)
-    model.tie_weights()
+    if isinstance(model.lm_head, torch.nn.Linear):  # a quantised lm_head is tied through its embedding module
+        model.tie_weights()
     model.eval()
     return model
 
@@ -203,6 +209,9 @@ def save_pretrained(model, save_directory, max_shard_size: int | str = "5GB") ->
         write_json_atomic(out / WEIGHTS_INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
     config = model.config.to_hf_dict()
     config["dtype"] = str(dtype).removeprefix("torch.")
+    if getattr(model, "quantization_config", None) is not None:  # integer tensors + the float dtype of the rest
+        config["quantization_config"] = model.quantization_config
+        config["dtype"] = str(model.dtype).removeprefix("torch.")
     write_json_atomic(out / CONFIG_NAME, config)
     gen = {k: getattr(model.config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id") if getattr(model.config, k, None) is not None}
     write_json_atomic(out / GENERATION_CONFIG_NAME, gen)
