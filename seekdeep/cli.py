@@ -110,23 +110,32 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_dataclass_flags(parser: argparse.ArgumentParser, cls, help_overrides: dict[str, str]) -> None:
-    """One ``--flag`` per dataclass field, typed by its default, so the CLI is not a second
-    config system."""
+def _flag_type(annotation: str) -> type:
+    """argparse type from a field annotation as a string (``from __future__ import annotations``):
+    ``"float | None"`` -> float."""
+    for name, kind in (("bool", bool), ("int", int), ("float", float)):
+        if annotation.startswith(name):
+            return kind
+    return str
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls, help_overrides: dict[str, str],
+                        skip: tuple[str, ...] = ()) -> None:
+    """One ``--flag`` per dataclass field, typed by its annotation, so the CLI is not a second
+    config system. Fields in ``skip`` are left to the caller (e.g. a positional argument)."""
     from dataclasses import MISSING, fields
 
     for f in fields(cls):
+        if f.name in skip:
+            continue
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not MISSING else None
         help_text = help_overrides.get(f.name, f"(default: {default})")
-        if isinstance(default, bool):
+        kind = _flag_type(str(f.type))
+        if kind is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=help_text)
-        elif isinstance(default, (int, float)) and not isinstance(default, bool):
-            parser.add_argument(flag, dest=f.name, type=type(default), default=default, help=help_text)
-        elif f.name == "max_time":
-            parser.add_argument(flag, dest=f.name, type=float, default=default, help=help_text)
         else:
-            parser.add_argument(flag, dest=f.name, type=str, default=default, help=help_text)
+            parser.add_argument(flag, dest=f.name, type=kind, default=default, help=help_text)
 
 
 def _probability(text: str) -> float:
@@ -167,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     from seekdeep.recipes.train import TrainConfig
 
     tr = sub.add_parser("train", help="train a code model on the embedded corpus (the Python standard library) or --data")
-    _add_dataclass_flags(tr, TrainConfig, {
+    add_dataclass_flags(tr, TrainConfig, {
         "data": "text file, folder or .jsonl (text field); default: the Python standard library",
         "resume": "'auto' (latest checkpoint in --output-dir) or a checkpoint directory",
         "max_time": "seconds of training after which the run evaluates, saves and stops",

@@ -21,7 +21,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -390,13 +390,6 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- CLI
 
 
-def _flag_type(annotation: str):
-    for name, kind in (("bool", bool), ("int", int), ("float", float)):
-        if annotation.startswith(name):
-            return kind
-    return str
-
-
 def cmd_finetune(args: argparse.Namespace) -> int:
     cfg = FinetuneConfig(**{f.name: getattr(args, f.name) for f in fields(FinetuneConfig)})
     s = finetune(cfg)
@@ -425,15 +418,7 @@ def register(subparsers) -> None:
     """Add ``seekdeep finetune`` (see the module docstring)."""
     parser = subparsers.add_parser("finetune", help="fine-tune a model with LoRA / adapters / prompt tuning (or in full)")
     parser.add_argument("base", nargs="?", default=None, help=_HELP["base"])
-    for f in fields(FinetuneConfig):
-        if f.name == "base":
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not MISSING else None
-        help_text = _HELP.get(f.name, f"(default: {default})")
-        kind = _flag_type(str(f.type))
-        if kind is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=help_text)
-        else:
-            parser.add_argument(flag, dest=f.name, type=kind, default=default, help=help_text)
+    from seekdeep.cli import add_dataclass_flags
+
+    add_dataclass_flags(parser, FinetuneConfig, _HELP, skip=("base",))
     parser.set_defaults(func=cmd_finetune)
