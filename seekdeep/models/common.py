@@ -158,13 +158,25 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 @dataclass
 class LayerCache:
-    k: torch.Tensor | None = None  # (B, Hkv, T, Dqk)
+    k: torch.Tensor | None = None  # (B, Hkv, T, Dqk): a view of the first T slots of k_buffer
     v: torch.Tensor | None = None  # (B, Hkv, T, Dv)
     backend_state: dict[str, Any] = field(default_factory=dict)
+    k_buffer: torch.Tensor | None = None  # (B, Hkv, capacity, Dqk)
+    v_buffer: torch.Tensor | None = None  # (B, Hkv, capacity, Dv)
+
+
+def _grown_capacity(needed: int, current: int) -> int:
+    """Slots to allocate when ``needed`` no longer fits: a quarter more than needed (at least
+    256 slots), so a decode step copies the cache only every ~n/4 tokens (amortised O(1) per
+    token instead of the O(n) of concatenating) while wasting at most ~25% of the memory."""
+    return max(needed + max(256, needed // 4), current)
 
 
 class KVCache:
-    """Contiguous per-layer key/value cache for generation (one sequence slot per row)."""
+    """Contiguous per-layer key/value cache for generation (one sequence slot per row).
+
+    Keys and values live in pre-allocated buffers that grow geometrically; ``layers[i].k`` /
+    ``.v`` are views of the filled part, so appending one token writes one slot."""
 
     def __init__(self, num_layers: int):
         self.layers = [LayerCache() for _ in range(num_layers)]
@@ -175,16 +187,35 @@ class KVCache:
         return 0 if first.k is None else first.k.shape[2]
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append this step's keys / values (B, Hkv, T, D) and return the whole cache's views."""
         layer = self.layers[layer_idx]
-        layer.k = k if layer.k is None else torch.cat([layer.k, k], dim=2)
-        layer.v = v if layer.v is None else torch.cat([layer.v, v], dim=2)
+        filled = 0 if layer.k is None else layer.k.shape[2]
+        needed = filled + k.shape[2]
+        buf = layer.k_buffer
+        if buf is None or needed > buf.shape[2] or buf.dtype != k.dtype or buf.device != k.device:
+            capacity = _grown_capacity(needed, 0 if buf is None else buf.shape[2])
+            layer.k_buffer = self._grow(layer.k, k, capacity)
+            layer.v_buffer = self._grow(layer.v, v, capacity)
+        layer.k_buffer[:, :, filled:needed] = k
+        layer.v_buffer[:, :, filled:needed] = v
+        layer.k, layer.v = layer.k_buffer[:, :, :needed], layer.v_buffer[:, :, :needed]
         return layer.k, layer.v
+
+    @staticmethod
+    def _grow(filled: torch.Tensor | None, new: torch.Tensor, capacity: int) -> torch.Tensor:
+        b, h, _, d = new.shape
+        buffer = new.new_empty(b, h, capacity, d)
+        if filled is not None:
+            buffer[:, :, : filled.shape[2]] = filled
+        return buffer
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep only the given batch rows (used when finished sequences leave the batch)."""
         for layer in self.layers:
             if layer.k is not None:
-                layer.k, layer.v = layer.k[rows], layer.v[rows]
+                n = layer.k.shape[2]
+                layer.k_buffer, layer.v_buffer = layer.k_buffer[rows], layer.v_buffer[rows]
+                layer.k, layer.v = layer.k_buffer[:, :, :n], layer.v_buffer[:, :, :n]
             layer.backend_state = {
                 name: t[rows] if isinstance(t, torch.Tensor) else t for name, t in layer.backend_state.items()
             }
