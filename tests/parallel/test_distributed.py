@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,15 +23,11 @@ pytestmark = pytest.mark.slow
 REL = 1e-5
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torchrun(nproc: int, *args: str, timeout: int = 300) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           "--master-port", str(_free_port()), str(HERE / "parallel_worker.py"), *args]
+    # --standalone: the rendezvous binds its own port (port 0), so parallel tests never race
+    # for a port picked and released beforehand.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--standalone",
+           str(HERE / "parallel_worker.py"), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
@@ -125,7 +120,7 @@ def test_train_recipe_under_launch_matches_one_process(tmp_path, monkeypatch):
                 checkpoint_interval=2, attention_backend="sdpa", sample_tokens=4, progress=False)
     train(TrainConfig(**args, output_dir=str(tmp_path / "one")))
 
-    argv = [sys.executable, "-m", "seekdeep.cli", "launch", "--nproc", "2", "--master-port", str(_free_port()), "--",
+    argv = [sys.executable, "-m", "seekdeep.cli", "launch", "--nproc", "2", "--",
             "train", "--parallel", "dp_shard=2", "--output-dir", str(tmp_path / "two")]
     for key, value in args.items():
         argv += [f"--{key.replace('_', '-')}", str(value)] if not isinstance(value, bool) else ["--no-progress"]
