@@ -1,0 +1,339 @@
+"""``seekdeep distill``: knowledge distillation of a model into a shallower student.
+
+The recipe owns its loop and reuses the training pieces: teacher + its tokenizer -> a student
+copied from some of the teacher's layers (:func:`seekdeep.distill.make_student`) -> data
+encoded with the teacher's tokenizer -> held-out perplexity of the teacher and of the student
+at initialisation -> AdamW + warm-up/cosine on the student only, the teacher frozen in eval
+mode under ``no_grad`` -> precision policy, gradient clipping -> periodic held-out evaluation
+and crash-safe checkpoints of the student -> the student in ``output_dir/final`` with the
+teacher's tokenizer, metrics.jsonl, a loss curve and summary.json.
+
+With no data it uses the embedded corpus (the standard library with ``seekdeep train``'s
+module split), encoded with the teacher's tokenizer; with no teacher, ``runs/train/final``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from seekdeep.errors import CheckpointError, ConfigError
+
+#: what ``seekdeep train`` writes by default: the teacher when none is given
+DEFAULT_TEACHER = Path("runs/train/final")
+
+
+@dataclass
+class DistillRunConfig:
+    """Every knob of a distillation run; the defaults fit a 2-core CPU in a few minutes for the
+    model ``seekdeep train`` makes."""
+
+    teacher: str | None = None  # model directory or hub id; None: runs/train/final
+    data: str | None = None  # text file, folder or .jsonl; None: the embedded corpus
+    layers: str = "every_other"  # teacher layers the student keeps: every_other or e.g. "0,2,5"
+    temperature: float = 2.0
+    alpha: float = 0.5  # weight of the distillation (KL) term; 1 - alpha goes to cross-entropy
+    seq_len: int = 256
+    batch_size: int = 8
+    grad_accum: int = 1
+    steps: int = 200
+    max_time: float | None = None  # seconds of training after which the run wraps up early
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20  # capped at steps
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    indexer_loss_weight: float = 1.0  # dsa students: weight of the indexer's KL towards dense attention
+    precision: str = "fp32"
+    eval_interval: int = 50
+    eval_batches: int = 20
+    checkpoint_interval: int = 50
+    keep_last: int = 2
+    output_dir: str = "runs/distill"
+    resume: str | None = None  # "auto" (latest in output_dir) or a checkpoint path
+    device: str | None = None  # None: cuda when available, else cpu
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("seq_len", "batch_size", "grad_accum", "steps", "eval_interval", "eval_batches",
+                     "checkpoint_interval", "keep_last"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(name, f"must be an integer >= 1, got {value!r}")
+        for name in ("warmup_steps", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(name, f"must be an integer >= 0, got {value!r}")
+        for name in ("lr", "grad_clip"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(name, f"must be > 0, got {getattr(self, name)!r}")
+        for name in ("weight_decay", "indexer_loss_weight"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(name, f"must be >= 0, got {getattr(self, name)!r}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError("min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio!r}")
+        if self.max_time is not None and not self.max_time > 0:
+            raise ConfigError("max_time", f"must be > 0 seconds, got {self.max_time!r}")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ConfigError("precision", f"unknown {self.precision!r}; accepted: fp32, bf16, fp16")
+        if not isinstance(self.layers, str):  # a list from Python: keep the JSON-friendly string form
+            self.layers = ",".join(str(i) for i in self.method().layers)
+        self.method()  # validates layers, temperature and alpha
+
+    def method(self):
+        """The distillation settings as a :class:`seekdeep.distill.DistillConfig`."""
+        from seekdeep.distill import DistillConfig
+
+        return DistillConfig(layers=self.layers, temperature=self.temperature, alpha=self.alpha)
+
+
+# ----------------------------------------------------------------------------- teacher and data
+
+
+def default_teacher() -> Path:
+    """``runs/train/final`` when ``seekdeep train`` made it."""
+    if (DEFAULT_TEACHER / "config.json").is_file():
+        return DEFAULT_TEACHER
+    raise ConfigError("teacher", f"none given and {DEFAULT_TEACHER} does not exist; train one with `seekdeep train` "
+                      "or pass a model directory or hub id")
+
+
+def prepare_distill_data(data: str | None, tokenizer, seq_len: int, progress: bool = False) -> tuple[Path, Path, dict[str, Any]]:
+    """Train / held-out token files encoded with the teacher's ``tokenizer``, cached in
+    ``$SEEKDEEP_HOME/cache``. User data is split as ``seekdeep finetune`` splits it (its
+    :func:`~seekdeep.recipes.finetune.prepare_finetune_data`); with no data, the embedded
+    corpus with the module split ``seekdeep train`` uses, so a teacher trained there is
+    measured on the modules it never saw."""
+    if data is not None:
+        from seekdeep.recipes.finetune import FinetuneConfig, prepare_finetune_data
+
+        return prepare_finetune_data(FinetuneConfig(data=data, seq_len=seq_len, progress=False), tokenizer)
+    import seekdeep.data as sd_data
+
+    split = sd_data.default_corpus()
+    fingerprint = hashlib.sha256(json.dumps(
+        ["corpus", split.fingerprint, sd_data.tokenizer_fingerprint(tokenizer)]).encode()).hexdigest()[:16]
+    folder = sd_data.default_cache_dir() / f"distill-{fingerprint}"
+    info: dict[str, Any] = {"data": "embedded corpus (standard library)", "heldout_rule": "whole modules and packages, by hash"}
+    paths = {}
+    for side, files in (("train", split.train_files), ("heldout", split.heldout_files)):
+        paths[side] = folder / f"{side}.bin"
+        token_info = sd_data.build_token_file(sd_data.iter_documents(files), tokenizer, paths[side],
+                                              source_fingerprint=f"{fingerprint}-{side}", progress=progress,
+                                              total=len(files), desc=f"tokenizing {side}")
+        if token_info["num_tokens"] < seq_len:
+            raise ConfigError("seq_len", f"{seq_len} is longer than the {side} side of the corpus "
+                              f"({token_info['num_tokens']} tokens); use a smaller --seq-len")
+        info[f"{side}_tokens"] = token_info["num_tokens"]
+    return paths["train"], paths["heldout"], info
+
+
+def _resume_path(cfg: DistillRunConfig, ckpt_dir: Path) -> Path | None:
+    from seekdeep.train import latest_checkpoint
+    from seekdeep.train.checkpoint import resolve_checkpoint
+
+    if cfg.resume is None:
+        return None
+    path = latest_checkpoint(ckpt_dir) if cfg.resume == "auto" else resolve_checkpoint(cfg.resume)
+    if path is None:
+        print(f"no checkpoint in {ckpt_dir}; starting from scratch", file=sys.stderr)
+    return path
+
+
+def _saved_config(checkpoint: Path, cfg: DistillRunConfig) -> DistillRunConfig:
+    """The run's identity comes from the checkpoint; only the budget, output and device may change."""
+    from seekdeep.train import load_checkpoint
+
+    saved = load_checkpoint(checkpoint, restore_rng=False).extra.get("config")
+    if not isinstance(saved, dict) or "temperature" not in saved:
+        raise CheckpointError(f"{checkpoint}: not a `seekdeep distill` checkpoint (no distillation config in it)")
+    known = {f.name for f in fields(DistillRunConfig)}
+    return DistillRunConfig(**{**{k: v for k, v in saved.items() if k in known}, "steps": cfg.steps,
+                               "max_time": cfg.max_time, "resume": cfg.resume, "output_dir": cfg.output_dir,
+                               "progress": cfg.progress, "device": cfg.device})
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def distill(cfg: DistillRunConfig) -> dict[str, Any]:
+    """Run (or resume) a distillation job; returns a summary dict (also in summary.json)."""
+    from seekdeep.auto import AutoModel, AutoTokenizer
+    from seekdeep.data import TokenWindows
+    from seekdeep.distill import distillation_loss, make_student
+    from seekdeep.files import write_json_atomic
+    from seekdeep.recipes.train import MetricsLog, apply_phase, evaluate, plot_losses
+    from seekdeep.train import PrecisionPolicy, load_checkpoint, make_scheduler, param_groups, save_checkpoint
+
+    out = Path(cfg.output_dir).expanduser()
+    ckpt_dir = out / "checkpoints"
+    resume_path = _resume_path(cfg, ckpt_dir)
+    if resume_path is not None:
+        cfg = _saved_config(resume_path, cfg)
+    teacher_dir = Path(cfg.teacher) if cfg.teacher else default_teacher()
+    if cfg.teacher is None:
+        cfg = DistillRunConfig(**{**asdict(cfg), "teacher": str(teacher_dir)})
+    method = cfg.method()
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    policy = PrecisionPolicy(cfg.precision, device.type)
+
+    teacher = AutoModel.from_pretrained(teacher_dir, device=device)
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    layers = method.student_layers(teacher.config.num_hidden_layers)
+    torch.manual_seed(cfg.seed)
+    student = make_student(teacher, layers)
+    teacher.requires_grad_(False)
+    teacher.eval()
+    train_path, heldout_path, data_info = prepare_distill_data(cfg.data, tokenizer, cfg.seq_len, cfg.progress)
+    windows = TokenWindows(train_path, cfg.seq_len, cfg.batch_size, seed=cfg.seed)
+    heldout = TokenWindows(heldout_path, cfg.seq_len, cfg.batch_size, seed=cfg.seed, shuffle=False)
+    out.mkdir(parents=True, exist_ok=True)
+
+    teacher_loss = evaluate(teacher, heldout, cfg.eval_batches, policy)
+    init_loss = evaluate(student, heldout, cfg.eval_batches, policy)
+    apply_phase(student, "sparse")  # dsa students: sparse attention, the indexer keeps following dense attention
+    optimizer = torch.optim.AdamW(param_groups(student, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8,
+                                  fused=device.type == "cuda")
+    scheduler = make_scheduler(optimizer, min(cfg.warmup_steps, cfg.steps), cfg.steps, cfg.min_lr_ratio)
+    scaler = policy.make_scaler()
+    start_step = 0
+    if resume_path is not None:
+        state = load_checkpoint(resume_path, student, optimizer, scheduler, scaler)
+        windows.load_state_dict(state.data_state)
+        start_step = state.step
+        print(f"resumed from {resume_path} at step {start_step}", file=sys.stderr)
+
+    metrics = MetricsLog(out / "metrics.jsonl", start_step if resume_path is not None else None)
+    if resume_path is None:
+        metrics.write({"kind": "teacher_eval", "step": 0, "eval_loss": teacher_loss, "eval_ppl": math.exp(teacher_loss)})
+        metrics.write({"kind": "eval", "step": 0, "eval_loss": init_loss, "eval_ppl": math.exp(init_loss), "init": True})
+    teacher_params, student_params = teacher.num_parameters(), student.num_parameters()
+    print(f"distilling {teacher_dir} ({teacher.config.num_hidden_layers} layers, {teacher_params / 1e6:.2f}M parameters) "
+          f"into layers {layers} ({student_params / 1e6:.2f}M); held-out perplexity: teacher {math.exp(teacher_loss):.2f}, "
+          f"student at init {math.exp(init_loss):.2f}", file=sys.stderr)
+    params = [p for p in student.parameters() if p.requires_grad]
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
+    student.train()
+    bar = tqdm(total=cfg.steps, initial=start_step, desc="distill", disable=not cfg.progress, dynamic_ncols=True)
+    started = time.perf_counter()
+    step, stopped_early = start_step, False
+    try:
+        while step < cfg.steps:
+            t0 = time.perf_counter()
+            parts = {"loss": 0.0, "kl": 0.0, "total": 0.0, "indexer_loss": 0.0}
+            for _ in range(cfg.grad_accum):
+                batch = windows.next_batch().to(device)
+                with torch.no_grad(), policy.autocast():
+                    teacher_logits = teacher(batch).logits
+                with policy.autocast():
+                    output = student(batch)
+                losses = distillation_loss(output.logits, teacher_logits, batch, method.temperature, method.alpha)
+                loss = losses.total
+                if output.aux_loss is not None:
+                    loss = loss + cfg.indexer_loss_weight * output.aux_loss
+                    parts["indexer_loss"] += float(output.aux_loss.detach()) / cfg.grad_accum
+                for key, value in (("loss", losses.ce), ("kl", losses.kl), ("total", losses.total)):
+                    parts[key] += float(value.detach()) / cfg.grad_accum
+                scaler.scale(loss / cfg.grad_accum).backward()
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            applied = scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            step += 1
+            dt = time.perf_counter() - t0
+            # "loss" is the student's cross-entropy, comparable with the held-out loss on the plot
+            metrics.write({"kind": "train", "step": step, **parts, "lr": scheduler.get_last_lr()[0],
+                           "grad_norm": float(grad_norm), "tokens_per_s": tokens_per_step / dt, "applied": bool(applied)})
+            bar.update(1)
+            bar.set_postfix(ce=f"{parts['loss']:.3f}", kl=f"{parts['kl']:.3f}")
+            if not math.isfinite(parts["total"]):
+                raise FloatingPointError(f"loss became {parts['total']} at step {step}; lower --lr or use --precision fp32")
+            out_of_time = cfg.max_time is not None and time.perf_counter() - started > cfg.max_time
+            if step % cfg.eval_interval == 0 and step < cfg.steps and not out_of_time:
+                eval_loss = evaluate(student, heldout, cfg.eval_batches, policy)
+                metrics.write({"kind": "eval", "step": step, "eval_loss": eval_loss, "eval_ppl": math.exp(eval_loss)})
+                bar.write(f"step {step}: student held-out perplexity {math.exp(eval_loss):.2f} "
+                          f"(teacher {math.exp(teacher_loss):.2f})")
+            if step % cfg.checkpoint_interval == 0 or step == cfg.steps or out_of_time:
+                save_checkpoint(ckpt_dir, step, student, optimizer, scheduler, scaler, data_state=windows.state_dict(),
+                                extra={"config": asdict(cfg), "layers": layers}, keep_last=cfg.keep_last)
+            if out_of_time:
+                stopped_early = True
+                bar.write(f"time budget of {cfg.max_time:.0f}s reached at step {step}")
+                break
+        final_loss = evaluate(student, heldout, cfg.eval_batches, policy)
+        metrics.write({"kind": "eval", "step": step, "eval_loss": final_loss, "eval_ppl": math.exp(final_loss), "final": True})
+    finally:
+        bar.close()
+        metrics.close()
+
+    final_dir = out / "final"
+    student.eval()
+    student.save_pretrained(final_dir)
+    tokenizer.save_pretrained(final_dir)
+    plot_losses(metrics.path, out / "loss.png", f"seekdeep distill: layers {cfg.layers}, T={method.temperature:g}, "
+                f"alpha={method.alpha:g}")
+    summary = {
+        "teacher": str(teacher_dir), **data_info, "layers": layers,
+        "teacher_layers": teacher.config.num_hidden_layers, "student_layers": len(layers),
+        "teacher_parameters": teacher_params, "student_parameters": student_params,
+        "parameter_ratio": student_params / teacher_params,
+        "steps": step, "stopped_early": stopped_early,
+        "teacher_loss": teacher_loss, "teacher_ppl": math.exp(teacher_loss),
+        "student_init_loss": init_loss, "student_init_ppl": math.exp(init_loss),
+        "student_loss": final_loss, "student_ppl": math.exp(final_loss),
+        "train_seconds": time.perf_counter() - started, "model_dir": str(final_dir),
+        "loss_curve": str(out / "loss.png"), "config": asdict(cfg),
+    }
+    write_json_atomic(out / "summary.json", summary)
+    return summary
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    cfg = DistillRunConfig(**{f.name: getattr(args, f.name) for f in fields(DistillRunConfig)})
+    s = distill(cfg)
+    print(f"\nheld-out perplexity: teacher {s['teacher_ppl']:.2f}; student ({s['student_layers']} of "
+          f"{s['teacher_layers']} layers, {100 * s['parameter_ratio']:.0f}% of the parameters) {s['student_init_ppl']:.2f} "
+          f"at init -> {s['student_ppl']:.2f} after {s['steps']} steps ({s['train_seconds']:.0f}s)")
+    print(f"student: {s['model_dir']}  (try: seekdeep generate {s['model_dir']} --prompt 'def ')")
+    print(f"loss curve: {s['loss_curve']}")
+    return 0
+
+
+_HELP = {
+    "teacher": f"teacher model directory or hub id (default: {DEFAULT_TEACHER}, what `seekdeep train` writes)",
+    "data": "text file, folder or .jsonl (text field); default: the Python standard library, with the module "
+            "split `seekdeep train` uses",
+    "layers": "teacher layers the student keeps: every_other (0,2,4,...; default) or indices such as 0,2,5",
+    "temperature": "softmax temperature of the distillation term (default: 2.0)",
+    "alpha": "weight of the distillation (KL) term; 1 - alpha goes to next-token cross-entropy (default: 0.5)",
+    "resume": "'auto' (latest checkpoint in --output-dir) or a checkpoint directory",
+    "max_time": "seconds of training after which the run evaluates, saves and stops",
+    "precision": "fp32 (default), bf16 or fp16 (with dynamic loss scaling)",
+}
+
+
+def register(subparsers) -> None:
+    """Add ``seekdeep distill`` (see the module docstring)."""
+    parser = subparsers.add_parser("distill", help="distil a model into a shallower student copied from its layers")
+    parser.add_argument("teacher", nargs="?", default=None, help=_HELP["teacher"])
+    from seekdeep.cli import add_dataclass_flags
+
+    add_dataclass_flags(parser, DistillRunConfig, _HELP, skip=("teacher",))
+    parser.set_defaults(func=cmd_distill)
