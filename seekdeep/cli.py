@@ -12,7 +12,8 @@ from pathlib import Path
 from seekdeep.errors import SeekdeepError
 
 #: modules adding their own sub-command (see build_parser); only commands that work are listed.
-PLUGGED_COMMANDS: list[str] = ["seekdeep.recipes.finetune", "seekdeep.recipes.distill", "seekdeep.serve.cli", "seekdeep.profiler.cli", "seekdeep.parallel.launch"]
+PLUGGED_COMMANDS: list[str] = ["seekdeep.recipes.finetune", "seekdeep.recipes.distill", "seekdeep.recipes.compress",
+                               "seekdeep.serve.cli", "seekdeep.profiler.cli", "seekdeep.parallel.launch"]
 
 DEFAULT_MODEL_DIR = Path(os.environ.get("SEEKDEEP_HOME", Path.home() / ".cache" / "seekdeep")) / "default-model"
 
