@@ -313,7 +313,8 @@ def stage_prune(ctx: Context) -> None:
     label = f"prune{round(100 * args.prune_ratio)}"
     for method in ("l1", "activation"):
         t0 = time.perf_counter()
-        pruned, report = prune(ctx.quality, PruneConfig(ratio=args.prune_ratio, method=method), ctx.calib_batches)
+        calibration = ctx.calib_batches if method == "activation" else None
+        pruned, report = prune(ctx.quality, PruneConfig(ratio=args.prune_ratio, method=method), calibration)
         ppl_pruned = perplexity(pruned, ctx.eval_batches)
         recover(pruned, recovery_windows(), args.recovery_steps, lr=args.recovery_lr)
         ppl = perplexity(pruned, ctx.eval_batches)

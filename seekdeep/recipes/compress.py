@@ -228,6 +228,7 @@ def write_report(out: Path, results: list[StageResult], meta: dict[str, Any]) ->
         values = [row.get(key) or 0.0 for row in rows]
         bars = ax.bar(names, values, color=["#888888"] + ["#3b7dd8"] * (len(rows) - 1))
         ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+        ax.set_ylim(0, 1.15 * max(values + [1.0]))  # room for the labels above the tallest bar
         ax.bar_label(bars, labels=[f"{v:.2f}x" for v in values], fontsize=8)
         ax.set_title(title)
         ax.tick_params(axis="x", rotation=30)
