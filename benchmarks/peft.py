@@ -1,26 +1,52 @@
 """Parameter-efficient fine-tuning, measured against full fine-tuning and naive sequential tuning.
 
-1. LoRA (<= 1% of the parameters trainable) vs full fine-tuning, same steps, data, seed and
-   schedule, on a standard-library package held out of the base's pre-training (``http``;
-   trained on the first 80% of each module, measured on the last 20%): the fraction of full fine-tuning's held-out perplexity gain that LoRA recovers (the seeds
-   claim 90%+; target >= 0.9), and the peak training memory of each (tensor bytes live at the
-   peak of a training step: CUDA's allocator statistics, or on CPU the allocator events of the
-   torch profiler, plus the tensors that existed before).
+1. LoRA (<= 1% of the parameters trainable) vs full fine-tuning on a standard-library package
+   held out of the base's pre-training (the largest, ``http``), split as ``seekdeep finetune``
+   splits it: train on the first 80% of every module, test on the last 20%. Both methods run
+   the same steps, batches (same seed, same order), schedule (warm-up + cosine), optimizer
+   (AdamW, no weight decay) and gradient clipping; each gets its own learning rate, chosen
+   without looking at the test text: a grid is swept training on the first 70% of every
+   module and scoring on the 70-80% part (the validation slice, which sits after its training
+   text as the test slice sits after the full training text), and the learning rate with the
+   lowest validation loss is then trained on the full 80% and scored on the test 20%.
+   Reported: the fraction of full fine-tuning's test perplexity gain that LoRA recovers,
+   ``(ppl_base - ppl_lora) / (ppl_base - ppl_full)`` (target >= 0.9), every (method, learning
+   rate) of the sweep, and the peak training memory of each method.
+
+   Peak memory, per method in a fresh process: the process's resident set (RSS) at its
+   highest during three training steps (the kernel's high-water mark, reset just before
+   them), minus the RSS just before them (base and adapter weights loaded, optimizer built:
+   the delta is gradients + optimizer state + activations + allocator slack), with glibc's
+   mmap threshold fixed so that freed tensors go back to the OS and RSS follows the live
+   ones (the default allocator's figure, which includes its cache of freed blocks, is
+   reported beside it); on CUDA, ``max_memory_allocated`` instead. Also reported, from the
+   same process: the bytes of tensors alive at the peak of two further steps (torch profiler
+   allocator events plus the tensors alive before them).
 2. Continual learning over three packages, one LoRA adapter per task on the frozen base: the
    first task's held-out perplexity after all three tasks against its value right after it was
    learned (target: within 2%). The anchor is the naive way, one adapter trained on the tasks
    in sequence, which forgets.
 
-Usage: python benchmarks/peft.py [--steps 100] [--cl-steps 40] [--base DIR] [--out runs/bench-peft]
-(with no --base: runs/train/final, else the small model ``seekdeep finetune`` trains once)
+The base: ``--base``, else ``runs/compression/base/final`` (the 'small' preset, 4 layers,
+hidden 256, 4.2M parameters, trained on the embedded corpus by benchmarks/compression.py) when
+present, else the same preset trained here for ``--base-steps`` into ``<out>/base``.
+
+Usage: python benchmarks/peft.py [--steps 100] [--jobs 2] [--threads 1] [--out runs/bench-peft]
+       [--lora-lrs 3e-3,1e-2,3e-2,1e-1] [--full-lrs 3e-4,1e-3,3e-3,1e-2] [--parts compare,memory,continual]
+Every training run is cached in ``<out>/runs/`` (a rerun with the same settings reuses it).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import math
+import os
+import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -28,75 +54,261 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import device_name, emit  # noqa: E402
 
-from seekdeep.recipes.finetune import FinetuneConfig, default_base, finetune  # noqa: E402
-
-# rank 2 on every linear layer but k_proj: 0.97% of the tiny model's parameters
-LORA_SPEC = "r=2,alpha=4,targets=q_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+# rank 2 on every linear layer (q, k, v, o, gate, up, down): 0.92% of the small preset's parameters
+LORA_SPEC = "r=2,alpha=4,targets=all-linear"
+LORA_LRS = "3e-3,1e-2,3e-2,1e-1"
+FULL_LRS = "3e-4,1e-3,3e-3,1e-2"
+REUSED_BASE = Path("runs/compression/base/final")
 TASKS = ("http", "email", "unittest")
+#: (training slice, scored slice) of the learning-rate sweep and of the reported runs
+STAGES = {"sweep": ("sweep_train", "sweep_val"), "final": ("train", "heldout")}
 
 
-def _run(args, method: str, **overrides) -> dict:
-    cfg = FinetuneConfig(base=str(args.base), method=method, lora=args.lora, steps=args.steps, seq_len=args.seq_len,
-                         batch_size=args.batch_size, eval_batches=args.eval_batches, eval_interval=args.steps,
-                         checkpoint_interval=args.steps, keep_last=1, lr=args.lora_lr if method == "lora" else args.full_lr,
-                         output_dir=f"{args.out}/{method}", progress=False, device=args.device, **overrides)
-    return finetune(cfg)
+# ----------------------------------------------------------------------------- base and data
 
 
-def peak_training_memory(args, method: str, steps: int = 3) -> int:
-    """Bytes of tensors alive at the peak of ``steps`` training steps (optimizer state included)."""
+def resolve_base(args) -> Path:
+    if args.base:
+        return Path(args.base)
+    if (REUSED_BASE / "config.json").is_file():
+        return REUSED_BASE
+    from seekdeep.recipes.train import TrainConfig, train
+
+    out = Path(args.out) / "base"
+    if not (out / "final" / "config.json").is_file():
+        print(f"# no {REUSED_BASE}: training the 'small' preset for {args.base_steps} steps into {out}", file=sys.stderr)
+        train(TrainConfig(preset="small", attention_backend="sdpa", steps=args.base_steps, batch_size=16, seq_len=256,
+                          lr=3e-3, warmup_steps=50, weight_decay=0.1, eval_interval=args.base_steps,
+                          checkpoint_interval=200, output_dir=str(out), resume="auto", progress=False))
+    return out / "final"
+
+
+def _cut_at_line(text: str, fraction: float) -> int:
+    """A line start near ``fraction`` of ``text`` (0 when there is none before it)."""
+    return text.rfind("\n", 0, int(len(text) * fraction)) + 1
+
+
+def split_package(package: str) -> dict[str, list[str]]:
+    """``seekdeep finetune``'s split of a package, ``train`` (the first 80% of every module) and
+    ``heldout`` (the rest: the test text), plus the split the learning rates are chosen on:
+    ``sweep_train`` (the first 7/8 of each training text: 0-70%) and ``sweep_val`` (70-80%)."""
+    from seekdeep.recipes.finetune import package_split
+
+    train, heldout = package_split(package, heldout_fraction=0.2)
+    sweep_train, sweep_val = [], []
+    for text in train:
+        cut = _cut_at_line(text, 7 / 8)
+        if cut > 0:
+            sweep_train.append(text[:cut])
+            sweep_val.append(text[cut:])
+        else:  # a one-line text: train on it
+            sweep_train.append(text)
+    return {"train": train, "heldout": heldout, "sweep_train": sweep_train, "sweep_val": sweep_val}
+
+
+def prepare_splits(args, tokenizer) -> dict[str, str]:
+    """Token files of the slices of ``args.package`` (see :func:`split_package`), built once
+    under ``<out>/data``."""
+    from seekdeep.data import build_token_file, package_files, source_fingerprint, tokenizer_fingerprint
+
+    key = json.dumps(["lr-sweep-split", args.package, source_fingerprint(package_files(args.package)),
+                      tokenizer_fingerprint(tokenizer)])
+    folder = Path(args.out) / "data" / hashlib.sha256(key.encode()).hexdigest()[:16]
+    texts = None
+    paths = {}
+    for side in STAGES["sweep"] + STAGES["final"]:
+        path = folder / f"{side}.bin"
+        if not (path.is_file() and (folder / f"{side}.bin.json").is_file()):
+            texts = texts or split_package(args.package)
+            build_token_file(iter(texts[side]), tokenizer, path, source_fingerprint=f"{key}-{side}")
+        paths[side] = str(path)
+    return paths
+
+
+# ----------------------------------------------------------------------------- one training run
+
+
+def _attach(args, model, method: str) -> None:
+    """Attach ``method`` to the base: a LoRA adapter (the base frozen), or everything trainable."""
+    from seekdeep.recipes.finetune import FinetuneConfig, attach_method
+
+    torch.manual_seed(args.seed)  # the same adapter initialisation in every run
+    attach_method(model, FinetuneConfig(base=str(args.base), method=method, lora=args.lora))
+
+
+def train_run(args, method: str, lr: float, stage: str) -> dict:
+    """Fine-tune with ``method`` at ``lr`` on the training slice of ``stage``; the loss on its
+    scored slice before and after."""
     from seekdeep.auto import AutoModel
-    from seekdeep.recipes.finetune import attach_method
+    from seekdeep.data import TokenWindows
+    from seekdeep.recipes.train import evaluate
+    from seekdeep.train import PrecisionPolicy, make_scheduler, param_groups
+
+    policy = PrecisionPolicy("fp32", torch.device(args.device).type)
+    splits = json.loads(args.splits)
+    train_side, eval_side = STAGES[stage]
+    windows = TokenWindows(splits[train_side], args.seq_len, args.batch_size, seed=args.seed)
+    scored = TokenWindows(splits[eval_side], args.seq_len, args.batch_size, shuffle=False)
+    model = AutoModel.from_pretrained(args.base, device=args.device)
+    loss_before = evaluate(model, scored, None, policy)
+    _attach(args, model, method)
+    trainable, total = model.get_nb_trainable_parameters()
+    optimizer = torch.optim.AdamW(param_groups(model, 0.0), lr=lr, betas=(0.9, 0.95), eps=1e-8)
+    scheduler = make_scheduler(optimizer, max(1, args.steps // 10), args.steps, 0.1)
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    started, losses = time.perf_counter(), []
+    for _ in range(args.steps):
+        batch = windows.next_batch().to(args.device)
+        loss = model(batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        losses.append(float(loss))
+        if not math.isfinite(losses[-1]):
+            break
+    seconds = time.perf_counter() - started
+    diverged = not math.isfinite(losses[-1])
+    loss_after = math.inf if diverged else evaluate(model, scored, None, policy)
+    base_total = sum(p.numel() for n, p in model.named_parameters() if ".lora_" not in n) if method != "full" else total
+    return {"method": method, "lr": lr, "stage": stage, "steps": len(losses), "diverged": diverged, "trainable": trainable,
+            "total": total, "trainable_percent": 100 * trainable / total,
+            "trainable_percent_of_base": 100 * trainable / base_total, "seconds": round(seconds, 1),
+            "train_loss_last10": sum(losses[-10:]) / len(losses[-10:]),
+            "train_tokens": windows.num_tokens, "scored_tokens": scored.num_tokens,
+            "loss_before": loss_before, "loss": loss_after}
+
+
+def _worker_argv(args, *extra: str) -> list[str]:
+    return [sys.executable, str(Path(__file__).resolve()), "--base", str(args.base), "--steps", str(args.steps),
+            "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size), "--lora", args.lora,
+            "--threads", str(args.threads), "--seed", str(args.seed), "--device", args.device, "--out", args.out,
+            "--package", args.package, "--splits", args.splits, *extra]
+
+
+def run_all(args, runs: list[tuple[str, float, str]]) -> list[dict]:
+    """Every (method, lr, stage) in ``runs``, ``args.jobs`` processes at a time; each result is
+    cached in ``<out>/runs/`` under a tag of the settings."""
+    folder = Path(args.out) / "runs"
+    folder.mkdir(parents=True, exist_ok=True)
+    tag = hashlib.sha256(json.dumps([str(args.base), args.steps, args.seq_len, args.batch_size, args.lora, args.seed,
+                                     args.package, args.splits]).encode()).hexdigest()[:8]
+
+    def one(run: tuple[str, float, str]) -> dict:
+        method, lr, stage = run
+        path = folder / f"{stage}-{method}-lr{lr:g}-{tag}.json"
+        if not path.is_file():
+            with open(path.with_suffix(".log"), "w") as err:
+                subprocess.run(_worker_argv(args, "--worker", method, f"{lr!r}", stage, "--result", str(path)),
+                               check=True, stderr=err)
+        result = json.loads(path.read_text())
+        print(f"# {stage} {method} lr={lr:g}: {STAGES[stage][1]} ppl {math.exp(result['loss_before']):.3f} -> "
+              f"{math.exp(result['loss']):.3f} ({result['seconds']:.0f}s)", file=sys.stderr)
+        return result
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        return list(pool.map(one, runs))
+
+
+# ----------------------------------------------------------------------------- peak memory
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def memory_probe(args, method: str) -> dict:
+    """Peak training memory of ``method`` (run in a fresh process; see the module docstring)."""
+    import gc
+
+    from seekdeep.data import TokenWindows
     from seekdeep.train import param_groups
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    cfg = FinetuneConfig(base=str(args.base), method=method, lora=args.lora)
-    model = AutoModel.from_pretrained(args.base, device=device)
-    attach_method(model, cfg)
+    from seekdeep.auto import AutoModel
+
+    model = AutoModel.from_pretrained(args.base, device=args.device)
+    _attach(args, model, method)
     model.train()
-    optimizer = torch.optim.AdamW(param_groups(model, 0.0), lr=1e-4)
-    batch = torch.randint(0, model.config.vocab_size, (args.batch_size, args.seq_len), device=device)
+    optimizer = torch.optim.AdamW(param_groups(model, 0.0), lr=1e-5)
+    batch = TokenWindows(json.loads(args.splits)["train"], args.seq_len, args.batch_size).next_batch().to(args.device)
+    weights = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
 
     def step():
         model(batch, labels=batch).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    if device.type == "cuda":
+    result = {"method": method, "weight_bytes": weights}
+    gc.collect()
+    if args.device.startswith("cuda"):
         torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        for _ in range(steps):
+        for _ in range(3):
             step()
         torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated()
+        result.update(before_bytes=before, peak_bytes=torch.cuda.max_memory_allocated(),
+                      delta_bytes=torch.cuda.max_memory_allocated() - before, measured="CUDA max_memory_allocated")
+        return result
+    rss_before = _status_kib("VmRSS") * 1024
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM (the peak RSS) to the current RSS
+    for _ in range(3):
+        step()
+    peak = _status_kib("VmHWM") * 1024
+    result.update(before_bytes=rss_before, peak_bytes=peak, delta_bytes=peak - rss_before,
+                  measured="peak RSS (VmHWM reset before the steps) minus RSS before them, fresh process")
+    # tensor bytes: what is alive now (weights, optimizer state, batch) + the allocator events' peak
     from torch.profiler import ProfilerActivity, profile
 
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-                for t in [*model.parameters(), *model.buffers(), batch]}
+    tensors = [*model.parameters(), *model.buffers(), batch,
+               *(t for state in optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor))]
+    alive = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        for _ in range(steps):
+        for _ in range(2):
             step()
     events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns())
-    live = peak = 0
+    live = top = 0
     for event in events:
         live += event.nbytes()
-        peak = max(peak, live)
-    return sum(storages.values()) + peak
+        top = max(top, live)
+    result.update(tensor_peak_bytes=alive + top, tensor_bytes_before=alive)
+    return result
 
 
-def continual(args, naive: bool) -> tuple[list[dict], dict]:
+#: glibc's default mmap threshold grows after the first large free, so freed activations stay
+#: in the heap and RSS then reports the allocator's cache; a fixed threshold hands every large
+#: block back to the OS at once, and RSS follows the live tensors
+FIXED_MMAP_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def run_memory_probe(args, method: str, env: dict[str, str] | None = None) -> dict:
+    out = subprocess.run(_worker_argv(args, "--memory-probe", method), check=True, capture_output=True, text=True,
+                         env={**os.environ, **(env or {})})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------- continual learning
+
+
+def continual(args, lr: float, naive: bool) -> tuple[list[dict], dict]:
     """Learn TASKS in sequence; per-task adapters (or, naive, one shared adapter)."""
     from seekdeep.auto import AutoModel, AutoTokenizer
     from seekdeep.data import TokenWindows
     from seekdeep.peft import ContinualLearner, parse_lora_spec
-    from seekdeep.recipes.finetune import _freeze_backends, prepare_finetune_data
+    from seekdeep.recipes.finetune import FinetuneConfig, _freeze_backends, prepare_finetune_data
     from seekdeep.recipes.train import evaluate
     from seekdeep.train import PrecisionPolicy, make_scheduler
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = AutoModel.from_pretrained(args.base, device=device)
+    model = AutoModel.from_pretrained(args.base, device=args.device)
     tokenizer = AutoTokenizer.from_pretrained(args.base)
-    policy = PrecisionPolicy("fp32", device.type)
+    policy = PrecisionPolicy("fp32", torch.device(args.device).type)
     data = {}
     for task in TASKS:
         cfg = FinetuneConfig(base=str(args.base), package=task, seq_len=args.seq_len)
@@ -116,11 +328,11 @@ def continual(args, naive: bool) -> tuple[list[dict], dict]:
         else:
             params = learner.begin_task(task)
         _freeze_backends(model)
-        optimizer = torch.optim.AdamW(params, lr=args.lora_lr, betas=(0.9, 0.95), weight_decay=0.0)
+        optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
         scheduler = make_scheduler(optimizer, min(10, args.cl_steps), args.cl_steps)
         model.train()
         for _ in range(args.cl_steps):
-            batch = data[task][0].next_batch().to(device)
+            batch = data[task][0].next_batch().to(args.device)
             model(batch, labels=batch).loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
@@ -135,55 +347,141 @@ def continual(args, naive: bool) -> tuple[list[dict], dict]:
     return (history if naive else learner.history), base_scores
 
 
+# ----------------------------------------------------------------------------- the three results
+
+
+def choose_learning_rates(args) -> dict[str, float]:
+    """Each method's learning rate with the lowest validation loss in the sweep."""
+    results = run_all(args, [("lora", lr, "sweep") for lr in args.lora_lrs] + [("full", lr, "sweep") for lr in args.full_lrs])
+    best_lr = {}
+    for method in ("lora", "full"):
+        rows = [r for r in results if r["method"] == method]
+        best_lr[method] = min(rows, key=lambda r: r["loss"])["lr"]
+        grid = sorted(r["lr"] for r in rows)
+        if len(grid) > 1 and best_lr[method] in (grid[0], grid[-1]):
+            print(f"# warning: the best {method} learning rate {best_lr[method]:g} is at the edge of the grid "
+                  f"{grid}; widen it", file=sys.stderr)
+    return best_lr
+
+
+def compare(args, best_lr: dict[str, float], dev: str, common: dict) -> None:
+    """LoRA vs full fine-tuning at their chosen learning rates, scored on the held-out test."""
+    results = run_all(args, [("lora", lr, "sweep") for lr in args.lora_lrs] + [("full", lr, "sweep") for lr in args.full_lrs])
+    lora, full = run_all(args, [("lora", best_lr["lora"], "final"), ("full", best_lr["full"], "final")])
+    val_before = math.exp(results[0]["loss_before"])
+    val_ppl = {m: math.exp(min(r["loss"] for r in results if r["method"] == m)) for m in ("lora", "full")}
+    ppl_before = math.exp(lora["loss_before"])
+    gain_lora, gain_full = ppl_before - math.exp(lora["loss"]), ppl_before - math.exp(full["loss"])
+    sweep_rows = [{"method": r["method"], "lr": r["lr"], "val_ppl": round(math.exp(r["loss"]), 3),
+                   "train_loss_last10": round(r["train_loss_last10"], 4), "seconds": r["seconds"]} for r in results]
+    emit("lora_ppl_gain_vs_full_finetune", gain_lora, "perplexity points (held-out test: last 20% of each module)",
+         gain_full, "full fine-tuning, same steps and data, each at its best learning rate on the validation slice", dev,
+         target_ratio=0.9, ppl_before=round(ppl_before, 3), ppl_lora=round(math.exp(lora["loss"]), 3),
+         ppl_full=round(math.exp(full["loss"]), 3), lora_lr=lora["lr"], full_lr=full["lr"],
+         loss_gain_ratio=round((lora["loss_before"] - lora["loss"]) / (full["loss_before"] - full["loss"]), 4),
+         val_ppl_gain_ratio=round((val_before - val_ppl["lora"]) / (val_before - val_ppl["full"]), 4),
+         lora_trainable=lora["trainable"], lora_total=lora["total"],
+         lora_trainable_percent=round(lora["trainable_percent"], 4),
+         lora_trainable_percent_of_base=round(lora["trainable_percent_of_base"], 4),
+         train_tokens=lora["train_tokens"], test_tokens=lora["scored_tokens"],
+         sweep_train_tokens=results[0]["train_tokens"], val_tokens=results[0]["scored_tokens"],
+         val_ppl_before=round(val_before, 3), sweep=sweep_rows, seconds={"lora": lora["seconds"], "full": full["seconds"]},
+         **common)
+
+
+def memory(args, dev: str, common: dict) -> None:
+    """Peak training memory of each method (see the module docstring)."""
+    cpu = not args.device.startswith("cuda")
+    mem = {method: run_memory_probe(args, method, FIXED_MMAP_THRESHOLD if cpu else None) for method in ("lora", "full")}
+    extra = {"measured": mem["lora"]["measured"]}
+    if cpu:
+        default_alloc = {method: run_memory_probe(args, method) for method in ("lora", "full")}
+        extra = dict(measured=mem["lora"]["measured"] + f", glibc {FIXED_MMAP_THRESHOLD}",
+                     tensor_peak_mib={m: round(v["tensor_peak_bytes"] / 2**20, 1) for m, v in mem.items()},
+                     default_glibc_rss_delta_mib={m: round(v["delta_bytes"] / 2**20, 1) for m, v in default_alloc.items()})
+    emit("peak_training_memory_lora", mem["lora"]["delta_bytes"] / 2**20, "MiB above the loaded model",
+         mem["full"]["delta_bytes"] / 2**20, "full fine-tuning", dev, **extra,
+         absolute_peak_mib={m: round(v["peak_bytes"] / 2**20, 1) for m, v in mem.items()},
+         weight_mib=round(mem["full"]["weight_bytes"] / 2**20, 2), **common)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", default=None)
+    parser.add_argument("--base-steps", type=int, default=800, help="steps of the base trained when none is found")
+    parser.add_argument("--package", default=None, help="default: the largest package held out of pre-training")
     parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--cl-steps", type=int, default=40)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--eval-batches", type=int, default=8)
     parser.add_argument("--lora", default=LORA_SPEC)
-    parser.add_argument("--lora-lr", type=float, default=5e-3)
-    parser.add_argument("--full-lr", type=float, default=5e-4)
+    parser.add_argument("--lora-lrs", type=_floats, default=_floats(LORA_LRS))
+    parser.add_argument("--full-lrs", type=_floats, default=_floats(FULL_LRS))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--jobs", type=int, default=1, help="sweep runs at a time (separate processes)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    parser.add_argument("--cl-steps", type=int, default=40)
+    parser.add_argument("--eval-batches", type=int, default=8, help="continual learning: held-out batches per task")
+    parser.add_argument("--parts", default="compare,memory,continual",
+                        help="what to run: compare (LoRA vs full), memory, continual (uses the learning rate LoRA's "
+                             "sweep chose: the sweep runs, or comes from the cache, whenever compare or continual is asked)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--out", default="runs/bench-peft")
+    # internal: one sweep run / one memory probe in its own process
+    parser.add_argument("--splits", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=3, metavar=("METHOD", "LR", "STAGE"), help=argparse.SUPPRESS)
+    parser.add_argument("--result", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+    if args.worker:
+        result = train_run(args, args.worker[0], float(args.worker[1]), args.worker[2])
+        Path(args.result).write_text(json.dumps(result, indent=1))
+        return
+    if args.memory_probe:
+        print(json.dumps(memory_probe(args, args.memory_probe)))
+        return
+
     started = time.perf_counter()
-    args.base = Path(args.base) if args.base else default_base(progress=False)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dev = device_name(device)
+    from seekdeep.auto import AutoTokenizer
+    from seekdeep.recipes.finetune import default_package
 
-    lora, full = _run(args, "lora"), _run(args, "full")
-    before = lora["ppl_before"]
-    gain_lora, gain_full = before - lora["ppl_after"], before - full["ppl_after"]
-    loss_gain_ratio = (lora["loss_before"] - lora["loss_after"]) / (full["loss_before"] - full["loss_after"])
-    common = dict(base=str(args.base), package=lora["package"], steps=args.steps, seq_len=args.seq_len,
-                  batch_size=args.batch_size, lora=args.lora, lora_lr=args.lora_lr, full_lr=args.full_lr)
-    emit("lora_ppl_gain_vs_full_finetune", gain_lora, "perplexity points", gain_full, "full fine-tuning, same steps", dev,
-         target_ratio=0.9, ppl_before=round(before, 3), ppl_lora=round(lora["ppl_after"], 3),
-         ppl_full=round(full["ppl_after"], 3), loss_gain_ratio=round(loss_gain_ratio, 4),
-         lora_trainable_percent=round(lora["trainable_percent"], 4), lora_seconds=round(lora["train_seconds"], 1),
-         full_seconds=round(full["train_seconds"], 1), **common)
-    mem_lora, mem_full = peak_training_memory(args, "lora"), peak_training_memory(args, "full")
-    emit("peak_training_memory_lora", mem_lora / 2**20, "MiB", mem_full / 2**20, "full fine-tuning", dev,
-         measured="CUDA max_memory_allocated" if device.startswith("cuda") else
-         "torch profiler CPU allocator events + tensors alive before", **common)
+    args.base = resolve_base(args)
+    args.package = args.package or default_package()
+    args.splits = json.dumps(prepare_splits(args, AutoTokenizer.from_pretrained(args.base)))
+    dev = device_name(args.device)
 
-    history, base_scores = continual(args, naive=False)
-    first = TASKS[0]
-    right_after, at_end = history[0]["scores"][first], history[-1]["scores"][first]
-    emit("continual_first_task_ppl_after_3_tasks", math.exp(at_end), "perplexity", math.exp(right_after),
-         f"{first} right after it was learned", dev, target_ratio_max=1.02, tasks=list(TASKS), cl_steps=args.cl_steps,
-         base_ppl={t: round(math.exp(v), 3) for t, v in base_scores.items()},
-         ppl_after_each_task=[{"after": row["after"], **{t: round(math.exp(v), 3) for t, v in row["scores"].items()}}
-                              for row in history])
-    naive, _ = continual(args, naive=True)
-    emit("naive_sequential_first_task_ppl_after_3_tasks", math.exp(naive[-1]["scores"][first]), "perplexity",
-         math.exp(naive[0]["scores"][first]), f"{first} right after it was learned (one shared adapter)", dev,
-         tasks=list(TASKS), cl_steps=args.cl_steps,
-         ppl_after_each_task=[{"after": row["after"], **{t: round(math.exp(v), 3) for t, v in row["scores"].items()}}
-                              for row in naive])
+    parts = set(args.parts.split(","))
+    common = dict(base=str(args.base), package=args.package, steps=args.steps, seq_len=args.seq_len,
+                  batch_size=args.batch_size, seed=args.seed, lora=args.lora, threads=args.threads)
+    best_lr = choose_learning_rates(args) if parts & {"compare", "continual"} else {}
+    if "compare" in parts:
+        compare(args, best_lr, dev, common)
+    if "memory" in parts:
+        memory(args, dev, common)
+    if "continual" in parts:
+        history, base_scores = continual(args, best_lr["lora"], naive=False)
+        first = TASKS[0]
+        right_after, at_end = history[0]["scores"][first], history[-1]["scores"][first]
+        emit("continual_first_task_ppl_after_3_tasks", math.exp(at_end), "perplexity", math.exp(right_after),
+             f"{first} right after it was learned", dev, target_ratio_max=1.02, tasks=list(TASKS), cl_steps=args.cl_steps,
+             lr=best_lr["lora"], base_ppl={t: round(math.exp(v), 3) for t, v in base_scores.items()},
+             ppl_after_each_task=[{"after": row["after"], **{t: round(math.exp(v), 3) for t, v in row["scores"].items()}}
+                                  for row in history], **common)
+        naive, _ = continual(args, best_lr["lora"], naive=True)
+        emit("naive_sequential_first_task_ppl_after_3_tasks", math.exp(naive[-1]["scores"][first]), "perplexity",
+             math.exp(naive[0]["scores"][first]), f"{first} right after it was learned (one shared adapter)", dev,
+             tasks=list(TASKS), cl_steps=args.cl_steps, lr=best_lr["lora"],
+             ppl_after_each_task=[{"after": row["after"], **{t: round(math.exp(v), 3) for t, v in row["scores"].items()}}
+                                  for row in naive], **common)
     print(f"# total {time.perf_counter() - started:.0f}s", file=sys.stderr)
 
 

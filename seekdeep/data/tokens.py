@@ -310,7 +310,7 @@ def prepare_data(source: Source | CorpusSplit | None = None, vocab_size: int = 4
         if isinstance(heldout_fraction, bool) or not isinstance(heldout_fraction, (int, float)) \
                 or not 0 < heldout_fraction < 1:
             raise ConfigError("heldout_fraction", f"must be a number in (0, 1), got {heldout_fraction!r}")
-        plan = _plan_heldout(source, heldout_every, heldout_fraction)
+        plan = plan_heldout(source, heldout_every, heldout_fraction)
         fingerprint = hashlib.sha256(json.dumps(
             [_FORMAT, source_fingerprint(source), heldout_every, heldout_fraction]).encode()).hexdigest()[:16]
         rule = (f"every {heldout_every}th document" if plan is None else
@@ -318,7 +318,7 @@ def prepare_data(source: Source | CorpusSplit | None = None, vocab_size: int = 4
         totals = {"train": None, "heldout": None}
 
         def documents(side: str, counted: DocumentStats | None = None) -> Iterator[str]:
-            return _split_side(source, plan, heldout_every, side, counted)
+            return split_side(source, plan, heldout_every, side, counted)
 
     show = sys.stderr.isatty() if progress is None else progress
     tokenizer_dir = cache_dir / f"tokenizer-{fingerprint}-{vocab_size}"
@@ -361,9 +361,11 @@ def prepare_data(source: Source | CorpusSplit | None = None, vocab_size: int = 4
         "seconds": round(time.perf_counter() - started, 3)})
 
 
-def _plan_heldout(source: Source, every: int, fraction: float) -> tuple[int, int] | None:
-    """None when the source has at least ``every`` documents (hold out every ``every``-th);
-    otherwise where the held-out tail starts: (document index, character offset)."""
+def plan_heldout(source: Source, every: int, fraction: float) -> tuple[int, int] | None:
+    """How :func:`prepare_data` splits user data ``source``: None when it has at least ``every``
+    documents (every ``every``-th document is held out); otherwise where the held-out tail, the
+    last ``fraction`` of the text, starts: (document index, character offset). Pass the result to
+    :func:`split_side`."""
     lengths = []
     for text in iter_documents(source):
         lengths.append(len(text))
@@ -377,8 +379,13 @@ def _plan_heldout(source: Source, every: int, fraction: float) -> tuple[int, int
     raise AssertionError("unreachable: the cut lies inside the text")
 
 
-def _split_side(source: Source, plan: tuple[int, int] | None, every: int, side: str,
-                stats: DocumentStats | None) -> Iterator[str]:
+def split_side(source: Source, plan: tuple[int, int] | None, every: int, side: str,
+               stats: DocumentStats | None = None) -> Iterator[str]:
+    """The documents of one ``side`` (``"train"`` or ``"heldout"``) of ``source`` split by
+    ``plan`` (from :func:`plan_heldout` with the same ``every``). A tail cut falls back to the
+    start of its line. ``stats``: counts the documents read (all of them, on either side)."""
+    if side not in ("train", "heldout"):
+        raise ConfigError("side", f"unknown {side!r}; accepted: 'train', 'heldout'")
     for index, text in enumerate(iter_documents(source, stats)):
         if plan is None:
             if (index % every == every - 1) == (side == "heldout"):
@@ -409,4 +416,4 @@ def _check_name_part(name: str, value: Any) -> None:
 
 
 __all__ = ["PreparedData", "TokenWindows", "build_token_file", "default_cache_dir", "get_or_train_tokenizer",
-           "prepare_data", "read_token_info", "sidecar_path", "tokenizer_fingerprint"]
+           "plan_heldout", "prepare_data", "read_token_info", "sidecar_path", "split_side", "tokenizer_fingerprint"]

@@ -173,14 +173,16 @@ class LoRALinear(TunerLayer):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.disabled and self._merged:
             self.unmerge()
-        result = self.base_layer(x, *args, **kwargs)
+        result = base_result = self.base_layer(x, *args, **kwargs)
         for name in self.active_here():
             if name in self._merged:
                 continue
             lora_A, lora_B = self.lora_A[name], self.lora_B[name]
             x_lora = x.to(lora_A.weight.dtype)
             if name in self.lora_magnitude_vector:
-                delta = self._dora_delta(name, x_lora, result)
+                # rescale the base layer's output, not one that already holds other adapters' deltas
+                # (that would make each adapter's effect depend on the activation order)
+                delta = self._dora_delta(name, x_lora, base_result)
             else:
                 delta = lora_B(lora_A(self.lora_dropout[name](x_lora))) * self.scaling[name]
             result = result + delta.to(result.dtype)

@@ -32,8 +32,9 @@ from seekdeep.errors import CheckpointError, ConfigError
 
 METHODS = ("lora", "bottleneck", "prompt", "full")
 DEFAULT_LR = {"lora": 3e-3, "bottleneck": 2e-3, "prompt": 3e-2, "full": 1e-3}
-#: the budget of the base model trained when none is given and runs/train/final is missing
-DEFAULT_BASE_STEPS = 250
+#: the budget of the base model trained when none is given and runs/train/final is missing; with
+#: the default steps below, a bare ``seekdeep finetune`` stays within a few minutes on 2 CPU cores
+DEFAULT_BASE_STEPS = 150
 
 
 @dataclass
@@ -51,11 +52,11 @@ class FinetuneConfig:
     seq_len: int = 256
     batch_size: int = 8
     grad_accum: int = 1
-    steps: int = 150
+    steps: int = 100
     max_time: float | None = None
     lr: float | None = None  # None: the method's default (DEFAULT_LR)
     min_lr_ratio: float = 0.1
-    warmup_steps: int = 15
+    warmup_steps: int = 10
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     precision: str = "fp32"
@@ -180,13 +181,13 @@ def prepare_finetune_data(cfg: FinetuneConfig, tokenizer) -> tuple[Path, Path, d
     """Train / held-out token files of the fine-tuning data, encoded with the base's tokenizer
     and cached in ``$SEEKDEEP_HOME/cache`` (rebuilt when the data or the tokenizer change)."""
     from seekdeep.data import build_token_file, default_cache_dir, source_fingerprint, tokenizer_fingerprint
-    from seekdeep.data.tokens import _plan_heldout, _split_side  # the split prepare_data applies to user data
+    from seekdeep.data.tokens import plan_heldout, split_side  # the split prepare_data applies to user data
 
     if cfg.data is not None:
         every, fraction = 20, 0.1
-        plan = _plan_heldout(cfg.data, every, fraction)
+        plan = plan_heldout(cfg.data, every, fraction)
         key = ["data", source_fingerprint(cfg.data), every, fraction]
-        sides = {side: (lambda side=side: _split_side(cfg.data, plan, every, side, None)) for side in ("train", "heldout")}
+        sides = {side: (lambda side=side: split_side(cfg.data, plan, every, side)) for side in ("train", "heldout")}
         info: dict[str, Any] = {"data": cfg.data}
     else:
         from seekdeep.data import package_files

@@ -300,3 +300,89 @@ def test_save_pretrained_with_adapters_attached_is_refused(tmp_path):
     model.merge_and_unload()
     model.save_pretrained(tmp_path / "x")
     assert (tmp_path / "x" / "config.json").is_file()
+
+
+def _random_lora_layer(options, seed=0):
+    torch.manual_seed(seed)
+    layer = LoRALinear(nn.Linear(12, 7))
+    config = LoRAConfig(r=3, lora_alpha=5, **options)
+    layer.add("a", config)
+    layer.active = ["a"]
+    with torch.no_grad():
+        layer.lora_B["a"].weight.normal_(0, 0.3)  # B starts at zero; give it a value to see the formula
+    return layer, config
+
+
+@pytest.mark.parametrize("use_rslora", [False, True], ids=["lora", "rslora"])
+def test_lora_forward_is_the_paper_formula(use_rslora):
+    layer, config = _random_lora_layer({"use_rslora": use_rslora})
+    A, B = layer.lora_A["a"].weight, layer.lora_B["a"].weight  # (r, in), (out, r)
+    W, b = layer.base_layer.weight, layer.base_layer.bias
+    scaling = 5 / (math.sqrt(3) if use_rslora else 3)
+    assert layer.scaling["a"] == pytest.approx(scaling)
+    x = torch.randn(4, 12)
+    expected = x @ W.T + b + scaling * (x @ A.T @ B.T)
+    assert torch.allclose(layer(x), expected, atol=1e-6)
+    assert torch.allclose(layer.delta_weight("a"), scaling * B @ A, atol=1e-7)
+
+
+def test_lora_init_and_trainable_slots():
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(256, 64))
+    layer.add("a", LoRAConfig(r=8))
+    A, B = layer.lora_A["a"].weight, layer.lora_B["a"].weight
+    assert A.shape == (8, 256) and B.shape == (64, 8)
+    assert torch.count_nonzero(B) == 0  # the adapter starts as a no-op ...
+    bound = 1 / math.sqrt(256)  # ... with A Kaiming-uniform (a=sqrt(5)) over its fan-in, as nn.Linear and peft
+    assert A.abs().max() <= bound and A.abs().max() > 0.9 * bound and A.std() > 0.5 * bound / math.sqrt(3)
+    layer.add("g", LoRAConfig(r=8, init_lora_weights="gaussian"))
+    assert layer.lora_A["g"].weight.std().item() == pytest.approx(1 / 8, rel=0.1)
+    assert A.dtype == torch.float32 and A.requires_grad and B.requires_grad
+
+
+def test_lora_dropout_drops_only_the_adapter_input():
+    layer, _ = _random_lora_layer({"lora_dropout": 0.5})
+    layer.train()
+    x = torch.randn(64, 12)
+    base = layer.base_layer(x)
+    torch.manual_seed(7)
+    out = layer(x)
+    torch.manual_seed(7)
+    dropped = nn.functional.dropout(x, 0.5, training=True)
+    expected = base + layer.scaling["a"] * dropped @ layer.lora_A["a"].weight.T @ layer.lora_B["a"].weight.T
+    assert torch.allclose(out, expected, atol=1e-5)
+    layer.eval()  # no dropout at inference
+    expected = base + layer.scaling["a"] * x @ layer.lora_A["a"].weight.T @ layer.lora_B["a"].weight.T
+    assert torch.allclose(layer(x), expected, atol=1e-5)
+
+
+def test_dora_forward_is_the_paper_formula():
+    layer, _ = _random_lora_layer({"use_dora": True})
+    with torch.no_grad():
+        layer.lora_magnitude_vector["a"].weight.mul_(torch.linspace(0.5, 1.5, 7))
+    layer.eval()
+    W, b = layer.base_layer.weight, layer.base_layer.bias
+    adapted = W + layer.delta_weight("a")  # (out, in)
+    directed = layer.lora_magnitude_vector["a"].weight[:, None] * adapted / adapted.norm(dim=1, keepdim=True)
+    x = torch.randn(5, 12)
+    assert torch.allclose(layer(x), x @ directed.T + b, atol=1e-5)
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_two_active_adapters_add_their_own_deltas_in_any_order(use_dora):
+    layer, config = _random_lora_layer({"use_dora": use_dora})
+    layer.add("b", config)
+    with torch.no_grad():
+        layer.lora_B["b"].weight.normal_(0, 0.3)
+        if use_dora:
+            layer.lora_magnitude_vector["b"].weight.mul_(1.3)
+    layer.eval()
+    x = torch.randn(5, 12)
+    base = layer.base_layer(x)
+    alone = {}
+    for name in ("a", "b"):
+        layer.active = [name]
+        alone[name] = layer(x) - base
+    for order in (["a", "b"], ["b", "a"]):
+        layer.active = order
+        assert torch.allclose(layer(x), base + alone["a"] + alone["b"], atol=1e-5), order
