@@ -280,10 +280,25 @@ def test_queue_full_is_a_429_with_retry_after(guarded):
                 model="only", prompt="z", max_tokens=2)
 
 
+def _wait_for_free_slot(server, headers, timeout: float = 60.0) -> None:
+    """The previous test's stream was closed by the client; the server aborts that request
+    when it notices the disconnect, which on a loaded machine can take a moment."""
+    deadline = time.monotonic() + timeout
+    while True:
+        probe = httpx.post(f"{server.url}/v1/completions", headers=headers,
+                           json={"model": "only", "prompt": "x", "max_tokens": 1}, timeout=60)
+        if probe.status_code != 429 or time.monotonic() > deadline:
+            assert probe.status_code == 200, probe.text
+            return
+        time.sleep(0.2)
+
+
 def test_graceful_shutdown_drains_requests_in_flight(guarded):
+    headers = {"Authorization": "Bearer sekrit"}
+    _wait_for_free_slot(guarded, headers)
     body = {"model": "only", "prompt": "x", "max_tokens": 60, "ignore_eos": True, "stream": True}
-    with httpx.stream("POST", f"{guarded.url}/v1/completions", json=body,
-                      headers={"Authorization": "Bearer sekrit"}, timeout=120) as resp:
+    with httpx.stream("POST", f"{guarded.url}/v1/completions", json=body, headers=headers, timeout=120) as resp:
+        assert resp.status_code == 200
         lines = resp.iter_lines()
         head = []
         while not (head and head[-1].startswith("data: ")):  # a token is out: the request is in flight
