@@ -1,4 +1,4 @@
-"""Dense SDPA vs dynamic sparse attention (``dsa`` block mode), end to end.
+"""Dense SDPA vs dynamic sparse attention (``dsa`` block mode) or gated attention, end to end.
 
 dsa is timed as the backend is called in a model: indexer (index keys, block summaries, anchor
 queries, scores), block selection and the block-sparse attention. The anchor is
@@ -9,8 +9,13 @@ gradients too); peak memory of the attention call (CUDA: ``max_memory_allocated`
 inputs; CPU: not measured, no line); decode-step latency with a KV cache of T slots
 (dense: one query against every cached key; dsa: indexer step + the selected blocks).
 
+``--backend gated`` times the gated backend (dense SDPA plus the learned per-head output gate)
+against the same SDPA anchor instead: forward and forward + backward (gate parameters get their
+gradients), no decode points.
+
 Usage:
     python benchmarks/attention.py --device cpu                 # 2K/8K/16K, bf16, decode to 128K
+    python benchmarks/attention.py --device cpu --backend gated --dtype fp32 --lengths 256,1024 --threads 1
     python benchmarks/attention.py --device cpu --dtype fp32
     python benchmarks/attention.py --device cuda                # 8K/32K/64K/128K, bf16
 """
@@ -31,6 +36,7 @@ from common import device_name, emit  # noqa: E402
 
 from seekdeep.attention import AttentionMask, AttentionSpec, repeat_kv  # noqa: E402
 from seekdeep.attention.dsa import DynamicSparseAttention  # noqa: E402
+from seekdeep.attention.gated import GatedAttention  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -78,6 +84,15 @@ def build_dsa(args, device, dtype) -> DynamicSparseAttention:
     return DynamicSparseAttention(spec).to(device=device, dtype=dtype).eval()
 
 
+def build_gated(args, device, dtype) -> GatedAttention:
+    spec = AttentionSpec(args.heads * args.head_dim, args.heads, args.kv_heads, args.head_dim, args.head_dim)
+    torch.manual_seed(0)
+    gated = GatedAttention(spec).to(device=device, dtype=dtype).eval()
+    with torch.no_grad():  # a trained gate, not the exact-1 init (same cost, but no trivial multiply by 1)
+        gated.gate_out.weight.normal_(std=0.02)
+    return gated
+
+
 def bench_length(args, t: int, device, dtype, common: dict) -> None:
     g = torch.Generator(device=device).manual_seed(t)
     h, hkv, d = args.heads, args.kv_heads, args.head_dim
@@ -86,46 +101,47 @@ def bench_length(args, t: int, device, dtype, common: dict) -> None:
     v = torch.randn(1, hkv, t, d, device=device, dtype=dtype, generator=g)
     x = torch.randn(1, t, h * d, device=device, dtype=dtype, generator=g)
     mask, scale = AttentionMask(t, t), d**-0.5
-    dsa = build_dsa(args, device, dtype)
+    backend = build_dsa(args, device, dtype) if args.backend == "dsa" else build_gated(args, device, dtype)
+    name = args.backend
     gqa = h != hkv
 
     def dense():
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
 
-    def sparse():
-        return dsa(q, k, v, mask=mask, scale=scale, hidden_states=x)
+    def candidate():
+        return backend(q, k, v, mask=mask, scale=scale, hidden_states=x)
 
     point = dict(common, seq_len=t)
     with torch.no_grad():
         ref = dense().float()
-        err = (sparse().float() - ref).abs().max().item()  # sparsity changes the output: for scale only
-        d_med, d_min, s_med, s_min = timed_pair(dense, sparse, device, args.repeats)
-        d_mem, s_mem = peak_memory(dense, device), peak_memory(sparse, device)
-    emit("dsa_forward", s_med, "s", d_med, "sdpa_causal", device_name(str(device)), **point,
+        err = (candidate().float() - ref).abs().max().item()  # dsa and the gate change the output: for scale only
+        d_med, d_min, s_med, s_min = timed_pair(dense, candidate, device, args.repeats)
+        d_mem, s_mem = peak_memory(dense, device), peak_memory(candidate, device)
+    emit(f"{name}_forward", s_med, "s", d_med, "sdpa_causal", device_name(str(device)), **point,
          speedup=round(d_med / s_med, 3), min_s=round(s_min, 6), anchor_min_s=round(d_min, 6), max_abs_diff_vs_dense=err)
     if s_mem is not None:
-        emit("dsa_forward_peak_memory", s_mem, "MiB", d_mem, "sdpa_causal", device_name(str(device)), **point)
+        emit(f"{name}_forward_peak_memory", s_mem, "MiB", d_mem, "sdpa_causal", device_name(str(device)), **point)
 
     if t in args.backward_lengths:
         leaves = [z.clone().requires_grad_() for z in (q, k, v)]
         cotangent = torch.randn_like(q)
-        dsa.train()
+        backend.train()
 
         def dense_fb():
             out = F.scaled_dot_product_attention(*leaves, is_causal=True, scale=scale, enable_gqa=gqa)
             out.backward(cotangent)
 
-        def sparse_fb():
-            out = dsa(*leaves, mask=mask, scale=scale, hidden_states=x)
+        def candidate_fb():
+            out = backend(*leaves, mask=mask, scale=scale, hidden_states=x)
             out.backward(cotangent)
 
-        d_med, d_min, s_med, s_min = timed_pair(dense_fb, sparse_fb, device, args.repeats)
-        d_mem, s_mem = peak_memory(dense_fb, device), peak_memory(sparse_fb, device)
-        dsa.eval()
-        emit("dsa_forward_backward", s_med, "s", d_med, "sdpa_causal", device_name(str(device)), **point,
+        d_med, d_min, s_med, s_min = timed_pair(dense_fb, candidate_fb, device, args.repeats)
+        d_mem, s_mem = peak_memory(dense_fb, device), peak_memory(candidate_fb, device)
+        backend.eval()
+        emit(f"{name}_forward_backward", s_med, "s", d_med, "sdpa_causal", device_name(str(device)), **point,
              speedup=round(d_med / s_med, 3), min_s=round(s_min, 6), anchor_min_s=round(d_min, 6))
         if s_mem is not None:
-            emit("dsa_forward_backward_peak_memory", s_mem, "MiB", d_mem, "sdpa_causal", device_name(str(device)),
+            emit(f"{name}_forward_backward_peak_memory", s_mem, "MiB", d_mem, "sdpa_causal", device_name(str(device)),
                  **point)
 
 
@@ -195,6 +211,7 @@ def bench_decode(args, t: int, device, dtype, common: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--backend", choices=("dsa", "gated"), default="dsa", help="the backend timed against SDPA")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--lengths", type=_ints, default=None, help="default: cuda 8K,32K,64K,128K; cpu 2K,8K,16K")
     parser.add_argument("--backward-lengths", type=_ints, default=None,
@@ -221,10 +238,12 @@ def main() -> None:
     if args.backward_lengths is None:
         args.backward_lengths = args.lengths if cuda else [2048, 8192]
     if args.decode_lengths is None:
-        args.decode_lengths = sorted(set(args.lengths) | {32768, 65536, 131072})
+        args.decode_lengths = sorted(set(args.lengths) | {32768, 65536, 131072}) if args.backend == "dsa" else []
     dtype = DTYPES[args.dtype]
     common = dict(dtype=args.dtype, batch=1, heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim,
-                  block_size=args.block_size, budget=args.budget, kernel=args.kernel, threads=torch.get_num_threads())
+                  threads=torch.get_num_threads())
+    if args.backend == "dsa":
+        common.update(block_size=args.block_size, budget=args.budget, kernel=args.kernel)
     for t in args.lengths:
         bench_length(args, t, device, dtype, common)
     for t in args.decode_lengths:

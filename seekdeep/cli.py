@@ -183,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
         "max_time": "seconds of training after which the run evaluates, saves and stops",
         "preset": "model size: tiny, small, base, 125m (default: tiny)",
         "attention_backend": "eager, sdpa, dsa (default) or gated",
+        "local_window": "dsa: most recent keys every query always keeps, counted in --topk (default: topk // 2; "
+                        "block mode: rounded up to blocks)",
         "precision": "fp32 (default), bf16 or fp16 (with dynamic loss scaling)",
     })
     tr.set_defaults(func=cmd_train)

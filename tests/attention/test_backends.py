@@ -374,3 +374,65 @@ def test_dsa_model_decode_matches_full_forward_with_default_indexer():
         for t in range(12, 20):
             step = model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits[:, -1]
             assert (step - full[:, t]).abs().max().item() < 1e-4
+
+
+# --- dsa local window ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "straight_through"])
+@pytest.mark.parametrize("pad", [False, True])
+def test_dsa_local_window_filling_topk_is_sliding_window_attention(grad, pad):
+    # local_window == topk < Tk: the indexer has no say, every query keeps exactly its last topk slots.
+    q, k, v, x = inputs(tq=12, tk=12)
+    key_valid = left_padding(12) if pad else None
+    dsa = DynamicSparseAttention(spec(topk=4, local_window=4))
+    dsa.train(grad)
+    with torch.set_grad_enabled(grad):
+        out = run(dsa, q, k, v, x, AttentionMask(12, 12, key_valid=key_valid))
+    expected = eager(q, k, v, AttentionMask(12, 12, key_valid=key_valid, sliding_window=4))
+    torch.testing.assert_close(out, expected, atol=ATOL, rtol=0)
+
+
+def test_dsa_local_window_is_kept_whatever_the_indexer_prefers():
+    q, k, v, x = inputs(tq=16, tk=16)
+    dsa = DynamicSparseAttention(spec(topk=6, local_window=3, index_heads=16))
+    allowed = AttentionMask(16, 16).to_bool("cpu")[:, 0]
+    with torch.no_grad():
+        scores = dsa.index_scores(x, None)
+    # Make the local keys the indexer's worst choices: they must still be selected.
+    slots = torch.arange(16)
+    local = (slots[None, :] <= slots[:, None]) & (slots[:, None] - slots[None, :] < 3)  # (Tq, Tk)
+    scores = scores.masked_fill(local, -1e9)
+    indices, valid = select_topk(scores, allowed, 6, local_window=3)
+    selected = torch.zeros_like(scores, dtype=torch.bool).scatter(-1, indices, valid)
+    assert bool((selected | ~local).all())
+    assert selected.sum(-1).tolist() == [[min(t + 1, 6) for t in range(16)]] * B
+    # The rest of the budget goes to the best-scoring older keys.
+    older = allowed & ~local
+    best_older = scores.masked_fill(~older, float("-inf")).topk(3, dim=-1).indices[:, 8:]  # rows with >= 3 older keys
+    assert bool(selected[:, 8:].gather(-1, best_older).all())
+
+
+def test_train_recipe_passes_local_window():
+    from types import SimpleNamespace
+
+    from seekdeep.recipes.train import TrainConfig, build_model
+
+    tokenizer = SimpleNamespace(vocab_size=300, eos_token_id=1, pad_token_id=0)
+
+    def options(**kwargs):
+        return build_model(TrainConfig(**kwargs), tokenizer, torch.device("cpu")).config.attention_options
+
+    token = build_model(TrainConfig(topk=32, local_window=8), tokenizer, torch.device("cpu"))
+    assert token.model.layers[0].self_attn.inner.local_window == 8
+    assert token.config.attention_options == {"topk": 32, "local_window": 8}
+    assert options(topk=32) == {"topk": 32, "local_window": 16}  # default: half the budget is the window
+    assert options(topk=1) == {"topk": 1}  # the backend's own default (its own slot) stays implicit
+    block = build_model(TrainConfig(topk=64, block_size=16, local_window=20), tokenizer, torch.device("cpu"))
+    assert block.model.layers[0].self_attn.inner.local_blocks == 2  # the blocks holding the last 20 slots
+    assert options(topk=64, block_size=16) == {"topk": 64, "block_size": 16, "local_blocks": 2}
+    assert options(topk=64, block_size=16, local_window=16) == {"topk": 64, "block_size": 16}
+    assert options(topk=20, block_size=16, local_window=20)["local_blocks"] == 2  # capped at the selected blocks
+    for bad in (17, 0, True):
+        with pytest.raises(ConfigError, match="local_window"):
+            TrainConfig(topk=16, local_window=bad)

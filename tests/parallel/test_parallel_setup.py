@@ -91,7 +91,8 @@ def test_launch_checks_the_train_layout_before_starting_processes(monkeypatch, c
         (["--nproc", "2", "--", "train", "--parallel", "dp_shard=4", *sdpa], "mesh"),  # 4-rank layout, 2 processes
         (["--nproc", "3", "--", "train", "--parallel", "tp=3", *sdpa], "tp"),  # tiny preset: 4 heads
         (["--nproc", "2", "--", "train", "--parallel", "pp=4,dp_shard=-1", *sdpa], "mesh"),
-        (["--nproc", "2", "--", "train", "--parallel", "dp_shard=2"], "indexer_warmup_steps"),  # dsa freezes the trunk
+        (["--nproc", "2", "--", "train", "--parallel", "dp_shard=2", "--indexer-warmup-steps", "30"],
+         "indexer_warmup_steps"),  # the dsa warm-up freezes the trunk
         (["--nproc", "2", "--", "train", *sdpa], "parallel"),  # two processes, no layout
         (["--nproc", "2"], "command"),
     ]
