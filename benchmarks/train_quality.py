@@ -32,7 +32,7 @@ from seekdeep.recipes.train import TrainConfig, train  # noqa: E402
 VARIANTS = ("sdpa", "dsa", "dsa-block", "gated")
 # Fields that do not change what is trained (so a run may be reused across them).
 RUN_ONLY = {"output_dir", "progress", "resume", "device", "max_time"}
-DSA_FIELDS = {"topk", "block_size", "local_window", "dense_fraction", "indexer_warmup_steps", "indexer_loss_weight"}
+DSA_FIELDS = {"topk", "block_size", "local_window", "distance_bias", "dense_fraction", "indexer_warmup_steps", "indexer_loss_weight"}
 
 
 def variant_config(variant: str, args) -> TrainConfig:
@@ -41,6 +41,8 @@ def variant_config(variant: str, args) -> TrainConfig:
                indexer_warmup_steps=args.indexer_warmup_steps, indexer_loss_weight=args.indexer_loss_weight)
     if variant == "dsa-block":
         dsa["block_size"] = args.block_size
+    else:
+        dsa["distance_bias"] = args.distance_bias
     return TrainConfig(attention_backend=backend, steps=args.steps, seq_len=args.seq_len, seed=args.seed, progress=False,
                        output_dir=str(Path(args.out) / run_name(variant, args)), **(dsa if backend == "dsa" else {}))
 
@@ -55,7 +57,8 @@ def run_name(variant: str, args) -> str:
     for flag, value, default in (("k", args.topk, TrainConfig.topk), ("lw", local_window, max(1, args.topk // 2)),
                                  ("df", args.dense_fraction, TrainConfig.dense_fraction),
                                  ("iw", args.indexer_warmup_steps, TrainConfig.indexer_warmup_steps),
-                                 ("ilw", args.indexer_loss_weight, TrainConfig.indexer_loss_weight)):
+                                 ("ilw", args.indexer_loss_weight, TrainConfig.indexer_loss_weight),
+                                 ("db", args.distance_bias if variant == "dsa" else 0, TrainConfig.distance_bias)):
         if value != default:
             name += f"-{flag}{value}"
     return name + seed
@@ -95,6 +98,8 @@ def main() -> None:
     parser.add_argument("--dense-fraction", type=float, default=TrainConfig.dense_fraction)
     parser.add_argument("--indexer-warmup-steps", type=int, default=TrainConfig.indexer_warmup_steps)
     parser.add_argument("--indexer-loss-weight", type=float, default=TrainConfig.indexer_loss_weight)
+    parser.add_argument("--distance-bias", type=int, default=TrainConfig.distance_bias,
+                        help="token-mode dsa: learned indexer score per key distance (0: off)")
     parser.add_argument("--seq-len", type=int, default=TrainConfig.seq_len)
     parser.add_argument("--seed", type=int, default=TrainConfig.seed,
                         help="one seed moves the dense run's perplexity by a few %%: compare several")

@@ -98,6 +98,15 @@ class DynamicSparseAttention(nn.Module):
         self.index_head_dim = _int_option(opts, "index_head_dim", 32)
         self.local_window = _int_option(opts, "local_window", 1)
         self.block_size = _int_option(opts, "block_size", 1)
+        # Optional learned score per query-key distance (0 .. distance_bias - 1, farther keys share
+        # the last entry): the index keys carry no position, so without it the indexer cannot
+        # prefer a key for how far back it lies, which dense attention does through RoPE.
+        self.distance_bias = opts.get("distance_bias", 0)
+        if isinstance(self.distance_bias, bool) or not isinstance(self.distance_bias, int) or self.distance_bias < 0:
+            raise ConfigError("attention_options.distance_bias", f"got {self.distance_bias!r}; accepted: an int >= 0 "
+                              "(0: off)")
+        if self.distance_bias and self.block_size > 1:
+            raise ConfigError("attention_options.distance_bias", "is token-mode only (block_size=1); accepted: 0")
         self._parse_block_options(opts)
         if self.local_window > self.topk:  # forced keys beyond k would be dropped arbitrarily
             raise ConfigError(
@@ -109,6 +118,7 @@ class DynamicSparseAttention(nn.Module):
         self.index_k = nn.Linear(c, di, bias=False)  # one key head shared by all index heads
         self.index_k_norm = nn.LayerNorm(di)
         self.index_weights = nn.Linear(c, hi, bias=False)
+        self.index_distance = nn.Parameter(torch.zeros(self.distance_bias)) if self.distance_bias else None
         self.compute_indexer_loss = False
         self.dense_warmup = False
         self.indexer_loss: torch.Tensor | None = None
@@ -142,6 +152,8 @@ class DynamicSparseAttention(nn.Module):
         for linear in (self.index_q, self.index_k, self.index_weights):
             nn.init.normal_(linear.weight, std=0.02)
         self.index_k_norm.reset_parameters()
+        if self.index_distance is not None:
+            nn.init.zeros_(self.index_distance)  # starts position-free, as without the option
 
     def index_scores(self, hidden_states: torch.Tensor, cache_state: dict | None) -> torch.Tensor:
         """Index scores (B, Tq, Tk) for this step's queries against every visible key.
@@ -161,7 +173,13 @@ class DynamicSparseAttention(nn.Module):
         # DeepSeek-V3.2 scales the head weights by Hi^-0.5 and the dot products by Di^-0.5.
         w = self.index_weights(x).float() * self.index_heads**-0.5  # (B, Tq, Hi)
         dots = torch.einsum("bthd,bsd->bths", q_idx.float(), k_idx.float()).relu()  # (B, Tq, Hi, Tk)
-        return torch.einsum("bths,bth->bts", dots, w) * self.index_head_dim**-0.5  # (B, Tq, Tk)
+        scores = torch.einsum("bths,bth->bts", dots, w) * self.index_head_dim**-0.5  # (B, Tq, Tk)
+        if self.index_distance is not None:
+            tk = k_idx.shape[1]
+            q_slots = torch.arange(tk - tq, tk, device=x.device)[:, None]  # (Tq, 1)
+            distance = (q_slots - torch.arange(tk, device=x.device)[None]).clamp(0, self.distance_bias - 1)  # (Tq, Tk)
+            scores = scores + self.index_distance.float()[distance]
+        return scores
 
     def forward(
         self,

@@ -436,3 +436,73 @@ def test_train_recipe_passes_local_window():
     for bad in (17, 0, True):
         with pytest.raises(ConfigError, match="local_window"):
             TrainConfig(topk=16, local_window=bad)
+
+
+# --- dsa distance bias (a learned indexer score per query-key distance) ----------------------
+
+
+def test_dsa_distance_bias_adds_one_score_per_distance():
+    q, k, v, x = inputs(tq=10, tk=10)
+    torch.manual_seed(0)
+    plain = DynamicSparseAttention(spec(topk=3))
+    torch.manual_seed(0)
+    biased = DynamicSparseAttention(spec(topk=3, distance_bias=4))
+    with torch.no_grad():
+        assert torch.equal(biased.index_scores(x, None), plain.index_scores(x, None))  # zero init: no change
+        biased.index_distance.copy_(torch.tensor([0.5, -1.0, 2.0, 3.0]))
+        got = biased.index_scores(x, None) - plain.index_scores(x, None)  # (B, Tq, Tk)
+    slots = torch.arange(10)
+    distance = (slots[:, None] - slots[None, :]).clamp(0, 3)  # farther keys share the last entry
+    torch.testing.assert_close(got, biased.index_distance[distance].expand(B, -1, -1))
+
+
+def test_dsa_distance_bias_steers_selection_to_a_distance():
+    q, k, v, x = inputs(tq=16, tk=16)
+    dsa = DynamicSparseAttention(spec(topk=2, local_window=1, distance_bias=16))
+    with torch.no_grad():
+        dsa.index_distance[7] = 1e4  # every query with 7 earlier keys must pick the key 7 slots back
+        allowed = AttentionMask(16, 16).to_bool("cpu")[:, 0]
+        indices, valid = select_topk(dsa.index_scores(x, None), allowed, 2, local_window=1)
+    picked = torch.zeros(B, 16, 16, dtype=torch.bool).scatter(-1, indices, valid)
+    rows = torch.arange(7, 16)
+    assert bool(picked[:, rows, rows - 7].all())
+
+
+def test_dsa_distance_bias_decode_matches_full_sequence():
+    t_total, prefill = 12, 5
+    q, k, v, x = inputs(t_total, t_total)
+    dsa = DynamicSparseAttention(spec(topk=3, local_window=1, distance_bias=6))
+    with torch.no_grad():
+        dsa.index_distance.normal_(std=5.0, generator=torch.Generator().manual_seed(3))
+        full = run(dsa, q, k, v, x, AttentionMask(t_total, t_total))
+        state: dict = {}
+        run(dsa, q[:, :, :prefill], k[:, :, :prefill], v[:, :, :prefill], x[:, :prefill],
+            AttentionMask(prefill, prefill), state)
+        for t in range(prefill, t_total):
+            step = run(dsa, q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], x[:, t : t + 1],
+                       AttentionMask(1, t + 1), state)
+            torch.testing.assert_close(step, full[:, :, t : t + 1], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("options", [{"distance_bias": -1}, {"distance_bias": True}, {"distance_bias": 1.5},
+                                     {"distance_bias": 8, "block_size": 4}])
+def test_bad_distance_bias_raises_config_error(options):
+    with pytest.raises(ConfigError, match="accepted") as err:
+        build_attention("dsa", spec(**options))
+    assert err.value.field == "attention_options.distance_bias"
+
+
+def test_train_recipe_passes_distance_bias():
+    from types import SimpleNamespace
+
+    from seekdeep.recipes.train import TrainConfig, build_model
+
+    tokenizer = SimpleNamespace(vocab_size=300, eos_token_id=1, pad_token_id=0)
+    model = build_model(TrainConfig(topk=32, distance_bias=64), tokenizer, torch.device("cpu"))
+    assert model.config.attention_options == {"topk": 32, "local_window": 16, "distance_bias": 64}
+    assert model.model.layers[0].self_attn.inner.index_distance.shape == (64,)
+    for bad in (-1, True):
+        with pytest.raises(ConfigError, match="distance_bias"):
+            TrainConfig(distance_bias=bad)
+    with pytest.raises(ConfigError, match="distance_bias"):
+        TrainConfig(distance_bias=8, block_size=16)
