@@ -41,10 +41,9 @@ def attention_setup(variant: str, args) -> tuple[str, dict]:
         return variant, {}
     # The recipe's mapping of topk / block_size / local_window to backend options.
     block_size = args.block_size if variant == "dsa-block" else 1
-    options = _dsa_options(TrainConfig(topk=args.topk, block_size=block_size, local_window=args.local_window))
-    if args.distance_bias and block_size == 1:  # token mode: the indexer's learned score per distance
-        options["distance_bias"] = args.distance_bias
-    return "dsa", options
+    distance_bias = args.distance_bias if block_size == 1 else None
+    return "dsa", _dsa_options(TrainConfig(topk=args.topk, block_size=block_size, local_window=args.local_window,
+                                           seq_len=args.seq_len, distance_bias=distance_bias))
 
 
 def build_model(task: CopyRecall, backend: str, options: dict, seed: int):
@@ -120,8 +119,9 @@ def main() -> None:
     parser.add_argument("--topk", type=int, default=32, help="dsa key budget per query (block mode: per query block)")
     parser.add_argument("--block-size", type=int, default=8)
     parser.add_argument("--local-window", type=int, default=TrainConfig.local_window)
-    parser.add_argument("--distance-bias", type=int, default=0,
-                        help="token-mode dsa: learned indexer score per key distance up to this many slots (0: off)")
+    parser.add_argument("--distance-bias", type=int, default=TrainConfig.distance_bias,
+                        help="token-mode dsa: learned indexer score per key distance up to this many slots "
+                             "(default: the sequence length; 0: off)")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=3e-3)

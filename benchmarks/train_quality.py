@@ -58,7 +58,7 @@ def run_name(variant: str, args) -> str:
                                  ("df", args.dense_fraction, TrainConfig.dense_fraction),
                                  ("iw", args.indexer_warmup_steps, TrainConfig.indexer_warmup_steps),
                                  ("ilw", args.indexer_loss_weight, TrainConfig.indexer_loss_weight),
-                                 ("db", args.distance_bias if variant == "dsa" else 0, TrainConfig.distance_bias)):
+                                 ("db", args.distance_bias if variant == "dsa" else None, TrainConfig.distance_bias)):
         if value != default:
             name += f"-{flag}{value}"
     return name + seed
@@ -67,13 +67,15 @@ def run_name(variant: str, args) -> str:
 def _identity(config: dict) -> dict:
     """The fields of a saved or wanted config that decide what is trained, normalised."""
     # A field missing from an older run's config had its default then; for local_window, the
-    # query's own slot only (1). None means topk // 2.
-    kept = {**{f.name: f.default for f in fields(TrainConfig)}, "local_window": 1, **config}
+    # query's own slot only (1), for distance_bias none (0). None means topk // 2 and seq_len.
+    kept = {**{f.name: f.default for f in fields(TrainConfig)}, "local_window": 1, "distance_bias": 0, **config}
     kept = {k: v for k, v in kept.items() if k not in RUN_ONLY}
     if kept["attention_backend"] != "dsa":
         return {k: v for k, v in kept.items() if k not in DSA_FIELDS}
     if kept["local_window"] is None:
         kept["local_window"] = max(1, kept["topk"] // 2)
+    if kept["distance_bias"] is None:
+        kept["distance_bias"] = 0 if kept.get("block_size", 1) > 1 else kept["seq_len"]
     return kept
 
 
@@ -99,7 +101,7 @@ def main() -> None:
     parser.add_argument("--indexer-warmup-steps", type=int, default=TrainConfig.indexer_warmup_steps)
     parser.add_argument("--indexer-loss-weight", type=float, default=TrainConfig.indexer_loss_weight)
     parser.add_argument("--distance-bias", type=int, default=TrainConfig.distance_bias,
-                        help="token-mode dsa: learned indexer score per key distance (0: off)")
+                        help="token-mode dsa: learned indexer score per key distance (default: seq_len; 0: off)")
     parser.add_argument("--seq-len", type=int, default=TrainConfig.seq_len)
     parser.add_argument("--seed", type=int, default=TrainConfig.seed,
                         help="one seed moves the dense run's perplexity by a few %%: compare several")

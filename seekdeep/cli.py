@@ -185,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
         "attention_backend": "eager, sdpa, dsa (default) or gated",
         "local_window": "dsa: most recent keys every query always keeps, counted in --topk (default: topk // 2; "
                         "block mode: rounded up to blocks)",
+        "distance_bias": "dsa token mode: the indexer learns a score per query-key distance up to this many slots "
+                         "(default: --seq-len; 0: off)",
         "precision": "fp32 (default), bf16 or fp16 (with dynamic loss scaling)",
     })
     tr.set_defaults(func=cmd_train)

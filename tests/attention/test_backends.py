@@ -425,9 +425,9 @@ def test_train_recipe_passes_local_window():
 
     token = build_model(TrainConfig(topk=32, local_window=8), tokenizer, torch.device("cpu"))
     assert token.model.layers[0].self_attn.inner.local_window == 8
-    assert token.config.attention_options == {"topk": 32, "local_window": 8}
-    assert options(topk=32) == {"topk": 32, "local_window": 16}  # default: half the budget is the window
-    assert options(topk=1) == {"topk": 1}  # the backend's own default (its own slot) stays implicit
+    assert token.config.attention_options == {"topk": 32, "local_window": 8, "distance_bias": 256}
+    assert options(topk=32, distance_bias=0) == {"topk": 32, "local_window": 16}  # default: half the budget
+    assert options(topk=1, distance_bias=0) == {"topk": 1}  # the backend's own default (its own slot) stays implicit
     block = build_model(TrainConfig(topk=64, block_size=16, local_window=20), tokenizer, torch.device("cpu"))
     assert block.model.layers[0].self_attn.inner.local_blocks == 2  # the blocks holding the last 20 slots
     assert options(topk=64, block_size=16) == {"topk": 64, "block_size": 16, "local_blocks": 2}
@@ -501,6 +501,12 @@ def test_train_recipe_passes_distance_bias():
     model = build_model(TrainConfig(topk=32, distance_bias=64), tokenizer, torch.device("cpu"))
     assert model.config.attention_options == {"topk": 32, "local_window": 16, "distance_bias": 64}
     assert model.model.layers[0].self_attn.inner.index_distance.shape == (64,)
+    default = build_model(TrainConfig(topk=32, seq_len=128), tokenizer, torch.device("cpu"))
+    assert default.config.attention_options["distance_bias"] == 128  # default: every distance of a sequence
+    off = build_model(TrainConfig(topk=32, distance_bias=0), tokenizer, torch.device("cpu"))
+    assert "distance_bias" not in off.config.attention_options
+    assert off.model.layers[0].self_attn.inner.index_distance is None
+    assert TrainConfig(topk=64, block_size=16).dsa_distance_bias == 0  # block mode: none
     for bad in (-1, True):
         with pytest.raises(ConfigError, match="distance_bias"):
             TrainConfig(distance_bias=bad)

@@ -296,3 +296,13 @@ def test_async_engine_queue_limit():
             engine.shutdown(drain=False)
 
     asyncio.run(main())
+
+
+def test_dsa_distance_bias_serves_like_generate():
+    model = _llama("dsa", topk=8, local_window=2, distance_bias=64)
+    with torch.no_grad():
+        for layer in model.model.layers:  # a bias that changes which keys are picked
+            layer.self_attn.inner.index_distance.normal_(std=3.0, generator=torch.Generator().manual_seed(5))
+    prompts = _prompts((3, 40, 17, 25))
+    assert Engine(model, EngineConfig(block_size=4, num_blocks=128)).generate(prompts, GREEDY) == \
+        [_alone(model, p) for p in prompts]
