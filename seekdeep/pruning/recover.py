@@ -18,6 +18,7 @@ from torch import nn
 from tqdm import tqdm
 
 from seekdeep.errors import ConfigError
+from seekdeep.train.evaluation import mean_loss
 from seekdeep.quantization.convert import iter_token_batches
 
 
@@ -50,25 +51,6 @@ def _eval_batches(model: nn.Module, data: Any, max_batches: int) -> list[torch.T
     if callable(getattr(data, "eval_batches", None)):
         return list(data.eval_batches(max_batches))
     return list(iter_token_batches(model, data, field="eval_data", method="recover"))[:max_batches]
-
-
-@torch.no_grad()
-def mean_loss(model: nn.Module, batches: list[torch.Tensor], policy) -> float:
-    """Token-weighted mean next-token cross-entropy over ``batches`` (eval mode)."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    try:
-        for batch in batches:
-            batch = batch.to(model.device)
-            with policy.autocast():
-                loss = model(batch, labels=batch).loss
-            n = batch.shape[0] * (batch.shape[1] - 1)
-            total += float(loss) * n
-            count += n
-    finally:
-        model.train(was_training)
-    return total / max(count, 1)
 
 
 def _frozen_backends(model: nn.Module) -> Iterator[nn.Parameter]:

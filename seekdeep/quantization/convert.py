@@ -22,6 +22,7 @@ from seekdeep.errors import ConfigError
 from seekdeep.quantization.config import QUANT_METHOD_TAG, LayerScheme, QuantConfig, resolve_plan
 from seekdeep.quantization.modules import LAYER_CLASSES, TiedEmbedding
 from seekdeep.quantization.observers import Observer
+from seekdeep.train.evaluation import model_device as _model_device
 
 
 # ----------------------------------------------------------------------------- input checks
@@ -88,12 +89,6 @@ def calibrate(model: nn.Module, plan: dict[str, LayerScheme], data: Any, cfg: Qu
         model.train(was_training)
     symmetric = cfg.activation_symmetric()
     return {name: obs.qparams(symmetric) for name, obs in observers.items() if obs.observed}
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
 
 
 # ----------------------------------------------------------------------------- the two steps

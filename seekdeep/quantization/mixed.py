@@ -20,27 +20,10 @@ from torch import nn
 
 from seekdeep.errors import ConfigError
 from seekdeep.quantization.config import LAYER_BITS, QuantConfig, resolve_plan
-from seekdeep.quantization.convert import _model_device, iter_token_batches, model_size_bytes
+from seekdeep.quantization.convert import iter_token_batches, model_size_bytes
 from seekdeep.quantization.modules import LAYER_CLASSES
 from seekdeep.quantization.qat import fake_quantize_weight
-
-
-@torch.no_grad()
-def mean_loss(model: nn.Module, batches: Sequence[torch.Tensor]) -> float:
-    """Token-weighted mean next-token cross-entropy of ``model`` over ``batches``."""
-    was_training = model.training
-    model.eval()
-    device = _model_device(model)
-    total, count = 0.0, 0
-    try:
-        for batch in batches:
-            batch = batch.to(device)
-            n = batch.shape[0] * (batch.shape[1] - 1)
-            total += float(model(batch, labels=batch).loss) * n
-            count += n
-    finally:
-        model.train(was_training)
-    return total / max(count, 1)
+from seekdeep.train.evaluation import mean_loss  # re-exported as seekdeep.quantization.mean_loss
 
 
 def _choices(bits: Sequence[int]) -> tuple[int, ...]:

@@ -210,20 +210,9 @@ def apply_phase(model, phase: str) -> None:
 @torch.no_grad()
 def evaluate(model, windows, max_batches: int, policy) -> float:
     """Mean held-out cross-entropy (nats per token) over the first ``max_batches`` batches."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    try:
-        for batch in windows.eval_batches(max_batches):
-            batch = batch.to(model.device)
-            with policy.autocast():
-                loss = model(batch, labels=batch).loss
-            n = batch.shape[0] * (batch.shape[1] - 1)
-            total += float(loss) * n
-            count += n
-    finally:
-        model.train(was_training)
-    return total / max(count, 1)
+    from seekdeep.train import mean_loss
+
+    return mean_loss(model, windows.eval_batches(max_batches), policy)
 
 
 class MetricsLog:

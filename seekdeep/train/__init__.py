@@ -2,6 +2,7 @@
 and crash-safe checkpoints. Recipes own the loop and combine these."""
 
 from seekdeep.train.checkpoint import TrainingState, latest_checkpoint, load_checkpoint, save_checkpoint
+from seekdeep.train.evaluation import mean_loss
 from seekdeep.train.precision import (
     DEFAULT_FP32_PATTERNS,
     DynamicLossScaler,
@@ -22,6 +23,7 @@ __all__ = [
     "latest_checkpoint",
     "load_checkpoint",
     "make_scheduler",
+    "mean_loss",
     "param_groups",
     "save_checkpoint",
     "warmup_cosine",

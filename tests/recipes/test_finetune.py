@@ -9,25 +9,8 @@ import torch
 
 import seekdeep
 from seekdeep.cli import main
-from seekdeep.data.corpus import stdlib_root
 from seekdeep.errors import ConfigError
 from seekdeep.recipes.finetune import FinetuneConfig, finetune
-
-FILES = ["textwrap.py", "string.py", "bisect.py", "heapq.py", "pprint.py", "shlex.py", "fnmatch.py", "calendar.py"]
-
-
-@pytest.fixture(autouse=True)
-def _home(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("SEEKDEEP_HOME", str(tmp_path_factory.getbasetemp() / "seekdeep-home"))
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ft-corpus")
-    for i in range(3):  # more documents than the every-20th hold-out rule needs
-        for name in FILES:
-            (root / f"{i}_{name}").write_text((stdlib_root() / name).read_text(encoding="utf-8"), encoding="utf-8")
-    return root
 
 
 @pytest.fixture(scope="module")

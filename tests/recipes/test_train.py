@@ -31,11 +31,6 @@ def corpus(tmp_path_factory):
     return root
 
 
-@pytest.fixture(autouse=True)
-def _home(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("SEEKDEEP_HOME", str(tmp_path_factory.getbasetemp() / "seekdeep-home"))
-
-
 def _args(corpus, out, **kw):
     base = dict(data=str(corpus), vocab_size=400, seq_len=64, batch_size=4, steps=12, eval_interval=4, eval_batches=2,
                 checkpoint_interval=3, topk=16, indexer_warmup_steps=2, output_dir=str(out), progress=False,
