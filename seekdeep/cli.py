@@ -139,6 +139,17 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, help_overrides: di
             parser.add_argument(flag, dest=f.name, type=kind, default=default, help=help_text)
 
 
+def add_recipe_command(subparsers, name: str, help_text: str, config_cls, positional: str,
+                       help_overrides: dict[str, str], func) -> argparse.ArgumentParser:
+    """A recipe's sub-command: an optional positional model argument (the config field
+    ``positional``), one flag per other field of ``config_cls``, and ``func`` to run it."""
+    parser = subparsers.add_parser(name, help=help_text)
+    parser.add_argument(positional, nargs="?", default=None, help=help_overrides.get(positional))
+    add_dataclass_flags(parser, config_cls, help_overrides, skip=(positional,))
+    parser.set_defaults(func=func)
+    return parser
+
+
 def _probability(text: str) -> float:
     value = float(text)
     if not 0 < value <= 1:

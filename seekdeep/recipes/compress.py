@@ -388,9 +388,7 @@ _HELP = {
 
 def register(subparsers) -> None:
     """Add ``seekdeep compress`` (see the module docstring)."""
-    parser = subparsers.add_parser("compress", help="prune, distil and quantise a model; writes a JSON/Markdown/PNG report")
-    parser.add_argument("model", nargs="?", default=None, help=_HELP["model"])
-    from seekdeep.cli import add_dataclass_flags
+    from seekdeep.cli import add_recipe_command
 
-    add_dataclass_flags(parser, CompressConfig, _HELP, skip=("model",))
-    parser.set_defaults(func=cmd_compress)
+    add_recipe_command(subparsers, "compress", "prune, distil and quantise a model; writes a JSON/Markdown/PNG report",
+                       CompressConfig, "model", _HELP, cmd_compress)

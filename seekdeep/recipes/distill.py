@@ -331,9 +331,7 @@ _HELP = {
 
 def register(subparsers) -> None:
     """Add ``seekdeep distill`` (see the module docstring)."""
-    parser = subparsers.add_parser("distill", help="distil a model into a shallower student copied from its layers")
-    parser.add_argument("teacher", nargs="?", default=None, help=_HELP["teacher"])
-    from seekdeep.cli import add_dataclass_flags
+    from seekdeep.cli import add_recipe_command
 
-    add_dataclass_flags(parser, DistillRunConfig, _HELP, skip=("teacher",))
-    parser.set_defaults(func=cmd_distill)
+    add_recipe_command(subparsers, "distill", "distil a model into a shallower student copied from its layers",
+                       DistillRunConfig, "teacher", _HELP, cmd_distill)

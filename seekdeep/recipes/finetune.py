@@ -417,9 +417,7 @@ _HELP = {
 
 def register(subparsers) -> None:
     """Add ``seekdeep finetune`` (see the module docstring)."""
-    parser = subparsers.add_parser("finetune", help="fine-tune a model with LoRA / adapters / prompt tuning (or in full)")
-    parser.add_argument("base", nargs="?", default=None, help=_HELP["base"])
-    from seekdeep.cli import add_dataclass_flags
+    from seekdeep.cli import add_recipe_command
 
-    add_dataclass_flags(parser, FinetuneConfig, _HELP, skip=("base",))
-    parser.set_defaults(func=cmd_finetune)
+    add_recipe_command(subparsers, "finetune", "fine-tune a model with LoRA / adapters / prompt tuning (or in full)",
+                       FinetuneConfig, "base", _HELP, cmd_finetune)
