@@ -12,7 +12,11 @@ from torch import nn
 
 def model_device(model: nn.Module) -> torch.device:
     """The device of the first parameter or buffer (quantised models may keep every weight in
-    buffers); cpu for a model with neither."""
+    buffers); cpu for a model with neither. A model (or wrapper such as the parallel recipe's)
+    that states its ``device`` is taken at its word."""
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device):
+        return device
     for tensor in list(model.parameters()) + list(model.buffers()):
         return tensor.device
     return torch.device("cpu")
