@@ -139,18 +139,6 @@ def prepare_distill_data(data: str | None, tokenizer, seq_len: int, progress: bo
     return paths["train"], paths["heldout"], info
 
 
-def _resume_path(cfg: DistillRunConfig, ckpt_dir: Path) -> Path | None:
-    from seekdeep.train import latest_checkpoint
-    from seekdeep.train.checkpoint import resolve_checkpoint
-
-    if cfg.resume is None:
-        return None
-    path = latest_checkpoint(ckpt_dir) if cfg.resume == "auto" else resolve_checkpoint(cfg.resume)
-    if path is None:
-        print(f"no checkpoint in {ckpt_dir}; starting from scratch", file=sys.stderr)
-    return path
-
-
 def _saved_config(checkpoint: Path, cfg: DistillRunConfig) -> DistillRunConfig:
     """The run's identity comes from the checkpoint; only the budget, output and device may change."""
     from seekdeep.train import load_checkpoint
@@ -174,11 +162,12 @@ def distill(cfg: DistillRunConfig) -> dict[str, Any]:
     from seekdeep.distill import distillation_loss, make_student
     from seekdeep.files import write_json_atomic
     from seekdeep.recipes.train import MetricsLog, apply_phase, evaluate, plot_losses
-    from seekdeep.train import PrecisionPolicy, load_checkpoint, make_scheduler, param_groups, save_checkpoint
+    from seekdeep.train import (PrecisionPolicy, load_checkpoint, make_scheduler, param_groups, resume_checkpoint,
+                                save_checkpoint)
 
     out = Path(cfg.output_dir).expanduser()
     ckpt_dir = out / "checkpoints"
-    resume_path = _resume_path(cfg, ckpt_dir)
+    resume_path = resume_checkpoint(cfg.resume, ckpt_dir)
     if resume_path is not None:
         cfg = _saved_config(resume_path, cfg)
     teacher_dir = Path(cfg.teacher) if cfg.teacher else default_teacher()

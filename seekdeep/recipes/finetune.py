@@ -247,18 +247,6 @@ def attach_method(model, cfg: FinetuneConfig) -> None:
     _freeze_backends(model)
 
 
-def _resume_path(cfg: FinetuneConfig, ckpt_dir: Path):
-    from seekdeep.train import latest_checkpoint
-    from seekdeep.train.checkpoint import resolve_checkpoint
-
-    if cfg.resume is None:
-        return None
-    path = latest_checkpoint(ckpt_dir) if cfg.resume == "auto" else resolve_checkpoint(cfg.resume)
-    if path is None:
-        print(f"no checkpoint in {ckpt_dir}; starting from scratch", file=sys.stderr)
-    return path
-
-
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Run (or resume) a fine-tuning job; returns a summary dict (also in summary.json)."""
     from seekdeep.auto import AutoModel, AutoTokenizer
@@ -266,11 +254,12 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     from seekdeep.files import write_json_atomic
     from seekdeep.peft.io import copy_into_adapter, read_adapter_weights
     from seekdeep.recipes.train import MetricsLog, evaluate, plot_losses
-    from seekdeep.train import PrecisionPolicy, load_checkpoint, make_scheduler, param_groups, save_checkpoint
+    from seekdeep.train import (PrecisionPolicy, load_checkpoint, make_scheduler, param_groups, resume_checkpoint,
+                                save_checkpoint)
 
     out = Path(cfg.output_dir).expanduser()
     ckpt_dir = out / "checkpoints"
-    resume_path = _resume_path(cfg, ckpt_dir)
+    resume_path = resume_checkpoint(cfg.resume, ckpt_dir)
     if resume_path is not None:
         saved = load_checkpoint(resume_path, restore_rng=False).extra.get("config")
         if not isinstance(saved, dict):

@@ -295,16 +295,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run (or resume) a training job; returns a summary dict (also written to summary.json)."""
     from seekdeep.data import TokenWindows, prepare_data
     from seekdeep.files import write_json_atomic
-    from seekdeep.train import PrecisionPolicy, latest_checkpoint, load_checkpoint, make_scheduler, param_groups, save_checkpoint
-    from seekdeep.train.checkpoint import resolve_checkpoint
+    from seekdeep.train import (PrecisionPolicy, latest_checkpoint, load_checkpoint, make_scheduler, param_groups,
+                                resume_checkpoint, save_checkpoint)
 
     out = Path(cfg.output_dir).expanduser()
     ckpt_dir = out / "checkpoints"
-    resume_path = None
-    if cfg.resume is not None:
-        resume_path = latest_checkpoint(ckpt_dir) if cfg.resume == "auto" else resolve_checkpoint(cfg.resume)
-        if resume_path is None and cfg.resume == "auto":
-            print(f"no checkpoint in {ckpt_dir}; starting from scratch", file=sys.stderr)
+    resume_path = resume_checkpoint(cfg.resume, ckpt_dir)
     if resume_path is not None:
         saved = _saved_config(resume_path)
         # the run's identity comes from the checkpoint; only the budget and output may change

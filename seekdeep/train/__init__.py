@@ -1,7 +1,7 @@
 """Training components: precision policy and loss scaling, parameter groups, the LR schedule
 and crash-safe checkpoints. Recipes own the loop and combine these."""
 
-from seekdeep.train.checkpoint import TrainingState, latest_checkpoint, load_checkpoint, save_checkpoint
+from seekdeep.train.checkpoint import TrainingState, latest_checkpoint, load_checkpoint, resume_checkpoint, save_checkpoint
 from seekdeep.train.evaluation import mean_loss
 from seekdeep.train.precision import (
     DEFAULT_FP32_PATTERNS,
@@ -25,6 +25,7 @@ __all__ = [
     "make_scheduler",
     "mean_loss",
     "param_groups",
+    "resume_checkpoint",
     "save_checkpoint",
     "warmup_cosine",
 ]

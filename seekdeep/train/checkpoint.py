@@ -26,6 +26,7 @@ import os
 import random
 import re
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -287,6 +288,20 @@ def _prune(run_dir: Path, keep_last: int, keep: Path) -> None:
 
 
 # -- loading
+
+
+def resume_checkpoint(resume: str | None, run_dir: str | os.PathLike) -> Path | None:
+    """What a recipe's ``resume`` setting points at: None -> None (start fresh); ``"auto"`` ->
+    the latest complete checkpoint in ``run_dir`` (None, with a note on stderr, when there is
+    none yet); anything else -> :func:`resolve_checkpoint` of it (an error when it is not one)."""
+    if resume is None:
+        return None
+    if resume != "auto":
+        return resolve_checkpoint(resume)
+    path = latest_checkpoint(run_dir)
+    if path is None:
+        print(f"no checkpoint in {run_dir}; starting from scratch", file=sys.stderr)
+    return path
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
