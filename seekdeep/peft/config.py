@@ -116,7 +116,13 @@ class LoRAConfig(AdapterConfig):
     ``modules_to_save``: modules trained in full and saved with the adapter (e.g. ``lm_head``).
     ``use_dora``: weight-decomposed LoRA (a learned magnitude per output row).
     ``init_lora_weights``: True (A Kaiming-uniform, B zero: the adapter starts as a no-op),
-    ``"gaussian"`` (A normal with std 1/r) or False (both random, for tests)."""
+    ``"gaussian"`` (A normal with std 1/r) or False (both random, for tests).
+    ``rank_pattern`` / ``alpha_pattern``: per-module rank / alpha overriding ``r`` /
+    ``lora_alpha``, keyed by a regular expression matched (as in peft) against the end of the
+    module path after a dot: ``{"lm_head": 1}``, ``{"layers\\.0\\..*": 4}``; the first key that
+    matches wins. ``lora_bias``: ``lora_B`` gets a bias (zero-initialised, scaled like the
+    product), a learned per-output offset; on ``lm_head`` it is a logit bias, which a base with
+    a bias-less head cannot merge."""
 
     peft_type: ClassVar[str] = "LORA"
     mergeable: ClassVar[bool] = True
@@ -131,6 +137,9 @@ class LoRAConfig(AdapterConfig):
     use_dora: bool = False
     bias: str = "none"
     init_lora_weights: bool | str = True
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    lora_bias: bool = False
     base_model_name_or_path: str | None = None
     task_type: str | None = TASK_TYPE
 
@@ -152,17 +161,62 @@ class LoRAConfig(AdapterConfig):
                               "list a module in modules_to_save to train it in full)")
         if self.init_lora_weights not in (True, False, "gaussian"):
             raise ConfigError("init_lora_weights", f"got {self.init_lora_weights!r}; accepted: true, false, 'gaussian'")
+        self.rank_pattern = _pattern_dict(self.rank_pattern, "rank_pattern", integer=True)
+        self.alpha_pattern = _pattern_dict(self.alpha_pattern, "alpha_pattern", integer=False)
+        if not isinstance(self.lora_bias, bool):
+            raise ConfigError("lora_bias", f"must be true or false, got {self.lora_bias!r}")
+        if self.lora_bias and self.use_dora:
+            raise ConfigError("lora_bias", "cannot be combined with use_dora (as in peft); drop one of them")
 
     @property
     def scaling(self) -> float:
-        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+        """The scaling of a module no pattern overrides."""
+        return self.scaling_for("")
+
+    def rank_for(self, path: str) -> int:
+        """The rank of the module at ``path`` (``rank_pattern``'s first matching key, else ``r``)."""
+        key = _pattern_key(self.rank_pattern, path)
+        return self.r if key is None else self.rank_pattern[key]
+
+    def scaling_for(self, path: str) -> float:
+        """``alpha / r`` (rsLoRA: ``alpha / sqrt(r)``) of the module at ``path``, patterns applied."""
+        key = _pattern_key(self.alpha_pattern, path)
+        alpha = self.lora_alpha if key is None else self.alpha_pattern[key]
+        r = self.rank_for(path)
+        return alpha / (math.sqrt(r) if self.use_rslora else r)
 
     def to_dict(self) -> dict[str, Any]:
         d = super().to_dict()
         # the neutral values of peft's other fields, so peft reads exactly this adapter
-        d.update({"fan_in_fan_out": False, "layers_to_transform": None, "layers_pattern": None,
-                  "rank_pattern": {}, "alpha_pattern": {}, "lora_bias": False, "inference_mode": True})
+        d.update({"fan_in_fan_out": False, "layers_to_transform": None, "layers_pattern": None, "inference_mode": True})
         return d
+
+
+def _pattern_key(patterns: dict[str, Any], path: str) -> str | None:
+    """The first key of ``patterns`` matching the end of ``path`` after a dot (peft's rule)."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", path):
+            return key
+    return None
+
+
+def _pattern_dict(value: Any, name: str, integer: bool) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(name, f"must map module-name patterns to {'ranks' if integer else 'alphas'}, e.g. "
+                          f"{{'lm_head': {1 if integer else 2}}}; got {type(value).__name__}")
+    for key, number in value.items():
+        if not isinstance(key, str) or not key:
+            raise ConfigError(name, f"keys must be non-empty module-name patterns, got {key!r}")
+        try:
+            re.compile(key)
+        except re.error as exc:
+            raise ConfigError(name, f"{key!r} is not a valid regular expression ({exc})") from None
+        ok = isinstance(number, int) if integer else isinstance(number, (int, float)) and math.isfinite(number)
+        if isinstance(number, bool) or not ok or number <= 0:
+            raise ConfigError(name, f"{key!r}: must be {'an integer' if integer else 'a number'} > 0, got {number!r}")
+    return dict(value)
 
 
 LoraConfig = LoRAConfig  # peft's spelling
@@ -262,8 +316,10 @@ def parse_lora_spec(spec: str) -> LoRAConfig:
     """``"r=16,alpha=32,dropout=0.05,targets=q_proj,v_proj,rslora,dora"`` -> :class:`LoRAConfig`.
 
     Keys: ``r``, ``alpha``, ``dropout``, ``targets`` (names, one regular expression in ``re:...``
-    or ``all-linear``), ``exclude``, ``save`` (modules_to_save), ``init``; flags ``rslora`` and
-    ``dora``. A bare word after ``targets=`` / ``exclude=`` / ``save=`` continues that list."""
+    or ``all-linear``), ``exclude``, ``save`` (modules_to_save), ``init``, ``r.PATTERN`` /
+    ``alpha.PATTERN`` (rank_pattern / alpha_pattern entries: ``r.lm_head=1``); flags ``rslora``,
+    ``dora`` and ``lora_bias``. A bare word after ``targets=`` / ``exclude=`` / ``save=``
+    continues that list."""
     if not isinstance(spec, str) or not spec.strip():
         raise ConfigError("lora", f"expected e.g. 'r=16,alpha=32,targets=q_proj,v_proj', got {spec!r}")
     values: dict[str, Any] = {}
@@ -273,14 +329,14 @@ def parse_lora_spec(spec: str) -> LoRAConfig:
         if not token:
             continue
         if "=" not in token:
-            if token in ("rslora", "dora"):
-                values["use_" + token] = True
+            if token in ("rslora", "dora", "lora_bias"):
+                values["lora_bias" if token == "lora_bias" else "use_" + token] = True
                 current_list = None
             elif current_list is not None:
                 values[current_list].append(token)
             else:
                 raise ConfigError("lora", f"{token!r} is neither key=value nor a flag; accepted keys: r, alpha, dropout, "
-                                  "targets, exclude, save, init; flags: rslora, dora")
+                                  "targets, exclude, save, init, r.PATTERN, alpha.PATTERN; flags: rslora, dora, lora_bias")
             continue
         key, value = (part.strip() for part in token.split("=", 1))
         current_list = None
@@ -293,8 +349,12 @@ def parse_lora_spec(spec: str) -> LoRAConfig:
                 values["lora_dropout"] = float(value)
             elif key == "init":
                 values["init_lora_weights"] = {"true": True, "false": False}.get(value.lower(), value)
-            elif key in ("rslora", "dora"):
-                values["use_" + key] = value.lower() in ("1", "true", "yes", "on")
+            elif key in ("rslora", "dora", "lora_bias"):
+                values["lora_bias" if key == "lora_bias" else "use_" + key] = value.lower() in ("1", "true", "yes", "on")
+            elif key.startswith(("r.", "alpha.")) and key.split(".", 1)[1]:
+                kind, pattern = key.split(".", 1)
+                number = int(value) if kind == "r" else (float(value) if "." in value else int(value))
+                values.setdefault("rank_pattern" if kind == "r" else "alpha_pattern", {})[pattern] = number
             elif key in lists:
                 if value == ALL_LINEAR or value.startswith("re:"):
                     values[lists[key]] = value.removeprefix("re:")
@@ -303,7 +363,7 @@ def parse_lora_spec(spec: str) -> LoRAConfig:
                     current_list = lists[key]
             else:
                 raise ConfigError("lora", f"unknown key {key!r}; accepted: r, alpha, dropout, targets, exclude, save, "
-                                  "init, rslora, dora")
+                                  "init, r.PATTERN, alpha.PATTERN, rslora, dora, lora_bias")
         except ValueError as exc:
             if isinstance(exc, ConfigError):
                 raise

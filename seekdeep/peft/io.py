@@ -125,6 +125,7 @@ def read_adapter_weights(directory: Path) -> dict[str, torch.Tensor]:
 def copy_into_adapter(model, adapter_name: str, tensors: dict[str, torch.Tensor], source: str) -> None:
     """Copy file tensors into the adapter's slots, checking names and shapes first."""
     live = adapter_tensors(model, adapter_name)
+    tensors = _load_base_layer_copies(model, dict(tensors), source)
     unexpected = sorted(set(tensors) - set(live))
     if unexpected:
         raise CheckpointError(f"{source}: tensor {unexpected[0]!r} has no place in this model's adapter "
@@ -138,6 +139,32 @@ def copy_into_adapter(model, adapter_name: str, tensors: dict[str, torch.Tensor]
                                   f"{tuple(live[key].shape)}: the adapter was trained on a base with other shapes")
     for key, tensor in tensors.items():
         live[key].copy_(tensor.to(live[key].dtype))
+
+
+def _load_base_layer_copies(model, tensors: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """peft saves the base weights of a targeted embedding or output head beside the adapter
+    (``...lm_head.base_layer.weight``: its vocabulary may have been resized); like peft, load
+    them into the base layer (a warning when that changes the base). Returns the other tensors."""
+    import warnings
+
+    layers = dict(model._tuner_layers())
+    rest = {}
+    for key, tensor in tensors.items():
+        path, _, leaf = key.removeprefix(PREFIX).rpartition(".base_layer.")
+        layer = layers.get(path)
+        target = getattr(getattr(layer, "base_layer", None), leaf, None) if layer is not None else None
+        if not isinstance(target, torch.Tensor):
+            rest[key] = tensor
+            continue
+        if tuple(tensor.shape) != tuple(target.shape):
+            raise CheckpointError(f"{source}: {key!r} has shape {tuple(tensor.shape)} but this model's {path}.{leaf} is "
+                                  f"{tuple(target.shape)}: the adapter was saved for a base with another vocabulary or size")
+        with torch.no_grad():
+            if not torch.equal(tensor.to(target.dtype), target):
+                warnings.warn(f"{source}: {key} differs from this base's {path}.{leaf}; loading it into the base layer "
+                              "as peft does (every adapter on this model now sees it)", stacklevel=3)
+                target.copy_(tensor.to(target.dtype))
+    return rest
 
 
 def load_adapter(model, path: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False) -> None:

@@ -6,6 +6,7 @@ Per adapter ``name`` the wrapper holds ``lora_A[name]`` (in -> r), ``lora_B[name
 output row) -- the slot names peft uses, so state-dict keys translate one to one.
 
     y = base(x) + scaling * B(A(dropout(x)))            scaling = alpha / r  (alpha / sqrt(r): rsLoRA)
+    (B has a bias with ``lora_bias``; ``rank_pattern`` / ``alpha_pattern`` set r and alpha per module)
     DoRA: y = m / ||W + scaling*BA||_row * (W + scaling*BA) x + bias
 
 (the row norm is detached in training, as the DoRA paper suggests). Adapter weights are kept in
@@ -140,22 +141,26 @@ class LoRALinear(TunerLayer):
     def merged(self) -> list[str]:
         return list(self._merged)
 
-    def add(self, name: str, config: LoRAConfig) -> None:
+    def add(self, name: str, config: LoRAConfig, path: str = "") -> None:
+        """Add adapter ``name``; ``path`` (this layer's module path) selects the rank and alpha
+        of ``config.rank_pattern`` / ``alpha_pattern``."""
         device, _ = module_device_dtype(self.base_layer)
-        r = config.r
+        r = config.rank_for(path)
         lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=torch.float32)
-        lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=torch.float32)
+        lora_B = nn.Linear(r, self.out_features, bias=config.lora_bias, device=device, dtype=torch.float32)
         if config.init_lora_weights is True:
             nn.init.kaiming_uniform_(lora_A.weight, a=math.sqrt(5))
             nn.init.zeros_(lora_B.weight)
         elif config.init_lora_weights == "gaussian":
             nn.init.normal_(lora_A.weight, std=1 / r)
             nn.init.zeros_(lora_B.weight)
+        if config.lora_bias and config.init_lora_weights is not False:
+            nn.init.zeros_(lora_B.bias)
         # init_lora_weights=False keeps nn.Linear's random init for both: a non-zero start (tests)
         self.lora_A[name] = lora_A
         self.lora_B[name] = lora_B
         self.lora_dropout[name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
-        self.scaling[name] = config.scaling
+        self.scaling[name] = config.scaling_for(path)
         if config.use_dora:
             with torch.no_grad():
                 weight = base_weight(self.base_layer).float()
@@ -215,9 +220,20 @@ class LoRALinear(TunerLayer):
                               "base), or dequantize the base first")
         return weight
 
+    def _delta_bias(self, name: str) -> torch.Tensor | None:
+        """``scaling * lora_B.bias`` (lora_bias adapters), else None."""
+        bias = self.lora_B[name].bias
+        return None if bias is None else bias.float() * self.scaling[name]
+
     @torch.no_grad()
     def merge(self, names: list[str], safe_merge: bool = False) -> None:
         weight = self._float_weight()
+        base_bias = _base_bias(self.base_layer)
+        for name in names:
+            if name in self.lora_A and name not in self._merged and self.lora_B[name].bias is not None \
+                    and not (isinstance(base_bias, torch.Tensor) and base_bias.is_floating_point()):
+                raise ConfigError("lora_bias", f"adapter {name!r} has a LoRA bias but this {type(self.base_layer).__name__} "
+                                  "has no bias to merge it into; keep the adapter unmerged (as peft does)")
         for name in names:
             if name not in self.lora_A or name in self._merged:
                 continue
@@ -229,6 +245,8 @@ class LoRALinear(TunerLayer):
             if safe_merge and not torch.isfinite(merged).all():
                 raise ConfigError("adapter_names", f"merging {name!r} gives non-finite weights; the adapter is broken")
             weight.copy_(merged.to(weight.dtype))
+            if self._delta_bias(name) is not None:
+                base_bias.add_(self._delta_bias(name).to(base_bias.dtype))
             self._merged.append(name)
 
     @torch.no_grad()
@@ -241,4 +259,7 @@ class LoRALinear(TunerLayer):
             if name in self._dora_factor:
                 restored = restored / self._dora_factor.pop(name)
             weight.copy_((restored - self.delta_weight(name)).to(weight.dtype))
+            if self._delta_bias(name) is not None:
+                base_bias = _base_bias(self.base_layer)
+                base_bias.sub_(self._delta_bias(name).to(base_bias.dtype))
         self._merged = []

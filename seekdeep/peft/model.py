@@ -365,6 +365,8 @@ def _inject(model: nn.Module, name: str, config) -> None:
             _replace(model, path, module)
         if layer_cls is ModulesToSaveWrapper:
             module.add(name)
+        elif layer_cls is LoRALinear:
+            module.add(name, config, path)
         else:
             module.add(name, config)
         module.train(model.training)  # new slots follow the model's mode (dropout off in eval)

@@ -119,7 +119,13 @@ def test_bad_adapter_directories(model, tmp_path):
 
 @pytest.mark.parametrize("data, field", [
     ({"peft_type": "IA3"}, "peft_type"),
-    ({"peft_type": "LORA", "rank_pattern": {"q_proj": 8}}, "rank_pattern"),
+    ({"peft_type": "LORA", "layers_to_transform": [0]}, "layers_to_transform"),
+    ({"peft_type": "LORA", "rank_pattern": {"q_proj": 0}}, "rank_pattern"),
+    ({"peft_type": "LORA", "rank_pattern": {"q_proj": 2.5}}, "rank_pattern"),
+    ({"peft_type": "LORA", "alpha_pattern": {"(": 2}}, "alpha_pattern"),
+    ({"peft_type": "LORA", "alpha_pattern": ["q_proj"]}, "alpha_pattern"),
+    ({"peft_type": "LORA", "lora_bias": True, "use_dora": True}, "lora_bias"),
+    ({"peft_type": "LORA", "lora_bias": "yes"}, "lora_bias"),
     ({"peft_type": "LORA", "fan_in_fan_out": True}, "fan_in_fan_out"),
     ({"peft_type": "LORA", "task_type": "SEQ_CLS"}, "task_type"),
     ({"peft_type": "LORA", "r": 0}, "r"),

@@ -21,6 +21,9 @@ CASES = {
     "dora": dict(target_modules=["v_proj", "o_proj", "up_proj"], use_dora=True),
     "all-linear-modules-to-save": dict(target_modules="all-linear", modules_to_save=["lm_head"]),
     "regex": dict(target_modules=r".*\.layers\.1\.self_attn\.(q|v)_proj"),
+    "patterns-lora-bias-head": dict(target_modules=["q_proj", "v_proj", "lm_head"], lora_bias=True,
+                                    rank_pattern={"lm_head": 2, r"layers\.0\.self_attn\.v_proj": 1},
+                                    alpha_pattern={"lm_head": 3}),
 }
 
 

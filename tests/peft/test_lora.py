@@ -386,3 +386,58 @@ def test_two_active_adapters_add_their_own_deltas_in_any_order(use_dora):
     for order in (["a", "b"], ["b", "a"]):
         layer.active = order
         assert torch.allclose(layer(x), base + alone["a"] + alone["b"], atol=1e-5), order
+
+
+def test_lora_bias_is_a_scaled_zero_started_offset_that_merges_into_a_base_bias():
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(12, 7))
+    layer.add("a", LoRAConfig(r=3, lora_alpha=6, lora_bias=True))
+    layer.active = ["a"]
+    x = torch.randn(4, 12)
+    assert torch.count_nonzero(layer.lora_B["a"].bias) == 0 and torch.equal(layer(x), layer.base_layer(x))
+    with torch.no_grad():
+        layer.lora_B["a"].weight.normal_(0, 0.3)
+        layer.lora_B["a"].bias.normal_(0, 0.3)
+    A, B, c = layer.lora_A["a"].weight, layer.lora_B["a"].weight, layer.lora_B["a"].bias
+    expected = layer.base_layer(x) + 2.0 * (x @ A.T @ B.T + c)
+    assert torch.allclose(layer(x), expected, atol=1e-6)
+    bias_before = layer.base_layer.bias.detach().clone()
+    layer.merge(["a"])
+    assert torch.allclose(layer.base_layer(x), expected, atol=1e-5)
+    layer.unmerge()
+    assert torch.allclose(layer.base_layer.bias, bias_before, atol=1e-6)
+
+
+def test_lora_bias_on_a_bias_less_head_cannot_merge(model, ids, randomize_adapter):
+    model.add_adapter("a", LoRAConfig(r=2, target_modules=["q_proj", "lm_head"], lora_bias=True))
+    randomize_adapter(model, "a")
+    before = _logits(model, ids)
+    with pytest.raises(ConfigError) as info:
+        model.merge_adapter()
+    assert info.value.field == "lora_bias"
+    assert torch.equal(_logits(model, ids), before)  # nothing was half-merged
+
+
+def test_rank_and_alpha_patterns_pick_per_module_shapes_and_scaling(model):
+    config = LoRAConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "lm_head"],
+                        rank_pattern={"lm_head": 1, r"layers\.0\.self_attn\.v_proj": 2}, alpha_pattern={"q_proj": 2})
+    model.add_adapter("p", config)
+    layers = dict(model._tuner_layers())
+    assert layers["lm_head"].lora_A["p"].weight.shape[0] == 1 and layers["lm_head"].scaling["p"] == 8.0
+    assert layers["model.layers.0.self_attn.v_proj"].lora_A["p"].weight.shape[0] == 2
+    assert layers["model.layers.1.self_attn.v_proj"].lora_A["p"].weight.shape[0] == 4
+    assert layers["model.layers.1.self_attn.q_proj"].scaling["p"] == 0.5  # alpha 2 / r 4
+    assert layers["model.layers.1.self_attn.v_proj"].scaling["p"] == 2.0
+
+
+def test_lora_spec_reads_patterns_and_the_bias_flag():
+    from seekdeep.peft import parse_lora_spec
+
+    config = parse_lora_spec("r=2,alpha=4,targets=q_proj,lm_head,r.lm_head=1,alpha.lm_head=2.5,lora_bias")
+    assert config.target_modules == ["q_proj", "lm_head"] and config.lora_bias
+    assert config.rank_pattern == {"lm_head": 1} and config.alpha_pattern == {"lm_head": 2.5}
+    assert config.rank_for("lm_head") == 1 and config.scaling_for("lm_head") == 2.5
+    assert config.rank_for("model.layers.0.self_attn.q_proj") == 2 and config.scaling == 2.0
+    with pytest.raises(ConfigError) as info:
+        parse_lora_spec("r=2,r.lm_head=0")
+    assert info.value.field == "rank_pattern"
