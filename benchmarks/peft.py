@@ -11,7 +11,17 @@
    lowest validation loss is then trained on the full 80% and scored on the test 20%.
    Reported: the fraction of full fine-tuning's test perplexity gain that LoRA recovers,
    ``(ppl_base - ppl_lora) / (ppl_base - ppl_full)`` (target >= 0.9), every (method, learning
-   rate) of the sweep, and the peak training memory of each method.
+   rate) of the sweep, and the peak training memory of each method. Compared the same way:
+   ``--reference-lora`` (plain LoRA on every linear layer, r=2) and, with the ``ablation``
+   part, full fine-tuning of everything but the tied token embedding / output head and of
+   only that: where full fine-tuning's gain comes from.
+
+   Why the default adapter targets the output head with ``lora_bias``: on this task most of
+   full fine-tuning's gain is a shift of the token distribution (the package's identifiers);
+   training the tied embedding alone recovers most of it, and LoRA on the linear layers alone
+   saturates early whatever its rank. A LoRA bias on ``lm_head`` is a learned logit offset
+   (4096 numbers); with ``lora_bias`` every adapted layer gets one, so the ranks are set per
+   module (``rank_pattern``) to stay under 1%. Adapters in this form load in peft unchanged.
 
    Peak memory, per method in a fresh process: the process's resident set (RSS) at its
    highest during three training steps (the kernel's high-water mark, reset just before
@@ -27,12 +37,12 @@
    learned (target: within 2%). The anchor is the naive way, one adapter trained on the tasks
    in sequence, which forgets.
 
-The base: ``--base``, else ``runs/compression/base/final`` (the 'small' preset, 4 layers,
-hidden 256, 4.2M parameters, trained on the embedded corpus by benchmarks/compression.py) when
-present, else the same preset trained here for ``--base-steps`` into ``<out>/base``.
+The base: ``--base``, else the 'small' preset (4 layers, hidden 256, 4.2M parameters, tied
+embeddings) trained here on the embedded corpus for ``--base-steps`` (800: about 23 minutes on
+2 CPU cores) into ``<out>/base``, once.
 
 Usage: python benchmarks/peft.py [--steps 100] [--jobs 2] [--threads 1] [--out runs/bench-peft]
-       [--lora-lrs 3e-3,1e-2,3e-2,1e-1] [--full-lrs 3e-4,1e-3,3e-3,1e-2] [--parts compare,memory,continual]
+       [--lora-lrs 3e-3,1e-2,3e-2,1e-1] [--full-lrs 3e-4,1e-3,3e-3,1e-2] [--parts compare,ablation,memory,continual]
 Every training run is cached in ``<out>/runs/`` (a rerun with the same settings reuses it).
 """
 
@@ -54,11 +64,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import device_name, emit  # noqa: E402
 
-# rank 2 on every linear layer (q, k, v, o, gate, up, down): 0.92% of the small preset's parameters
-LORA_SPEC = "r=2,alpha=4,targets=all-linear"
+# rank 1 on every linear layer (q, k, v, o, gate, up, down) and the output head, each with a LoRA
+# bias (on lm_head: a logit offset): 38,144 parameters, 0.91% of the small preset's
+LORA_SPEC = "r=1,alpha=2,targets=q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,lm_head,lora_bias"
+# plain LoRA, rank 2 on every linear layer but the head: 38,912 parameters, 0.93%
+REFERENCE_LORA_SPEC = "r=2,alpha=4,targets=all-linear"
 LORA_LRS = "3e-3,1e-2,3e-2,1e-1"
 FULL_LRS = "3e-4,1e-3,3e-3,1e-2"
-REUSED_BASE = Path("runs/compression/base/final")
 TASKS = ("http", "email", "unittest")
 #: (training slice, scored slice) of the learning-rate sweep and of the reported runs
 STAGES = {"sweep": ("sweep_train", "sweep_val"), "final": ("train", "heldout")}
@@ -68,18 +80,19 @@ STAGES = {"sweep": ("sweep_train", "sweep_val"), "final": ("train", "heldout")}
 
 
 def resolve_base(args) -> Path:
+    """``--base``, else the 'small' preset trained here once for ``--base-steps`` into
+    ``<out>/base`` (how far the base is trained changes the result: a base stopped early gains
+    from any further training, which full fine-tuning gives and a <= 1% adapter cannot)."""
     if args.base:
         return Path(args.base)
-    if (REUSED_BASE / "config.json").is_file():
-        return REUSED_BASE
     from seekdeep.recipes.train import TrainConfig, train
 
     out = Path(args.out) / "base"
     if not (out / "final" / "config.json").is_file():
-        print(f"# no {REUSED_BASE}: training the 'small' preset for {args.base_steps} steps into {out}", file=sys.stderr)
+        print(f"# training the 'small' preset for {args.base_steps} steps into {out}", file=sys.stderr)
         train(TrainConfig(preset="small", attention_backend="sdpa", steps=args.base_steps, batch_size=16, seq_len=256,
                           lr=3e-3, warmup_steps=50, weight_decay=0.1, eval_interval=args.base_steps,
-                          checkpoint_interval=200, output_dir=str(out), resume="auto", progress=False))
+                          checkpoint_interval=200, output_dir=str(out), resume="auto", progress=True))
     return out / "final"
 
 
@@ -128,12 +141,29 @@ def prepare_splits(args, tokenizer) -> dict[str, str]:
 # ----------------------------------------------------------------------------- one training run
 
 
+#: what each compared method trains (see _attach)
+METHODS = {
+    "lora": "the --lora adapter (<= 1% of the parameters), base frozen",
+    "lora-ref": "the --reference-lora adapter (plain LoRA on every linear layer), base frozen",
+    "full": "every parameter",
+    "full-no-embedding": "every parameter but the (tied) token embedding / output head",
+    "embedding-only": "only the (tied) token embedding / output head",
+}
+EMBEDDING_PARAMS = ("embed_tokens", "lm_head")
+
+
 def _attach(args, model, method: str) -> None:
-    """Attach ``method`` to the base: a LoRA adapter (the base frozen), or everything trainable."""
-    from seekdeep.recipes.finetune import FinetuneConfig, attach_method
+    """Attach ``method`` (a key of METHODS) to the base."""
+    from seekdeep.recipes.finetune import FinetuneConfig, _freeze_backends, attach_method
 
     torch.manual_seed(args.seed)  # the same adapter initialisation in every run
-    attach_method(model, FinetuneConfig(base=str(args.base), method=method, lora=args.lora))
+    if method in ("lora", "lora-ref", "full"):
+        spec = args.reference_lora if method == "lora-ref" else args.lora
+        attach_method(model, FinetuneConfig(base=str(args.base), method="full" if method == "full" else "lora", lora=spec))
+        return
+    for name, param in model.named_parameters():
+        param.requires_grad_(any(part in name for part in EMBEDDING_PARAMS) == (method == "embedding-only"))
+    _freeze_backends(model)
 
 
 def train_run(args, method: str, lr: float, stage: str) -> dict:
@@ -172,7 +202,7 @@ def train_run(args, method: str, lr: float, stage: str) -> dict:
     seconds = time.perf_counter() - started
     diverged = not math.isfinite(losses[-1])
     loss_after = math.inf if diverged else evaluate(model, scored, None, policy)
-    base_total = sum(p.numel() for n, p in model.named_parameters() if ".lora_" not in n) if method != "full" else total
+    base_total = sum(p.numel() for n, p in model.named_parameters() if ".lora_" not in n)
     return {"method": method, "lr": lr, "stage": stage, "steps": len(losses), "diverged": diverged, "trainable": trainable,
             "total": total, "trainable_percent": 100 * trainable / total,
             "trainable_percent_of_base": 100 * trainable / base_total, "seconds": round(seconds, 1),
@@ -184,6 +214,7 @@ def train_run(args, method: str, lr: float, stage: str) -> dict:
 def _worker_argv(args, *extra: str) -> list[str]:
     return [sys.executable, str(Path(__file__).resolve()), "--base", str(args.base), "--steps", str(args.steps),
             "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size), "--lora", args.lora,
+            "--reference-lora", args.reference_lora,
             "--threads", str(args.threads), "--seed", str(args.seed), "--device", args.device, "--out", args.out,
             "--package", args.package, "--splits", args.splits, *extra]
 
@@ -193,12 +224,14 @@ def run_all(args, runs: list[tuple[str, float, str]]) -> list[dict]:
     cached in ``<out>/runs/`` under a tag of the settings."""
     folder = Path(args.out) / "runs"
     folder.mkdir(parents=True, exist_ok=True)
-    tag = hashlib.sha256(json.dumps([str(args.base), args.steps, args.seq_len, args.batch_size, args.lora, args.seed,
-                                     args.package, args.splits]).encode()).hexdigest()[:8]
+    def tag(method: str) -> str:
+        spec = {"lora": args.lora, "lora-ref": args.reference_lora}.get(method)
+        return hashlib.sha256(json.dumps([str(args.base), args.steps, args.seq_len, args.batch_size, spec, args.seed,
+                                          args.package, args.splits]).encode()).hexdigest()[:8]
 
     def one(run: tuple[str, float, str]) -> dict:
         method, lr, stage = run
-        path = folder / f"{stage}-{method}-lr{lr:g}-{tag}.json"
+        path = folder / f"{stage}-{method}-lr{lr:g}-{tag(method)}.json"
         if not path.is_file():
             with open(path.with_suffix(".log"), "w") as err:
                 subprocess.run(_worker_argv(args, "--worker", method, f"{lr!r}", stage, "--result", str(path)),
@@ -350,11 +383,20 @@ def continual(args, lr: float, naive: bool) -> tuple[list[dict], dict]:
 # ----------------------------------------------------------------------------- the three results
 
 
-def choose_learning_rates(args) -> dict[str, float]:
+def compared_methods(args) -> list[str]:
+    methods = ["lora", "full"] + (["lora-ref"] if args.reference_lora else [])
+    return methods + (["full-no-embedding", "embedding-only"] if "ablation" in args.parts.split(",") else [])
+
+
+def sweep_runs(args, methods: list[str]) -> list[tuple[str, float, str]]:
+    return [(m, lr, "sweep") for m in methods for lr in (args.lora_lrs if m.startswith("lora") else args.full_lrs)]
+
+
+def choose_learning_rates(args, methods: list[str]) -> dict[str, float]:
     """Each method's learning rate with the lowest validation loss in the sweep."""
-    results = run_all(args, [("lora", lr, "sweep") for lr in args.lora_lrs] + [("full", lr, "sweep") for lr in args.full_lrs])
+    results = run_all(args, sweep_runs(args, methods))
     best_lr = {}
-    for method in ("lora", "full"):
+    for method in methods:
         rows = [r for r in results if r["method"] == method]
         best_lr[method] = min(rows, key=lambda r: r["loss"])["lr"]
         grid = sorted(r["lr"] for r in rows)
@@ -365,28 +407,35 @@ def choose_learning_rates(args) -> dict[str, float]:
 
 
 def compare(args, best_lr: dict[str, float], dev: str, common: dict) -> None:
-    """LoRA vs full fine-tuning at their chosen learning rates, scored on the held-out test."""
-    results = run_all(args, [("lora", lr, "sweep") for lr in args.lora_lrs] + [("full", lr, "sweep") for lr in args.full_lrs])
-    lora, full = run_all(args, [("lora", best_lr["lora"], "final"), ("full", best_lr["full"], "final")])
+    """Every method vs full fine-tuning at their chosen learning rates, scored on the held-out
+    test: the headline row for the --lora adapter, then one row per other method."""
+    methods = list(best_lr)
+    results = run_all(args, sweep_runs(args, methods))
+    finals = dict(zip(methods, run_all(args, [(m, best_lr[m], "final") for m in methods])))
+    full = finals["full"]
     val_before = math.exp(results[0]["loss_before"])
-    val_ppl = {m: math.exp(min(r["loss"] for r in results if r["method"] == m)) for m in ("lora", "full")}
-    ppl_before = math.exp(lora["loss_before"])
-    gain_lora, gain_full = ppl_before - math.exp(lora["loss"]), ppl_before - math.exp(full["loss"])
-    sweep_rows = [{"method": r["method"], "lr": r["lr"], "val_ppl": round(math.exp(r["loss"]), 3),
-                   "train_loss_last10": round(r["train_loss_last10"], 4), "seconds": r["seconds"]} for r in results]
-    emit("lora_ppl_gain_vs_full_finetune", gain_lora, "perplexity points (held-out test: last 20% of each module)",
-         gain_full, "full fine-tuning, same steps and data, each at its best learning rate on the validation slice", dev,
-         target_ratio=0.9, ppl_before=round(ppl_before, 3), ppl_lora=round(math.exp(lora["loss"]), 3),
-         ppl_full=round(math.exp(full["loss"]), 3), lora_lr=lora["lr"], full_lr=full["lr"],
-         loss_gain_ratio=round((lora["loss_before"] - lora["loss"]) / (full["loss_before"] - full["loss"]), 4),
-         val_ppl_gain_ratio=round((val_before - val_ppl["lora"]) / (val_before - val_ppl["full"]), 4),
-         lora_trainable=lora["trainable"], lora_total=lora["total"],
-         lora_trainable_percent=round(lora["trainable_percent"], 4),
-         lora_trainable_percent_of_base=round(lora["trainable_percent_of_base"], 4),
-         train_tokens=lora["train_tokens"], test_tokens=lora["scored_tokens"],
-         sweep_train_tokens=results[0]["train_tokens"], val_tokens=results[0]["scored_tokens"],
-         val_ppl_before=round(val_before, 3), sweep=sweep_rows, seconds={"lora": lora["seconds"], "full": full["seconds"]},
-         **common)
+    val_ppl = {m: math.exp(min(r["loss"] for r in results if r["method"] == m)) for m in methods}
+    ppl_before = math.exp(full["loss_before"])
+    gain_full = ppl_before - math.exp(full["loss"])
+    for method in [m for m in methods if m != "full"]:
+        run = finals[method]
+        name = "lora_ppl_gain_vs_full_finetune" if method == "lora" else f"{method.replace('-', '_')}_ppl_gain_vs_full_finetune"
+        extra = dict(target_ratio=0.9) if method == "lora" else {}
+        if method == "lora":
+            extra["sweep"] = [{"method": r["method"], "lr": r["lr"], "val_ppl": round(math.exp(r["loss"]), 3),
+                               "train_loss_last10": round(r["train_loss_last10"], 4), "seconds": r["seconds"]}
+                              for r in results]
+        emit(name, ppl_before - math.exp(run["loss"]), "perplexity points (held-out test: last 20% of each module)",
+             gain_full, "full fine-tuning, same steps and data, each at its best learning rate on the validation slice",
+             dev, **extra, method=METHODS[method], spec={"lora": args.lora, "lora-ref": args.reference_lora}.get(method),
+             ppl_before=round(ppl_before, 3), ppl=round(math.exp(run["loss"]), 3), ppl_full=round(math.exp(full["loss"]), 3),
+             lr=run["lr"], full_lr=full["lr"],
+             loss_gain_ratio=round((run["loss_before"] - run["loss"]) / (full["loss_before"] - full["loss"]), 4),
+             val_ppl_gain_ratio=round((val_before - val_ppl[method]) / (val_before - val_ppl["full"]), 4),
+             trainable=run["trainable"], trainable_percent_of_base=round(run["trainable_percent_of_base"], 4),
+             train_tokens=run["train_tokens"], test_tokens=run["scored_tokens"],
+             sweep_train_tokens=results[0]["train_tokens"], val_tokens=results[0]["scored_tokens"],
+             val_ppl_before=round(val_before, 3), seconds={method: run["seconds"], "full": full["seconds"]}, **common)
 
 
 def memory(args, dev: str, common: dict) -> None:
@@ -421,6 +470,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lora", default=LORA_SPEC)
+    parser.add_argument("--reference-lora", default=REFERENCE_LORA_SPEC,
+                        help="a second adapter compared the same way ('' to skip)")
     parser.add_argument("--lora-lrs", type=_floats, default=_floats(LORA_LRS))
     parser.add_argument("--full-lrs", type=_floats, default=_floats(FULL_LRS))
     parser.add_argument("--seed", type=int, default=0)
@@ -428,8 +479,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--cl-steps", type=int, default=40)
     parser.add_argument("--eval-batches", type=int, default=8, help="continual learning: held-out batches per task")
-    parser.add_argument("--parts", default="compare,memory,continual",
-                        help="what to run: compare (LoRA vs full), memory, continual (uses the learning rate LoRA's "
+    parser.add_argument("--parts", default="compare,ablation,memory,continual",
+                        help="what to run: compare (LoRA vs full), ablation (adds full fine-tuning without / of only "
+                             "the token embedding to compare), memory, continual (uses the learning rate LoRA's "
                              "sweep chose: the sweep runs, or comes from the cache, whenever compare or continual is asked)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--out", default="runs/bench-peft")
@@ -462,7 +514,7 @@ def main() -> None:
     parts = set(args.parts.split(","))
     common = dict(base=str(args.base), package=args.package, steps=args.steps, seq_len=args.seq_len,
                   batch_size=args.batch_size, seed=args.seed, lora=args.lora, threads=args.threads)
-    best_lr = choose_learning_rates(args) if parts & {"compare", "continual"} else {}
+    best_lr = choose_learning_rates(args, compared_methods(args)) if parts & {"compare", "continual"} else {}
     if "compare" in parts:
         compare(args, best_lr, dev, common)
     if "memory" in parts:
