@@ -397,7 +397,9 @@ _HELP = {
     "package": "with no --data: the standard-library package (default: the largest one held out, e.g. http)",
     "method": f"one of {', '.join(METHODS)} (default: lora)",
     "lora": "LoRA settings, e.g. r=16,alpha=32,targets=q_proj,v_proj[,dropout=0.05][,rslora][,dora]; "
-            "targets=all-linear or targets=re:<regex> work too",
+            "targets=all-linear or targets=re:<regex> work too; per-module ranks / alphas with r.<pattern>=N / "
+            "alpha.<pattern>=N; lora_bias gives every adapted layer a bias (on lm_head: a logit offset, "
+            "which cannot be merged into a bias-less head)",
     "lr": f"learning rate (default per method: {DEFAULT_LR})",
     "resume": "'auto' (latest checkpoint in --output-dir) or a checkpoint directory",
     "merge": "LoRA: also save the model with the adapter merged in (output-dir/merged)",
