@@ -38,7 +38,28 @@ import torch.nn.functional as F
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 _EPS = 1e-8
-_CPU_INT4_BLOCK_N = 64  # rows the CPU int4 packing interleaves (see unpack_int4_cpu_layout)
+#: row-block widths torch's CPU int4 packing uses: 64 where its kernels use AVX-512, 32 on AVX2
+_CPU_INT4_BLOCK_CANDIDATES = (64, 32)
+_CPU_INT4_BLOCK_N: int | None = None
+
+
+def cpu_int4_block_n() -> int:
+    """The row-block width of torch's CPU int4 layout on this machine, found once by packing a
+    probe whose every row is distinct and reading it back with each candidate width. Raises
+    RuntimeError when none reproduces it (callers fall back to recovering the values through
+    the kernel)."""
+    global _CPU_INT4_BLOCK_N
+    if _CPU_INT4_BLOCK_N is None:
+        rows = torch.arange(64, dtype=torch.int32)
+        probe = torch.stack([rows % 16, rows // 16, (rows * 7) % 16, 15 - rows % 16], dim=1)  # (64, 4), rows distinct
+        packed = torch._convert_weight_to_int4pack_for_cpu(probe, 1)
+        for width in _CPU_INT4_BLOCK_CANDIDATES:
+            if torch.equal(_unpack_cpu_blocks(packed, 64, 4, width), probe):
+                _CPU_INT4_BLOCK_N = width
+                break
+        else:
+            raise RuntimeError("torch's CPU int4 layout is not one seekdeep can read directly")
+    return _CPU_INT4_BLOCK_N
 _CUDA_INNER_K_TILES = 8
 _warned: set[str] = set()
 
@@ -147,15 +168,19 @@ def pack_int4_for_kernel(portable: torch.Tensor, layout: str) -> torch.Tensor:
 def unpack_int4_cpu_layout(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
     """Values (N, K) int32 from torch's CPU int4 layout (``_convert_weight_to_int4pack_for_cpu``).
 
-    That layout takes the rows in blocks of 64: for each k, byte j of a full block holds rows j
-    (low nibble) and j + 32 (high nibble); the last, partial block pairs neighbouring rows."""
-    n, k = out_features, in_features
+    That layout takes the rows in blocks of B (:func:`cpu_int4_block_n`: 64 with AVX-512, 32 on
+    AVX2): for each k, byte j of a full block holds rows j (low nibble) and j + B/2 (high
+    nibble); the last, partial block pairs neighbouring rows."""
+    return _unpack_cpu_blocks(packed, out_features, in_features, cpu_int4_block_n())
+
+
+def _unpack_cpu_blocks(packed: torch.Tensor, n: int, k: int, width: int) -> torch.Tensor:
     flat = packed.reshape(-1)
-    full = n // _CPU_INT4_BLOCK_N * _CPU_INT4_BLOCK_N
+    full = n // width * width
     parts = []
     if full:
-        blocks = flat[: full * k // 2].view(full // _CPU_INT4_BLOCK_N, k, _CPU_INT4_BLOCK_N // 2)  # (NB, K, 32)
-        rows = torch.cat([blocks & 0xF, blocks >> 4], dim=-1)  # (NB, K, 64): rows j and j + 32
+        blocks = flat[: full * k // 2].view(full // width, k, width // 2)  # (NB, K, B/2)
+        rows = torch.cat([blocks & 0xF, blocks >> 4], dim=-1)  # (NB, K, B): rows j and j + B/2
         parts.append(rows.permute(0, 2, 1).reshape(full, k))
     tail = n - full
     if tail:
@@ -168,14 +193,16 @@ def unpack_int4_cpu_layout(packed: torch.Tensor, out_features: int, in_features:
 def int4_cpu_layout_rows(packed: torch.Tensor, out_features: int, in_features: int, rows: torch.Tensor) -> torch.Tensor:
     """Selected rows (M,) of the CPU int4 layout -> int32 (M, K), without unpacking the rest."""
     n, k = out_features, in_features
+    width = cpu_int4_block_n()
+    half = width // 2
     flat = packed.reshape(-1)
-    full = n // _CPU_INT4_BLOCK_N * _CPU_INT4_BLOCK_N
+    full = n // width * width
     rows = rows.long()
     ks = torch.arange(k, device=packed.device)
     in_full = rows < full
-    block, r = rows // _CPU_INT4_BLOCK_N, rows % _CPU_INT4_BLOCK_N
-    full_index = block[:, None] * (k * _CPU_INT4_BLOCK_N // 2) + ks[None] * (_CPU_INT4_BLOCK_N // 2) + (r % 32)[:, None]
-    full_shift = torch.where(r >= 32, 4, 0)
+    block, r = rows // width, rows % width
+    full_index = block[:, None] * (k * half) + ks[None] * half + (r % half)[:, None]
+    full_shift = torch.where(r >= half, 4, 0)
     tail = max(n - full, 2)
     t = rows - full
     tail_index = full * k // 2 + ks[None] * (tail // 2) + (t // 2).clamp(min=0)[:, None]

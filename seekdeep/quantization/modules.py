@@ -244,12 +244,23 @@ class Int4WeightOnlyLinear(QuantizedModule):
         n, k = self.out_features, self.in_features
         if self.layout == "portable":
             return K.unpack_int4(self.weight_int4)
-        if self.layout == "cpu":
+        if self.layout == "cpu" and self._cpu_layout_readable():
             values = K.unpack_int4_cpu_layout(self.weight_int4, n, k)
             if torch.equal(K.pack_int4_for_kernel(K.pack_int4(values), "cpu"), self.weight_int4):
                 return values
             K._warn_once("int4-cpu-layout", "torch's CPU int4 layout changed; recovering the values through the kernel")
         return K.unpack_int4_with_kernel(self.weight_int4, self.layout, n, k, self.group_size)
+
+    @staticmethod
+    def _cpu_layout_readable() -> bool:
+        """Whether this machine's CPU int4 layout is one :mod:`kernels` reads directly."""
+        try:
+            K.cpu_int4_block_n()
+        except RuntimeError:
+            K._warn_once("int4-cpu-layout", "torch's CPU int4 layout is not one seekdeep reads directly; recovering "
+                         "the values through the kernel")
+            return False
+        return True
 
     def portable_weight(self) -> torch.Tensor:
         return self.weight_int4 if self.layout == "portable" else K.pack_int4(self.int4_values())
@@ -269,7 +280,7 @@ class Int4WeightOnlyLinear(QuantizedModule):
     def weight_rows(self, rows: torch.Tensor) -> torch.Tensor:
         if self.layout == "portable":
             values = K.unpack_int4_rows(self.weight_int4, rows)
-        elif self.layout == "cpu":
+        elif self.layout == "cpu" and self._cpu_layout_readable():
             values = K.int4_cpu_layout_rows(self.weight_int4, self.out_features, self.in_features, rows)
         else:  # no row access into this kernel layout: keep one portable copy (+0.5 byte per weight)
             if self._rows_cache is None:

@@ -57,13 +57,18 @@ def test_portable_int4_pack_round_trip():
     assert torch.equal(K.unpack_int4_rows(packed, rows), q[rows])
 
 
+def test_cpu_int4_block_width_is_found_for_this_machine():
+    # 64 rows per block where torch's int4 CPU kernels use AVX-512, 32 on AVX2-only machines
+    assert K.cpu_int4_block_n() in (64, 32)
+
+
 @pytest.mark.parametrize("n", [16, 48, 64, 96, 128, 208])
 def test_cpu_int4_layout_inverse_and_row_gather(n):
     k = 128
     q = torch.randint(0, 16, (n, k), dtype=torch.int32)
     packed = K.pack_int4_for_kernel(K.pack_int4(q), "cpu")
     assert torch.equal(K.unpack_int4_cpu_layout(packed, n, k), q)
-    rows = torch.tensor([r for r in (0, n - 1, n // 2, 31, 32, 63, 64, 65, 130) if r < n])
+    rows = torch.tensor([r for r in (0, n - 1, n // 2, 15, 16, 17, 31, 32, 33, 63, 64, 65, 130) if r < n])
     assert torch.equal(K.int4_cpu_layout_rows(packed, n, k, rows).to(torch.int32), q[rows])
     assert torch.equal(K.unpack_int4_with_kernel(packed, "cpu", n, k, 32), q)
 
