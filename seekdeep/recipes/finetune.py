@@ -244,7 +244,20 @@ def attach_method(model, cfg: FinetuneConfig) -> None:
         config = cfg.adapter_config()
         config.base_model_name_or_path = cfg.base
         model.add_adapter(cfg.adapter_name, config)
+        if cfg.merge:
+            _check_mergeable(model, cfg.adapter_name)
     _freeze_backends(model)
+
+
+def _check_mergeable(model, adapter_name: str) -> None:
+    """--merge: refuse before training what merge_and_unload would refuse after it."""
+    from seekdeep.peft.lora import LoRALinear, _base_bias
+
+    for path, layer in model._tuner_layers():
+        if isinstance(layer, LoRALinear) and adapter_name in layer.lora_B \
+                and layer.lora_B[adapter_name].bias is not None and _base_bias(layer.base_layer) is None:
+            raise ConfigError("merge", f"the adapter's LoRA bias on {path} cannot be merged: that layer has no bias. "
+                              "Drop --merge (the adapter is saved either way) or lora_bias")
 
 
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:

@@ -107,6 +107,22 @@ def test_package_mode_and_merge(base, tmp_path):
         assert torch.allclose(merged(ids).logits, adapted(ids).logits, atol=1e-4)
 
 
+def test_head_lora_bias_adapter_trains_saves_and_refuses_merge_before_training(base, corpus, tmp_path):
+    spec = "r=2,alpha=4,targets=q_proj,v_proj,lm_head,r.lm_head=1,lora_bias"
+    s = finetune(_cfg(base, tmp_path / "a", data=str(corpus), steps=3, lora=spec))
+    saved = json.loads((tmp_path / "a" / "adapter" / "adapter_config.json").read_text())
+    assert saved["lora_bias"] is True and saved["rank_pattern"] == {"lm_head": 1}
+    adapted = seekdeep.AutoModel.from_pretrained(base)
+    adapted.load_adapter(tmp_path / "a" / "adapter")
+    head = dict(adapted._tuner_layers())["lm_head"]
+    assert head.lora_A["default"].weight.shape[0] == 1 and torch.count_nonzero(head.lora_B["default"].bias) > 0
+    assert s["ppl_after"] < s["ppl_before"]
+    with pytest.raises(ConfigError) as info:
+        finetune(_cfg(base, tmp_path / "b", data=str(corpus), steps=3, lora=spec, merge=True))
+    assert info.value.field == "merge" and "has no bias" in str(info.value)
+    assert not (tmp_path / "b" / "adapter").exists()  # refused before any training
+
+
 def test_cli(base, corpus, tmp_path, capsys):
     argv = ["finetune", str(base), "--data", str(corpus), "--steps", "2", "--seq-len", "32", "--batch-size", "2",
             "--eval-batches", "1", "--no-progress", "--output-dir", str(tmp_path), "--lora", "r=2,alpha=4,targets=q_proj,v_proj,dora"]
