@@ -225,13 +225,18 @@ class LoRALinear(TunerLayer):
         bias = self.lora_B[name].bias
         return None if bias is None else bias.float() * self.scaling[name]
 
+    def lora_bias_unmergeable(self, name: str) -> bool:
+        """Whether adapter ``name`` has a LoRA bias this layer has no float bias to merge into."""
+        base_bias = _base_bias(self.base_layer)
+        return name in self.lora_B and self.lora_B[name].bias is not None \
+            and not (isinstance(base_bias, torch.Tensor) and base_bias.is_floating_point())
+
     @torch.no_grad()
     def merge(self, names: list[str], safe_merge: bool = False) -> None:
         weight = self._float_weight()
         base_bias = _base_bias(self.base_layer)
         for name in names:
-            if name in self.lora_A and name not in self._merged and self.lora_B[name].bias is not None \
-                    and not (isinstance(base_bias, torch.Tensor) and base_bias.is_floating_point()):
+            if name not in self._merged and self.lora_bias_unmergeable(name):
                 raise ConfigError("lora_bias", f"adapter {name!r} has a LoRA bias but this {type(self.base_layer).__name__} "
                                   "has no bias to merge it into; keep the adapter unmerged (as peft does)")
         for name in names:

@@ -251,13 +251,10 @@ def attach_method(model, cfg: FinetuneConfig) -> None:
 
 def _check_mergeable(model, adapter_name: str) -> None:
     """--merge: refuse before training what merge_and_unload would refuse after it."""
-    from seekdeep.peft.lora import LoRALinear, _base_bias
-
-    for path, layer in model._tuner_layers():
-        if isinstance(layer, LoRALinear) and adapter_name in layer.lora_B \
-                and layer.lora_B[adapter_name].bias is not None and _base_bias(layer.base_layer) is None:
-            raise ConfigError("merge", f"the adapter's LoRA bias on {path} cannot be merged: that layer has no bias. "
-                              "Drop --merge (the adapter is saved either way) or lora_bias")
+    try:
+        model._mergeable([adapter_name])
+    except ConfigError as exc:
+        raise ConfigError("merge", f"{exc}. Drop --merge (the adapter is saved either way) or change the adapter") from None
 
 
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:

@@ -441,3 +441,30 @@ def test_lora_spec_reads_patterns_and_the_bias_flag():
     with pytest.raises(ConfigError) as info:
         parse_lora_spec("r=2,r.lm_head=0")
     assert info.value.field == "rank_pattern"
+
+
+def test_merge_refuses_before_touching_any_layer_when_one_layer_cannot_take_a_lora_bias():
+    from seekdeep.models.llama import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)  # q/k/v carry biases (qwen2-style), the head does not
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, attention_bias=True))
+    model.add_adapter("a", LoRAConfig(r=2, target_modules=["q_proj", "lm_head"], lora_bias=True))
+    with torch.no_grad():
+        for param in model._adapter_parameters("a"):
+            param.normal_(0, 0.1)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError) as info:
+        model.merge_and_unload()
+    assert info.value.field == "lora_bias" and "lm_head" in str(info.value)
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())  # q_proj was not merged either
+    model.delete_adapter("a")
+    model.add_adapter("b", LoRAConfig(r=2, target_modules=["q_proj"], lora_bias=True))
+    with torch.no_grad():
+        for param in model._adapter_parameters("b"):
+            param.normal_(0, 0.1)
+    ids = torch.randint(0, 64, (1, 9))
+    with torch.no_grad():
+        expected = model(ids).logits
+        model.merge_and_unload()  # q_proj has a bias: the LoRA bias folds into it
+        assert torch.allclose(model(ids).logits, expected, atol=1e-5)

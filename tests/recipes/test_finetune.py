@@ -119,7 +119,7 @@ def test_head_lora_bias_adapter_trains_saves_and_refuses_merge_before_training(b
     assert s["ppl_after"] < s["ppl_before"]
     with pytest.raises(ConfigError) as info:
         finetune(_cfg(base, tmp_path / "b", data=str(corpus), steps=3, lora=spec, merge=True))
-    assert info.value.field == "merge" and "has no bias" in str(info.value)
+    assert info.value.field == "merge" and "has no bias" in str(info.value) and "q_proj" in str(info.value)
     assert not (tmp_path / "b" / "adapter").exists()  # refused before any training
 
 
