@@ -14,7 +14,8 @@
    rate) of the sweep, and the peak training memory of each method. Compared the same way:
    ``--reference-lora`` (plain LoRA on every linear layer, r=2) and, with the ``ablation``
    part, full fine-tuning of everything but the tied token embedding / output head and of
-   only that: where full fine-tuning's gain comes from.
+   only that: where full fine-tuning's gain comes from. A bar chart of every method's share
+   goes to ``<out>/compare.png``.
 
    Why the default adapter targets the output head with ``lora_bias``: on this task most of
    full fine-tuning's gain is a shift of the token distribution (the package's identifiers);
@@ -436,6 +437,33 @@ def compare(args, best_lr: dict[str, float], dev: str, common: dict) -> None:
              train_tokens=run["train_tokens"], test_tokens=run["scored_tokens"],
              sweep_train_tokens=results[0]["train_tokens"], val_tokens=results[0]["scored_tokens"],
              val_ppl_before=round(val_before, 3), seconds={method: run["seconds"], "full": full["seconds"]}, **common)
+    plot_comparison(Path(args.out) / "compare.png", ppl_before, {m: math.exp(finals[m]["loss"]) for m in methods},
+                    {m: finals[m]["trainable_percent_of_base"] for m in methods})
+
+
+def plot_comparison(path: Path, ppl_before: float, ppl: dict[str, float], trainable: dict[str, float]) -> None:
+    """Bar chart: each method's share of full fine-tuning's test-perplexity gain (0.9 target line)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = sorted(ppl, key=lambda m: trainable[m])
+    share = [(ppl_before - ppl[m]) / (ppl_before - ppl["full"]) for m in methods]
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    bars = ax.barh([f"{m}\n{trainable[m]:.2f}% trainable" for m in methods], share,
+                   color=["tab:orange" if m.startswith("lora") else "tab:blue" for m in methods])
+    for bar, value, m in zip(bars, share, methods):
+        ax.text(bar.get_width() + 0.01, bar.get_y() + bar.get_height() / 2, f"{value:.1%} (ppl {ppl[m]:.2f})",
+                va="center", fontsize=8)
+    ax.axvline(0.9, color="black", linestyle="--", linewidth=1, label="target for LoRA (0.9)")
+    ax.set_xlim(0, 1.25)
+    ax.set_xlabel(f"share of full fine-tuning's held-out perplexity gain (base ppl {ppl_before:.2f})")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"# plot: {path}", file=sys.stderr)
 
 
 def memory(args, dev: str, common: dict) -> None:
