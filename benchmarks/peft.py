@@ -21,8 +21,8 @@
    full fine-tuning's gain is a shift of the token distribution (the package's identifiers);
    training the tied embedding alone recovers most of it, and LoRA on the linear layers alone
    saturates early whatever its rank. A LoRA bias on ``lm_head`` is a learned logit offset
-   (4096 numbers); with ``lora_bias`` every adapted layer gets one, so the ranks are set per
-   module (``rank_pattern``) to stay under 1%. Adapters in this form load in peft unchanged.
+   (4096 numbers); with ``lora_bias`` every adapted layer gets one (14,336 numbers in all), so
+   the rank drops to 1 to stay under 1%. Adapters in this form load in peft unchanged.
 
    Peak memory, per method in a fresh process: the process's resident set (RSS) at its
    highest during three training steps (the kernel's high-water mark, reset just before
@@ -153,14 +153,19 @@ METHODS = {
 EMBEDDING_PARAMS = ("embed_tokens", "lm_head")
 
 
+def adapter_spec(args, method: str) -> str | None:
+    """The LoRA spec a method trains (None for the full-parameter methods)."""
+    return {"lora": args.lora, "lora-ref": args.reference_lora}.get(method)
+
+
 def _attach(args, model, method: str) -> None:
     """Attach ``method`` (a key of METHODS) to the base."""
     from seekdeep.recipes.finetune import FinetuneConfig, _freeze_backends, attach_method
 
     torch.manual_seed(args.seed)  # the same adapter initialisation in every run
-    if method in ("lora", "lora-ref", "full"):
-        spec = args.reference_lora if method == "lora-ref" else args.lora
-        attach_method(model, FinetuneConfig(base=str(args.base), method="full" if method == "full" else "lora", lora=spec))
+    spec = adapter_spec(args, method)
+    if spec is not None or method == "full":
+        attach_method(model, FinetuneConfig(base=str(args.base), method="lora" if spec else "full", lora=spec or args.lora))
         return
     for name, param in model.named_parameters():
         param.requires_grad_(any(part in name for part in EMBEDDING_PARAMS) == (method == "embedding-only"))
@@ -226,8 +231,8 @@ def run_all(args, runs: list[tuple[str, float, str]]) -> list[dict]:
     folder = Path(args.out) / "runs"
     folder.mkdir(parents=True, exist_ok=True)
     def tag(method: str) -> str:
-        spec = {"lora": args.lora, "lora-ref": args.reference_lora}.get(method)
-        return hashlib.sha256(json.dumps([str(args.base), args.steps, args.seq_len, args.batch_size, spec, args.seed,
+        return hashlib.sha256(json.dumps([str(args.base), args.steps, args.seq_len, args.batch_size,
+                                          adapter_spec(args, method), args.seed,
                                           args.package, args.splits]).encode()).hexdigest()[:8]
 
     def one(run: tuple[str, float, str]) -> dict:
@@ -428,7 +433,7 @@ def compare(args, best_lr: dict[str, float], dev: str, common: dict) -> None:
                               for r in results]
         emit(name, ppl_before - math.exp(run["loss"]), "perplexity points (held-out test: last 20% of each module)",
              gain_full, "full fine-tuning, same steps and data, each at its best learning rate on the validation slice",
-             dev, **extra, method=METHODS[method], spec={"lora": args.lora, "lora-ref": args.reference_lora}.get(method),
+             dev, **extra, method=METHODS[method], spec=adapter_spec(args, method),
              ppl_before=round(ppl_before, 3), ppl=round(math.exp(run["loss"]), 3), ppl_full=round(math.exp(full["loss"]), 3),
              lr=run["lr"], full_lr=full["lr"],
              loss_gain_ratio=round((run["loss_before"] - run["loss"]) / (full["loss_before"] - full["loss"]), 4),

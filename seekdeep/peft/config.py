@@ -171,7 +171,7 @@ class LoRAConfig(AdapterConfig):
     @property
     def scaling(self) -> float:
         """The scaling of a module no pattern overrides."""
-        return self.scaling_for("")
+        return self._scale(self.lora_alpha, self.r)
 
     def rank_for(self, path: str) -> int:
         """The rank of the module at ``path`` (``rank_pattern``'s first matching key, else ``r``)."""
@@ -181,8 +181,9 @@ class LoRAConfig(AdapterConfig):
     def scaling_for(self, path: str) -> float:
         """``alpha / r`` (rsLoRA: ``alpha / sqrt(r)``) of the module at ``path``, patterns applied."""
         key = _pattern_key(self.alpha_pattern, path)
-        alpha = self.lora_alpha if key is None else self.alpha_pattern[key]
-        r = self.rank_for(path)
+        return self._scale(self.lora_alpha if key is None else self.alpha_pattern[key], self.rank_for(path))
+
+    def _scale(self, alpha: float, r: int) -> float:
         return alpha / (math.sqrt(r) if self.use_rslora else r)
 
     def to_dict(self) -> dict[str, Any]:
@@ -312,6 +313,10 @@ CONFIG_CLASSES: dict[str, type[AdapterConfig]] = {
 }
 
 
+#: flags of a LoRA spec string -> the LoRAConfig field they set
+_SPEC_FLAGS = {"rslora": "use_rslora", "dora": "use_dora", "lora_bias": "lora_bias"}
+
+
 def parse_lora_spec(spec: str) -> LoRAConfig:
     """``"r=16,alpha=32,dropout=0.05,targets=q_proj,v_proj,rslora,dora"`` -> :class:`LoRAConfig`.
 
@@ -329,8 +334,8 @@ def parse_lora_spec(spec: str) -> LoRAConfig:
         if not token:
             continue
         if "=" not in token:
-            if token in ("rslora", "dora", "lora_bias"):
-                values["lora_bias" if token == "lora_bias" else "use_" + token] = True
+            if token in _SPEC_FLAGS:
+                values[_SPEC_FLAGS[token]] = True
                 current_list = None
             elif current_list is not None:
                 values[current_list].append(token)
@@ -349,8 +354,8 @@ def parse_lora_spec(spec: str) -> LoRAConfig:
                 values["lora_dropout"] = float(value)
             elif key == "init":
                 values["init_lora_weights"] = {"true": True, "false": False}.get(value.lower(), value)
-            elif key in ("rslora", "dora", "lora_bias"):
-                values["lora_bias" if key == "lora_bias" else "use_" + key] = value.lower() in ("1", "true", "yes", "on")
+            elif key in _SPEC_FLAGS:
+                values[_SPEC_FLAGS[key]] = value.lower() in ("1", "true", "yes", "on")
             elif key.startswith(("r.", "alpha.")) and key.split(".", 1)[1]:
                 kind, pattern = key.split(".", 1)
                 number = int(value) if kind == "r" else (float(value) if "." in value else int(value))

@@ -125,7 +125,7 @@ def read_adapter_weights(directory: Path) -> dict[str, torch.Tensor]:
 def copy_into_adapter(model, adapter_name: str, tensors: dict[str, torch.Tensor], source: str) -> None:
     """Copy file tensors into the adapter's slots, checking names and shapes first."""
     live = adapter_tensors(model, adapter_name)
-    tensors = _load_base_layer_copies(model, dict(tensors), source)
+    tensors = _load_base_layer_copies(model, tensors, source)
     unexpected = sorted(set(tensors) - set(live))
     if unexpected:
         raise CheckpointError(f"{source}: tensor {unexpected[0]!r} has no place in this model's adapter "

@@ -250,8 +250,9 @@ class LoRALinear(TunerLayer):
             if safe_merge and not torch.isfinite(merged).all():
                 raise ConfigError("adapter_names", f"merging {name!r} gives non-finite weights; the adapter is broken")
             weight.copy_(merged.to(weight.dtype))
-            if self._delta_bias(name) is not None:
-                base_bias.add_(self._delta_bias(name).to(base_bias.dtype))
+            delta_bias = self._delta_bias(name)
+            if delta_bias is not None:
+                base_bias.add_(delta_bias.to(base_bias.dtype))
             self._merged.append(name)
 
     @torch.no_grad()
@@ -264,7 +265,8 @@ class LoRALinear(TunerLayer):
             if name in self._dora_factor:
                 restored = restored / self._dora_factor.pop(name)
             weight.copy_((restored - self.delta_weight(name)).to(weight.dtype))
-            if self._delta_bias(name) is not None:
+            delta_bias = self._delta_bias(name)
+            if delta_bias is not None:
                 base_bias = _base_bias(self.base_layer)
-                base_bias.sub_(self._delta_bias(name).to(base_bias.dtype))
+                base_bias.sub_(delta_bias.to(base_bias.dtype))
         self._merged = []

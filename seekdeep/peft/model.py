@@ -224,9 +224,11 @@ class AdapterMixin:
             if not config.mergeable:
                 raise ConfigError("adapter_names", f"{name!r} is a {type(config).__name__} adapter, which cannot be merged into "
                                   "the base weights (only LoRA / DoRA can); delete it or keep it unmerged")
+        from seekdeep.peft.lora import LoRALinear
+
         for path, layer in self._tuner_layers():  # checked on every layer before any is merged
-            for name in (n for n in names if hasattr(layer, "lora_bias_unmergeable") and n in layer.adapter_names):
-                if layer.lora_bias_unmergeable(name):
+            for name in names:
+                if isinstance(layer, LoRALinear) and layer.lora_bias_unmergeable(name):
                     raise ConfigError("lora_bias", f"adapter {name!r} has a LoRA bias on {path}, which has no bias to merge "
                                       "it into; keep the adapter unmerged (as peft does)")
         return names

@@ -41,25 +41,6 @@ _EPS = 1e-8
 #: row-block widths torch's CPU int4 packing uses: 64 where its kernels use AVX-512, 32 on AVX2
 _CPU_INT4_BLOCK_CANDIDATES = (64, 32)
 _CPU_INT4_BLOCK_N: int | None = None
-
-
-def cpu_int4_block_n() -> int:
-    """The row-block width of torch's CPU int4 layout on this machine, found once by packing a
-    probe whose every row is distinct and reading it back with each candidate width. Raises
-    RuntimeError when none reproduces it (callers fall back to recovering the values through
-    the kernel)."""
-    global _CPU_INT4_BLOCK_N
-    if _CPU_INT4_BLOCK_N is None:
-        rows = torch.arange(64, dtype=torch.int32)
-        probe = torch.stack([rows % 16, rows // 16, (rows * 7) % 16, 15 - rows % 16], dim=1)  # (64, 4), rows distinct
-        packed = torch._convert_weight_to_int4pack_for_cpu(probe, 1)
-        for width in _CPU_INT4_BLOCK_CANDIDATES:
-            if torch.equal(_unpack_cpu_blocks(packed, 64, 4, width), probe):
-                _CPU_INT4_BLOCK_N = width
-                break
-        else:
-            raise RuntimeError("torch's CPU int4 layout is not one seekdeep can read directly")
-    return _CPU_INT4_BLOCK_N
 _CUDA_INNER_K_TILES = 8
 _warned: set[str] = set()
 
@@ -163,6 +144,23 @@ def pack_int4_for_kernel(portable: torch.Tensor, layout: str) -> torch.Tensor:
     if layout == "cuda":
         return torch._convert_weight_to_int4pack(portable.contiguous(), _CUDA_INNER_K_TILES)
     raise ValueError(f"unknown int4 layout {layout!r}")
+
+
+def cpu_int4_block_n() -> int:
+    """The row-block width of torch's CPU int4 layout on this machine, found once by packing a
+    probe whose every row is distinct and reading it back with each candidate width. Raises
+    RuntimeError when none reproduces it (callers fall back to recovering the values through
+    the kernel)."""
+    global _CPU_INT4_BLOCK_N
+    if _CPU_INT4_BLOCK_N is None:  # probed once; 0 records that no candidate fits
+        rows = torch.arange(64, dtype=torch.int32)
+        probe = torch.stack([rows % 16, rows // 16, (rows * 7) % 16, 15 - rows % 16], dim=1)  # (64, 4), rows distinct
+        packed = torch._convert_weight_to_int4pack_for_cpu(probe, 1)
+        _CPU_INT4_BLOCK_N = next((width for width in _CPU_INT4_BLOCK_CANDIDATES
+                                  if torch.equal(_unpack_cpu_blocks(packed, 64, 4, width), probe)), 0)
+    if not _CPU_INT4_BLOCK_N:
+        raise RuntimeError("torch's CPU int4 layout is not one seekdeep can read directly")
+    return _CPU_INT4_BLOCK_N
 
 
 def unpack_int4_cpu_layout(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
