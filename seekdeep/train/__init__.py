@@ -11,12 +11,14 @@ from seekdeep.train.precision import (
     cast_model_for_training,
     param_groups,
 )
+from seekdeep.train.rundir import RunDirectoryError, prepare_run_dir, publish_dir
 from seekdeep.train.schedule import make_scheduler, warmup_cosine
 
 __all__ = [
     "DEFAULT_FP32_PATTERNS",
     "DynamicLossScaler",
     "PrecisionPolicy",
+    "RunDirectoryError",
     "StaticLossScaler",
     "TrainingState",
     "cast_model_for_training",
@@ -25,6 +27,8 @@ __all__ = [
     "make_scheduler",
     "mean_loss",
     "param_groups",
+    "prepare_run_dir",
+    "publish_dir",
     "resume_checkpoint",
     "save_checkpoint",
     "warmup_cosine",
