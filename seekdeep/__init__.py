@@ -1,6 +1,6 @@
 """seekdeep: efficient LLMs with dynamic sparse attention on PyTorch."""
 
-from seekdeep.auto import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+from seekdeep.auto import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 from seekdeep.errors import (
     CheckpointError,
     ConfigError,
@@ -17,6 +17,7 @@ __all__ = [
     "AutoConfig",
     "AutoModel",
     "AutoModelForCausalLM",
+    "AutoModelForSequenceClassification",
     "AutoTokenizer",
     "CheckpointError",
     "ConfigError",

@@ -42,6 +42,27 @@ class AutoModel(AutoModelForCausalLM):
     pass
 
 
+class AutoModelForSequenceClassification:
+    """A family's trunk + a ``score`` head read at each row's last real token
+    (:mod:`seekdeep.models.classification`); a causal LM checkpoint gets a fresh head."""
+
+    @staticmethod
+    def from_pretrained(path_or_id: str | os.PathLike, dtype=None, device=None, num_labels: int | None = None,
+                        id2label: dict[int, str] | None = None, **overrides: Any):
+        from seekdeep.models.classification import ForSequenceClassification
+
+        return ForSequenceClassification.from_pretrained(path_or_id, dtype=dtype, device=device, num_labels=num_labels,
+                                                         id2label=id2label, **overrides)
+
+    @staticmethod
+    def from_config(config, num_labels: int = 2, id2label: dict[int, str] | None = None, problem_type: str | None = None):
+        from seekdeep.models.classification import ClassificationHeadConfig, ForSequenceClassification
+
+        model = ForSequenceClassification(config, ClassificationHeadConfig(num_labels, id2label or {}, problem_type))
+        model.init_weights()
+        return model
+
+
 class AutoTokenizer:
     @staticmethod
     def from_pretrained(path_or_id: str | os.PathLike, **kwargs: Any):
