@@ -7,9 +7,10 @@ import importlib
 import os
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
-from seekdeep.errors import SeekdeepError
+from seekdeep.errors import ConfigError, SeekdeepError
 
 #: modules adding their own sub-command (see build_parser); only commands that work are listed.
 PLUGGED_COMMANDS: list[str] = ["seekdeep.recipes.finetune", "seekdeep.recipes.distill", "seekdeep.recipes.compress",
@@ -49,10 +50,27 @@ def make_default_model(model_dir: Path, backend: str = "dsa"):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import torch
-
     from seekdeep.auto import AutoModel, AutoTokenizer
+    from seekdeep.files import check_model_path
+    from seekdeep.generation import GenerationConfig
+    from seekdeep.models.loading import parse_dtype
+    from seekdeep.validate import check_device
 
+    # every flag goes to the config that owns it, unchanged, before anything is loaded or written:
+    # temperature 0 is greedy in GenerationConfig itself (as in the OpenAI API)
+    gen_cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=True, temperature=args.temperature,
+                               top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                               seed=args.seed, stop_strings=args.stop or None)
+    check_model_path("model", args.model)
+    check_device("device", args.device)
+    if args.dtype is not None:
+        parse_dtype(args.dtype)
+    if args.attention_backend is not None:
+        from seekdeep.attention import available_backends
+
+        if args.attention_backend not in available_backends():
+            raise ConfigError("attention_backend", f"unknown {args.attention_backend!r}; accepted: "
+                              f"{', '.join(available_backends())}")
     trained = Path("runs/train/final")  # what `seekdeep train` writes by default
     model_dir = Path(args.model) if args.model else (trained if (trained / "config.json").is_file() else DEFAULT_MODEL_DIR)
     if args.model is None and not (model_dir / "config.json").is_file():
@@ -62,16 +80,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model = AutoModel.from_pretrained(model_dir, dtype=args.dtype, device=args.device, **overrides)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     enc = tokenizer(args.prompt, return_tensors="pt")
-    gen_kwargs = dict(
-        max_new_tokens=args.max_new_tokens,
-        do_sample=args.temperature > 0,
-        temperature=args.temperature if args.temperature > 0 else 1.0,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty,
-        seed=args.seed,
-        stop_strings=args.stop or None,
-    )
+    gen_kwargs = {f.name: getattr(gen_cfg, f.name) for f in fields(GenerationConfig)
+                  if f.name not in ("eos_token_id", "pad_token_id")}  # the model's own unless given
     start = time.perf_counter()
     n_new = 0
     if args.stream:
@@ -146,38 +156,32 @@ def add_recipe_command(subparsers, name: str, help_text: str, config_cls, positi
     parser = subparsers.add_parser(name, help=help_text)
     parser.add_argument(positional, nargs="?", default=None, help=help_overrides.get(positional))
     add_dataclass_flags(parser, config_cls, help_overrides, skip=(positional,))
-    parser.set_defaults(func=func)
+    parser.set_defaults(func=func, config_cls=config_cls)
     return parser
 
 
-def _probability(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
-    return value
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors (``seekdeep train: error: argument --steps: ...``) instead of
+    the usage block, like every other error of the CLI; sub-parsers inherit it."""
 
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="seekdeep", description="Efficient LLMs with dynamic sparse attention.")
+    parser = ArgumentParser(prog="seekdeep", description="Efficient LLMs with dynamic sparse attention.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate text from a model directory (or the default model)")
     gen.add_argument("model", nargs="?", help="model directory or hub id (default: runs/train/final when `seekdeep train` "
                      f"made it, else {DEFAULT_MODEL_DIR}, created with random weights if missing)")
     gen.add_argument("--prompt", default="def fibonacci(n):\n", help="prompt text")
-    gen.add_argument("--max-new-tokens", type=_non_negative_int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    gen.add_argument("--top-k", type=_non_negative_int, default=None)
-    gen.add_argument("--top-p", type=_probability, default=None)
-    gen.add_argument("--repetition-penalty", type=float, default=1.0)
-    gen.add_argument("--seed", type=_non_negative_int, default=None)
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    gen.add_argument("--top-k", type=int, default=None, help="sampling: keep the k most likely tokens (0: off)")
+    gen.add_argument("--top-p", type=float, default=None, help="sampling: nucleus mass in (0, 1]")
+    gen.add_argument("--repetition-penalty", type=float, default=1.0, help="> 0; 1.0 disables")
+    gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
     gen.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     gen.add_argument("--attention-backend", default=None, help="override the model's attention backend")
@@ -200,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: --seq-len; 0: off)",
         "precision": "fp32 (default), bf16 or fp16 (with dynamic loss scaling)",
     })
-    tr.set_defaults(func=cmd_train)
+    tr.set_defaults(func=cmd_train, config_cls=TrainConfig)
 
     # Sub-commands that live beside their recipe: each module exposes
     # ``register(subparsers)`` adding its parser with ``set_defaults(func=...)``.
@@ -209,12 +213,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def describe_error(exc: SeekdeepError, parser: argparse.ArgumentParser | None = None) -> str:
+    """The error's text with a config field written as the flag a user types (``steps`` ->
+    ``--steps``) when the sub-command has that flag."""
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    field = getattr(exc, "field", None)
+    if field and parser is not None and text.startswith(field):
+        flag = "--" + field.replace("_", "-")
+        options = {s for action in parser._actions for s in action.option_strings}
+        positionals = {action.dest for action in parser._actions if not action.option_strings}
+        if flag in options:
+            text = flag + text[len(field):]
+        elif field in positionals:
+            text = field.upper() + text[len(field):]
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         return args.func(args)
     except SeekdeepError as exc:
-        print(f"seekdeep {args.command}: error: {exc}", file=sys.stderr)
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices.get(args.command)
+        print(f"seekdeep {args.command}: error: {describe_error(exc, sub)}", file=sys.stderr)
         return 2
 
 

@@ -88,3 +88,54 @@ def resolve_model_dir(path_or_id: str | os.PathLike, allow_patterns: list[str], 
             f"{text}: not a local directory, not in the Hugging Face cache, and the hub download failed "
             f"({type(exc).__name__}: {first_line})"
         ) from exc
+
+
+def check_model_path(field: str, value: str | os.PathLike | None) -> None:
+    """A config's model argument, checked before any work starts: a local directory holding
+    config.json, or a hub id of the form ``org/name`` (resolved when the model loads)."""
+    if value is None:
+        return
+    if not isinstance(value, (str, os.PathLike)) or not str(value):
+        raise ConfigError(field, f"expected a model directory or a hub id 'org/name', got {value!r}")
+    path = Path(value).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConfigError(field, f"{path} holds no config.json; accepted: a model directory in the Hugging Face "
+                              "layout (config.json + *.safetensors) or a hub id 'org/name'")
+        return
+    if path.exists():
+        raise ConfigError(field, f"{path} is a file; accepted: a model directory (config.json + *.safetensors) "
+                          "or a hub id 'org/name'")
+    if path.is_symlink():
+        raise ConfigError(field, f"{path} is a broken symbolic link; accepted: a model directory or a hub id")
+    if not is_hub_id(str(value)):
+        raise ConfigError(field, f"{path}: no such directory; accepted: a model directory (config.json + "
+                          "*.safetensors) or a hub id 'org/name'")
+
+
+def check_data_path(field: str, value: str | os.PathLike | None) -> None:
+    """A config's data argument, checked before any work starts: an existing, readable text
+    file, .jsonl file or folder (the documents themselves are checked when they are read)."""
+    if value is None:
+        return
+    if not isinstance(value, (str, os.PathLike)) or not str(value):
+        raise ConfigError(field, f"expected a path (text file, .jsonl file or folder), got {value!r}")
+    path = Path(value).expanduser()
+    if path.is_symlink() and not path.exists():
+        raise ConfigError(field, f"{path} is a broken symbolic link; accepted: a text file, .jsonl file or folder")
+    if not path.exists():
+        raise ConfigError(field, f"{path}: no such file or folder; accepted: a text file, .jsonl file or folder")
+    if path.is_dir():
+        if not os.access(path, os.R_OK | os.X_OK):
+            raise ConfigError(field, f"{path}: folder cannot be read (permissions)")
+        return
+    if not path.is_file():
+        raise ConfigError(field, f"{path} is neither a regular file nor a folder (a device or pipe?); accepted: a "
+                          "text file, .jsonl file or folder")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8192)
+    except OSError as exc:
+        raise ConfigError(field, f"{path} cannot be read ({exc.strerror or exc})") from exc
+    if b"\0" in head:
+        raise ConfigError(field, f"{path} is a binary file (NUL bytes); accepted: UTF-8 text, .jsonl or a folder")

@@ -8,6 +8,7 @@ an ``attention_mask``) and a streaming iterator. The loop is shaped like transfo
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from typing import Any, Iterator, Sequence
 
@@ -16,6 +17,7 @@ import torch
 from seekdeep.errors import GenerationError
 
 _UNSET: Any = object()
+MAX_NEW_TOKENS = 1 << 24
 
 
 @dataclass
@@ -32,22 +34,31 @@ class GenerationConfig:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) or self.max_new_tokens < 0:
-            raise GenerationError("max_new_tokens", f"must be an integer >= 0, got {self.max_new_tokens!r}")
-        if not isinstance(self.temperature, (int, float)) or not self.temperature > 0:
-            raise GenerationError("temperature", f"must be > 0 (use do_sample=False for greedy), got {self.temperature!r}")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 0):
+        if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) \
+                or not 0 <= self.max_new_tokens <= MAX_NEW_TOKENS:
+            raise GenerationError("max_new_tokens", f"must be an integer in [0, {MAX_NEW_TOKENS}], got {self.max_new_tokens!r}")
+        if not isinstance(self.temperature, (int, float)) or isinstance(self.temperature, bool) \
+                or not math.isfinite(self.temperature) or self.temperature < 0:
+            raise GenerationError("temperature", f"must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0):
             raise GenerationError("top_k", f"must be an integer >= 0 (0 disables), got {self.top_k!r}")
         if self.top_p is not None and (not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1):
             raise GenerationError("top_p", f"must be in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.repetition_penalty, (int, float)) or not self.repetition_penalty > 0:
-            raise GenerationError("repetition_penalty", f"must be > 0 (1.0 disables), got {self.repetition_penalty!r}")
+        if not isinstance(self.repetition_penalty, (int, float)) or not math.isfinite(self.repetition_penalty) \
+                or not self.repetition_penalty > 0:
+            raise GenerationError("repetition_penalty", f"must be a finite number > 0 (1.0 disables), got "
+                                  f"{self.repetition_penalty!r}")
         if isinstance(self.stop_strings, str):
             self.stop_strings = [self.stop_strings]
         if self.stop_strings is not None and (not all(isinstance(s, str) and s for s in self.stop_strings)):
             raise GenerationError("stop_strings", "must be a list of non-empty strings")
         if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
             raise GenerationError("seed", f"must be an integer >= 0, got {self.seed!r}")
+
+    @property
+    def greedy(self) -> bool:
+        """Greedy decoding: ``do_sample=False``, or temperature 0 (the OpenAI API's greedy)."""
+        return not self.do_sample or self.temperature == 0
 
     @property
     def eos_ids(self) -> list[int]:
@@ -79,7 +90,7 @@ def process_logits(
         seen = logits.gather(1, seen_ids)
         seen = torch.where(seen < 0, seen * cfg.repetition_penalty, seen / cfg.repetition_penalty)
         logits = logits.scatter(1, seen_ids, seen)
-    if not cfg.do_sample:
+    if cfg.greedy:
         return logits
     logits = logits / cfg.temperature
     if cfg.top_k:
@@ -138,7 +149,7 @@ def stream_generate(
         attention_mask = torch.ones_like(input_ids)
     attention_mask = attention_mask.to(device)
     generator = None
-    if cfg.do_sample:
+    if not cfg.greedy:
         generator = torch.Generator(device=device)
         generator.manual_seed(cfg.seed if cfg.seed is not None else int(torch.randint(0, 2**62, (1,))))
     eos = torch.tensor(cfg.eos_ids, device=device, dtype=torch.long)
@@ -152,7 +163,7 @@ def stream_generate(
         cache = out.past_key_values
         for step in range(cfg.max_new_tokens):
             logits = process_logits(out.logits[:, -1], seen, cfg)
-            if cfg.do_sample:
+            if not cfg.greedy:
                 probs = logits.softmax(-1)
                 next_ids = torch.multinomial(probs, 1, generator=generator).squeeze(1)
             else:

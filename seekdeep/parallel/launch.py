@@ -21,8 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from seekdeep.errors import ConfigError
+from seekdeep.validate import check_int
 
 _NAME_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")  # a Kubernetes resource name (RFC 1123 label)
+_RDZV_ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,128}")
+_HOST_RE = re.compile(r"[A-Za-z0-9_.:-]{1,253}")  # a name, IPv4 or (bracketed) IPv6 address
 RDZV_BACKENDS = ("c10d", "etcd", "etcd-v2", "static")
 
 
@@ -45,15 +48,22 @@ class LaunchSpec:
             raise ConfigError("command", "no command to launch; accepted: `seekdeep launch [options] -- train ...`")
         if self.command[0] == "launch":
             raise ConfigError("command", "cannot launch `launch` itself; accepted: another seekdeep sub-command")
-        for name in ("nproc",):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(name, f"must be an integer >= 1, got {value!r}")
-        if isinstance(self.max_restarts, bool) or not isinstance(self.max_restarts, int) or self.max_restarts < 0:
-            raise ConfigError("max_restarts", f"must be an integer >= 0, got {self.max_restarts!r}")
+        check_int("nproc", self.nproc, 1, 1024)
+        check_int("max_restarts", self.max_restarts, 0, 1000)
+        check_int("master_port", self.master_port, 1, 65535, optional=True)
         if self.rdzv_backend not in RDZV_BACKENDS:
             raise ConfigError("rdzv_backend", f"unknown {self.rdzv_backend!r}; accepted: {', '.join(RDZV_BACKENDS)}")
-        parse_nnodes(self.nnodes)
+        lo, hi = parse_nnodes(self.nnodes)
+        if self.rdzv_endpoint is not None:
+            parse_endpoint(self.rdzv_endpoint)
+        if self.rdzv_id is not None and not _RDZV_ID_RE.fullmatch(str(self.rdzv_id)):
+            raise ConfigError("rdzv_id", f"got {self.rdzv_id!r}; accepted: 1-128 letters, digits, '-', '_' or '.'")
+        if hi > 1 and not self.rdzv_endpoint:
+            raise ConfigError("rdzv_endpoint", f"--nnodes {self.nnodes} spans several nodes: give --rdzv-endpoint "
+                              "HOST:PORT (a host every node can reach)")
+        if hi > 1 and self.master_port is not None:
+            raise ConfigError("master_port", "is for a single node; with several nodes the rendezvous is "
+                              "--rdzv-endpoint HOST:PORT")
 
     @property
     def node_range(self) -> tuple[int, int]:
@@ -78,9 +88,6 @@ class LaunchSpec:
             else:
                 argv += ["--standalone"]
         else:
-            if not self.rdzv_endpoint:
-                raise ConfigError("rdzv_endpoint", f"--nnodes {self.nnodes} spans several nodes: give --rdzv-endpoint "
-                                  "HOST:PORT (a host every node can reach)")
             argv += ["--nnodes", self.nnodes, "--rdzv-backend", self.rdzv_backend, "--rdzv-endpoint", self.rdzv_endpoint]
             if self.rdzv_id:
                 argv += ["--rdzv-id", self.rdzv_id]
@@ -101,23 +108,48 @@ def parse_nnodes(text: str) -> tuple[int, int]:
     return (values[0], values[-1])
 
 
+def parse_endpoint(text: str) -> tuple[str, int]:
+    """``"head:29400"`` -> ("head", 29400); a bare host gets torchrun's default port 29400."""
+    host, sep, port = str(text).rpartition(":")
+    if not sep:
+        host, port = str(text), "29400"
+    if not host or not _HOST_RE.fullmatch(host.strip("[]")) or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ConfigError("rdzv_endpoint", f"got {text!r}; accepted: HOST:PORT with a host name or address and a port "
+                          "in [1, 65535]")
+    return host, int(port)
+
+
 def check_command(spec: LaunchSpec) -> None:
-    """Validate what the command will do with the processes: for ``train --parallel X``, the
-    layout against every world size the launch can have and against the model preset."""
-    if spec.command[0] != "train":
-        return
-    from seekdeep.cli import build_parser
+    """Validate the wrapped command before any process starts: it parses, its config accepts
+    every flag, and what it does with the processes holds — for ``train --parallel X``, the
+    layout against every world size the launch can have and against the model preset; every
+    other command runs on one process only."""
+    from seekdeep.cli import build_parser, describe_error
+    from seekdeep.errors import SeekdeepError
     from seekdeep.parallel.config import ParallelConfig
 
+    if spec.command[0].startswith("-"):
+        raise ConfigError("command", f"starts with the option {spec.command[0]!r}; accepted: `seekdeep launch [options] "
+                          "-- COMMAND [flags]` with COMMAND a seekdeep sub-command such as train")
+    parser = build_parser()
     try:
-        args = build_parser().parse_args(spec.command)
+        args = parser.parse_args(spec.command)
     except SystemExit as exc:  # argparse already printed what is wrong
-        raise ConfigError("command", f"`seekdeep {' '.join(spec.command)}` does not parse") from exc
+        raise ConfigError("command", f"`seekdeep {' '.join(spec.command)}` does not parse (see above)") from exc
     from dataclasses import fields
 
-    from seekdeep.recipes.train import TrainConfig
-
-    TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})  # every field's own checks
+    config_cls = getattr(args, "config_cls", None)
+    if config_cls is not None:
+        try:  # every field's own checks, as the command itself would run them
+            config_cls(**{f.name: getattr(args, f.name) for f in fields(config_cls)})
+        except SeekdeepError as exc:
+            sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
+            raise ConfigError("command", f"`seekdeep {args.command}`: {describe_error(exc, sub)}") from None
+    if spec.command[0] != "train":
+        if max(spec.world_sizes()) > 1:
+            raise ConfigError("nproc", f"`seekdeep {spec.command[0]}` runs on one process; accepted with it: --nproc 1 "
+                              "--nnodes 1 (only `train --parallel ...` spreads over several)")
+        return
     parallel = getattr(args, "parallel", None)
     if not parallel:
         if max(spec.world_sizes()) > 1:
@@ -244,7 +276,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
         path = write_manifest(manifest, args.k8s)
         print(f"wrote {path} (kubectl apply -f {path})")
         return 0
-    spec = LaunchSpec(command=command, nproc=args.nproc or 1, nnodes=nnodes, rdzv_backend=args.rdzv_backend,
+    spec = LaunchSpec(command=command, nproc=args.nproc if args.nproc is not None else 1, nnodes=nnodes, rdzv_backend=args.rdzv_backend,
                       rdzv_endpoint=args.rdzv_endpoint, rdzv_id=args.rdzv_id, max_restarts=args.max_restarts,
                       master_port=args.master_port)
     return launch(spec, dry_run=args.dry_run)

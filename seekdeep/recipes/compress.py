@@ -34,6 +34,9 @@ from typing import Any
 import torch
 
 from seekdeep.errors import ConfigError
+from seekdeep.files import check_data_path, check_model_path
+from seekdeep.recipes.train import MAX_BATCH, MAX_SEQ_LEN
+from seekdeep.validate import MAX_SEED, check_device, check_float, check_int
 
 #: --quant choices -> QuantConfig keyword arguments
 QUANT_SCHEMES: dict[str, dict[str, Any]] = {
@@ -73,6 +76,7 @@ class CompressConfig:
     latency_rounds: int = 3
     threads: int | None = None  # torch CPU threads for the whole run (None: torch's default)
     output_dir: str = "runs/compress"
+    overwrite: bool = False  # replace a finished run (its report and stage models) in output_dir instead of refusing
     device: str = "cpu"  # the integer kernels and the latency target are CPU ones
     seed: int = 0
     progress: bool = True
@@ -83,17 +87,20 @@ class CompressConfig:
                               f"--quant {{{', '.join(QUANT_SCHEMES)}}}")
         if self.quant is not None and self.quant not in QUANT_SCHEMES:
             raise ConfigError("quant", f"unknown {self.quant!r}; accepted: {', '.join(QUANT_SCHEMES)}")
-        for name in ("recovery_steps", "distill_steps", "calibration_batches", "seq_len", "batch_size", "eval_batches",
-                     "latency_prompt", "latency_tokens", "latency_rounds", "group_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(name, f"must be an integer >= 1, got {value!r}")
-        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
-                                         or self.threads < 1):
-            raise ConfigError("threads", f"must be None or an integer >= 1, got {self.threads!r}")
+        for name in ("recovery_steps", "distill_steps", "calibration_batches", "eval_batches", "latency_rounds"):
+            check_int(name, getattr(self, name))
+        check_int("seq_len", self.seq_len, 1, MAX_SEQ_LEN)
+        check_int("batch_size", self.batch_size, 1, MAX_BATCH)
+        check_int("latency_prompt", self.latency_prompt, 1, MAX_SEQ_LEN)
+        check_int("latency_tokens", self.latency_tokens, 1, MAX_SEQ_LEN)
+        check_int("group_size", self.group_size, 1, 1 << 16)
+        check_int("threads", self.threads, 1, 4096, optional=True)
+        check_int("seed", self.seed, 0, MAX_SEED)
         for name in ("recovery_lr", "distill_lr"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(name, f"must be > 0, got {getattr(self, name)!r}")
+            check_float(name, getattr(self, name), 0, 10, lo_open=True)
+        check_model_path("model", self.model)
+        check_data_path("data", self.data)
+        check_device("device", self.device, optional=False)
         if self.prune is not None:
             self.prune_config()  # ratio, method and targets checked by PruneConfig
         if self.distill:
@@ -246,8 +253,9 @@ def write_report(out: Path, results: list[StageResult], meta: dict[str, Any]) ->
 
 
 def _save(model, tokenizer, directory: Path) -> None:
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
+    from seekdeep.train import publish_dir
+
+    publish_dir(directory, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
 
 
 def resolve_model(model: str | None) -> Path | str:
@@ -265,12 +273,11 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
     from seekdeep.data import TokenWindows
     from seekdeep.recipes.distill import DistillRunConfig, distill, prepare_distill_data
     from seekdeep.recipes.train import evaluate
-    from seekdeep.train import PrecisionPolicy
+    from seekdeep.train import PrecisionPolicy, prepare_run_dir
 
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    out = Path(cfg.output_dir).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_run_dir(cfg.output_dir, command="compress", overwrite=cfg.overwrite, resumable=False)
     device = torch.device(cfg.device)
     source = resolve_model(cfg.model)
     model = AutoModel.from_pretrained(source, device=device).eval()
@@ -325,7 +332,7 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
             alpha=cfg.alpha, seq_len=cfg.seq_len, batch_size=cfg.batch_size, steps=cfg.distill_steps, lr=cfg.distill_lr,
             eval_interval=max(1, cfg.distill_steps // 4), eval_batches=cfg.eval_batches,
             checkpoint_interval=cfg.distill_steps, output_dir=str(out / "distill"), device=cfg.device, seed=cfg.seed,
-            progress=cfg.progress))
+            progress=cfg.progress, overwrite=True))  # this run's own stage: the check above covered it
         current_dir = Path(summary["model_dir"])
         current = AutoModel.from_pretrained(current_dir, device=device).eval()
         details = {k: summary[k] for k in ("teacher_layers", "student_layers", "teacher_ppl", "student_init_ppl",

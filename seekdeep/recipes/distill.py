@@ -28,6 +28,9 @@ import torch
 from tqdm import tqdm
 
 from seekdeep.errors import CheckpointError, ConfigError
+from seekdeep.files import check_data_path, check_model_path
+from seekdeep.recipes.train import MAX_BATCH, MAX_SEQ_LEN
+from seekdeep.validate import MAX_SEED, check_device, check_float, check_int
 
 #: what ``seekdeep train`` writes by default: the teacher when none is given
 DEFAULT_TEACHER = Path("runs/train/final")
@@ -61,30 +64,27 @@ class DistillRunConfig:
     keep_last: int = 2
     output_dir: str = "runs/distill"
     resume: str | None = None  # "auto" (latest in output_dir) or a checkpoint path
+    overwrite: bool = False  # replace a finished (or unfinished) run in output_dir instead of refusing
     device: str | None = None  # None: cuda when available, else cpu
     seed: int = 0
     progress: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("seq_len", "batch_size", "grad_accum", "steps", "eval_interval", "eval_batches",
-                     "checkpoint_interval", "keep_last"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(name, f"must be an integer >= 1, got {value!r}")
-        for name in ("warmup_steps", "seed"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ConfigError(name, f"must be an integer >= 0, got {value!r}")
-        for name in ("lr", "grad_clip"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(name, f"must be > 0, got {getattr(self, name)!r}")
-        for name in ("weight_decay", "indexer_loss_weight"):
-            if not getattr(self, name) >= 0:
-                raise ConfigError(name, f"must be >= 0, got {getattr(self, name)!r}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ConfigError("min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio!r}")
-        if self.max_time is not None and not self.max_time > 0:
-            raise ConfigError("max_time", f"must be > 0 seconds, got {self.max_time!r}")
+        for name in ("grad_accum", "steps", "eval_interval", "eval_batches", "checkpoint_interval", "keep_last"):
+            check_int(name, getattr(self, name))
+        check_int("seq_len", self.seq_len, 1, MAX_SEQ_LEN)
+        check_int("batch_size", self.batch_size, 1, MAX_BATCH)
+        check_int("warmup_steps", self.warmup_steps, 0)
+        check_int("seed", self.seed, 0, MAX_SEED)
+        check_float("lr", self.lr, 0, 10, lo_open=True)
+        check_float("grad_clip", self.grad_clip, 0, lo_open=True)
+        check_float("weight_decay", self.weight_decay, 0)
+        check_float("indexer_loss_weight", self.indexer_loss_weight, 0)
+        check_float("min_lr_ratio", self.min_lr_ratio, 0, 1)
+        check_float("max_time", self.max_time, 0, lo_open=True, optional=True)
+        check_model_path("teacher", self.teacher)
+        check_data_path("data", self.data)
+        check_device("device", self.device)
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ConfigError("precision", f"unknown {self.precision!r}; accepted: fp32, bf16, fp16")
         if not isinstance(self.layers, str):  # a list from Python: keep the JSON-friendly string form
@@ -149,7 +149,7 @@ def _saved_config(checkpoint: Path, cfg: DistillRunConfig) -> DistillRunConfig:
     known = {f.name for f in fields(DistillRunConfig)}
     return DistillRunConfig(**{**{k: v for k, v in saved.items() if k in known}, "steps": cfg.steps,
                                "max_time": cfg.max_time, "resume": cfg.resume, "output_dir": cfg.output_dir,
-                               "progress": cfg.progress, "device": cfg.device})
+                               "progress": cfg.progress, "device": cfg.device, "overwrite": False})
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -162,10 +162,10 @@ def distill(cfg: DistillRunConfig) -> dict[str, Any]:
     from seekdeep.distill import distillation_loss, make_student
     from seekdeep.files import write_json_atomic
     from seekdeep.recipes.train import MetricsLog, apply_phase, evaluate, plot_losses
-    from seekdeep.train import (PrecisionPolicy, load_checkpoint, make_scheduler, param_groups, resume_checkpoint,
-                                save_checkpoint)
+    from seekdeep.train import (PrecisionPolicy, load_checkpoint, make_scheduler, param_groups, prepare_run_dir,
+                                publish_dir, resume_checkpoint, save_checkpoint)
 
-    out = Path(cfg.output_dir).expanduser()
+    out = prepare_run_dir(cfg.output_dir, command="distill", overwrite=cfg.overwrite, resume=cfg.resume)
     ckpt_dir = out / "checkpoints"
     resume_path = resume_checkpoint(cfg.resume, ckpt_dir)
     if resume_path is not None:
@@ -271,8 +271,7 @@ def distill(cfg: DistillRunConfig) -> dict[str, Any]:
 
     final_dir = out / "final"
     student.eval()
-    student.save_pretrained(final_dir)
-    tokenizer.save_pretrained(final_dir)
+    publish_dir(final_dir, lambda tmp: (student.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
     plot_losses(metrics.path, out / "loss.png", f"seekdeep distill: layers {cfg.layers}, T={method.temperature:g}, "
                 f"alpha={method.alpha:g}")
     summary = {

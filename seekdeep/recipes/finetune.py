@@ -29,6 +29,9 @@ import torch
 from tqdm import tqdm
 
 from seekdeep.errors import CheckpointError, ConfigError
+from seekdeep.files import check_data_path, check_model_path
+from seekdeep.recipes.train import MAX_BATCH, MAX_SEQ_LEN
+from seekdeep.validate import MAX_SEED, check_device, check_float, check_int
 
 METHODS = ("lora", "bottleneck", "prompt", "full")
 DEFAULT_LR = {"lora": 3e-3, "bottleneck": 2e-3, "prompt": 3e-2, "full": 1e-3}
@@ -66,6 +69,7 @@ class FinetuneConfig:
     keep_last: int = 2
     output_dir: str = "runs/finetune"
     resume: str | None = None  # "auto" (latest in output_dir) or a checkpoint path
+    overwrite: bool = False  # replace a finished (or unfinished) run in output_dir instead of refusing
     merge: bool = False  # LoRA: also write the merged full model to output_dir/merged
     device: str | None = None
     seed: int = 0
@@ -74,25 +78,22 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ConfigError("method", f"unknown {self.method!r}; accepted: {', '.join(METHODS)}")
-        for name in ("bottleneck_size", "num_virtual_tokens", "seq_len", "batch_size", "grad_accum", "steps",
-                     "eval_interval", "eval_batches", "checkpoint_interval", "keep_last"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(name, f"must be an integer >= 1, got {value!r}")
-        for name in ("warmup_steps", "seed"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ConfigError(name, f"must be an integer >= 0, got {value!r}")
-        if self.lr is not None and not self.lr > 0:
-            raise ConfigError("lr", f"must be > 0, got {self.lr!r}")
-        if not self.grad_clip > 0:
-            raise ConfigError("grad_clip", f"must be > 0, got {self.grad_clip!r}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ConfigError("min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio!r}")
-        if not self.weight_decay >= 0:
-            raise ConfigError("weight_decay", f"must be >= 0, got {self.weight_decay!r}")
-        if self.max_time is not None and not self.max_time > 0:
-            raise ConfigError("max_time", f"must be > 0 seconds, got {self.max_time!r}")
+        for name in ("grad_accum", "steps", "eval_interval", "eval_batches", "checkpoint_interval", "keep_last"):
+            check_int(name, getattr(self, name))
+        check_int("bottleneck_size", self.bottleneck_size, 1, 1 << 16)
+        check_int("num_virtual_tokens", self.num_virtual_tokens, 1, 1 << 16)
+        check_int("seq_len", self.seq_len, 1, MAX_SEQ_LEN)
+        check_int("batch_size", self.batch_size, 1, MAX_BATCH)
+        check_int("warmup_steps", self.warmup_steps, 0)
+        check_int("seed", self.seed, 0, MAX_SEED)
+        check_float("lr", self.lr, 0, 10, lo_open=True, optional=True)
+        check_float("grad_clip", self.grad_clip, 0, lo_open=True)
+        check_float("min_lr_ratio", self.min_lr_ratio, 0, 1)
+        check_float("weight_decay", self.weight_decay, 0)
+        check_float("max_time", self.max_time, 0, lo_open=True, optional=True)
+        check_model_path("base", self.base)
+        check_data_path("data", self.data)
+        check_device("device", self.device)
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ConfigError("precision", f"unknown {self.precision!r}; accepted: fp32, bf16, fp16")
         if self.data is not None and self.package is not None:
@@ -137,9 +138,10 @@ def default_base(progress: bool = True, steps: int = DEFAULT_BASE_STEPS) -> Path
     from seekdeep.recipes.train import TrainConfig, train
 
     print(f"no base model given and no {trained}: training a small one into {out} ({steps} steps, once)", file=sys.stderr)
+    # an interrupted earlier attempt is continued, not refused (resume="auto" starts fresh when there is none)
     train(TrainConfig(preset="tiny", attention_backend="sdpa", steps=steps, batch_size=8, seq_len=256, lr=3e-3,
                       warmup_steps=30, eval_interval=steps, eval_batches=10, checkpoint_interval=steps, keep_last=1,
-                      output_dir=str(out), progress=progress, sample_tokens=16))
+                      output_dir=str(out), progress=progress, sample_tokens=16, resume="auto"))
     return final
 
 
@@ -264,10 +266,10 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     from seekdeep.files import write_json_atomic
     from seekdeep.peft.io import copy_into_adapter, read_adapter_weights
     from seekdeep.recipes.train import MetricsLog, evaluate, plot_losses
-    from seekdeep.train import (PrecisionPolicy, load_checkpoint, make_scheduler, param_groups, resume_checkpoint,
-                                save_checkpoint)
+    from seekdeep.train import (PrecisionPolicy, load_checkpoint, make_scheduler, param_groups, prepare_run_dir,
+                                publish_dir, resume_checkpoint, save_checkpoint)
 
-    out = Path(cfg.output_dir).expanduser()
+    out = prepare_run_dir(cfg.output_dir, command="finetune", overwrite=cfg.overwrite, resume=cfg.resume)
     ckpt_dir = out / "checkpoints"
     resume_path = resume_checkpoint(cfg.resume, ckpt_dir)
     if resume_path is not None:
@@ -277,8 +279,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         known = {f.name for f in fields(FinetuneConfig)}
         cfg = FinetuneConfig(**{**{k: v for k, v in saved.items() if k in known}, "steps": cfg.steps, "max_time": cfg.max_time,
                                 "resume": cfg.resume, "output_dir": cfg.output_dir, "progress": cfg.progress,
-                                "device": cfg.device})
-    out.mkdir(parents=True, exist_ok=True)
+                                "device": cfg.device, "overwrite": False})
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     policy = PrecisionPolicy(cfg.precision, device.type)
     base_dir = Path(cfg.base) if cfg.base else default_base(cfg.progress)
@@ -363,16 +364,14 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     model.eval()
     artefacts: dict[str, str] = {}
     if cfg.method == "full":
-        model.save_pretrained(out / "final")
-        tokenizer.save_pretrained(out / "final")
+        publish_dir(out / "final", lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
         artefacts["model_dir"] = str(out / "final")
     else:
-        model.save_adapter(out / "adapter", adapter_name=cfg.adapter_name)
+        publish_dir(out / "adapter", lambda tmp: model.save_adapter(tmp, adapter_name=cfg.adapter_name))
         artefacts["adapter_dir"] = str(out / "adapter")
         if cfg.merge:
             model.merge_and_unload()
-            model.save_pretrained(out / "merged")
-            tokenizer.save_pretrained(out / "merged")
+            publish_dir(out / "merged", lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
             artefacts["merged_dir"] = str(out / "merged")
     plot_losses(metrics.path, out / "loss.png", f"seekdeep finetune: {cfg.method}")
     summary = {

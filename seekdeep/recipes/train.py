@@ -28,8 +28,13 @@ import torch
 from tqdm import tqdm
 
 from seekdeep.errors import CheckpointError, ConfigError
+from seekdeep.files import check_data_path
+from seekdeep.validate import MAX_SEED, check_device, check_float, check_int
 
 PRESETS = ("tiny", "small", "base", "125m")
+MAX_SEQ_LEN = 1 << 20  # tokens per training window
+MAX_BATCH = 1 << 16
+MAX_VOCAB = 1 << 20
 
 
 @dataclass
@@ -64,6 +69,7 @@ class TrainConfig:
     keep_last: int = 2
     output_dir: str = "runs/train"
     resume: str | None = None  # "auto" (latest in output_dir) or a checkpoint path
+    overwrite: bool = False  # replace a finished (or unfinished) run in output_dir instead of refusing
     compile: bool = False
     gradient_checkpointing: bool = False
     fp8: bool = False
@@ -77,20 +83,26 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
             raise ConfigError("preset", f"unknown preset {self.preset!r}; accepted: {', '.join(PRESETS)}")
-        for name in ("vocab_size", "seq_len", "batch_size", "grad_accum", "steps", "eval_interval", "eval_batches",
-                     "checkpoint_interval", "keep_last", "topk", "block_size", "sample_tokens"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(name, f"must be an integer >= 1, got {value!r}")
-        for name in ("warmup_steps", "indexer_warmup_steps", "seed"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ConfigError(name, f"must be an integer >= 0, got {value!r}")
-        for name in ("lr", "grad_clip"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(name, f"must be > 0, got {getattr(self, name)!r}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ConfigError("min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio!r}")
+        for name in ("grad_accum", "steps", "eval_interval", "eval_batches", "checkpoint_interval", "keep_last",
+                     "sample_tokens"):
+            check_int(name, getattr(self, name))
+        check_int("vocab_size", self.vocab_size, 300, MAX_VOCAB)  # 256 bytes + merges + special tokens
+        check_int("seq_len", self.seq_len, 1, MAX_SEQ_LEN)
+        check_int("batch_size", self.batch_size, 1, MAX_BATCH)
+        check_int("topk", self.topk, 1, MAX_SEQ_LEN)
+        check_int("block_size", self.block_size, 1, MAX_SEQ_LEN)
+        for name in ("warmup_steps", "indexer_warmup_steps"):
+            check_int(name, getattr(self, name), 0)
+        check_int("seed", self.seed, 0, MAX_SEED)
+        check_float("lr", self.lr, 0, 10, lo_open=True)
+        check_float("grad_clip", self.grad_clip, 0, lo_open=True)
+        check_float("weight_decay", self.weight_decay, 0)
+        check_float("indexer_loss_weight", self.indexer_loss_weight, 0)
+        check_float("min_lr_ratio", self.min_lr_ratio, 0, 1)
+        check_data_path("data", self.data)
+        check_device("device", self.device)
+        if not isinstance(self.output_dir, str) or not self.output_dir:
+            raise ConfigError("output_dir", f"got {self.output_dir!r}; accepted: a directory path")
         if self.local_window is not None and (isinstance(self.local_window, bool) or not isinstance(self.local_window, int)
                                               or not 1 <= self.local_window <= self.topk):
             raise ConfigError("local_window", f"got {self.local_window!r} with topk={self.topk}; accepted: None (topk // 2) "
@@ -100,12 +112,8 @@ class TrainConfig:
             raise ConfigError("distance_bias", f"must be None (seq_len) or an integer >= 0 (0: off), got {self.distance_bias!r}")
         if self.distance_bias and self.block_size > 1:
             raise ConfigError("distance_bias", "is token-mode only; accepted with block_size > 1: 0")
-        if not 0 <= self.dense_fraction < 1:
-            raise ConfigError("dense_fraction", f"must be in [0, 1), got {self.dense_fraction!r}")
-        if self.max_time is not None and not self.max_time > 0:
-            raise ConfigError("max_time", f"must be > 0 seconds, got {self.max_time!r}")
-        if self.vocab_size < 300:
-            raise ConfigError("vocab_size", f"must be >= 300 (256 bytes + merges + special tokens), got {self.vocab_size}")
+        check_float("dense_fraction", self.dense_fraction, 0, 1, hi_open=True)
+        check_float("max_time", self.max_time, 0, lo_open=True, optional=True)
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ConfigError("precision", f"unknown {self.precision!r}; accepted: fp32, bf16, fp16")
         if self.parallel is not None:
@@ -296,9 +304,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     from seekdeep.data import TokenWindows, prepare_data
     from seekdeep.files import write_json_atomic
     from seekdeep.train import (PrecisionPolicy, latest_checkpoint, load_checkpoint, make_scheduler, param_groups,
-                                resume_checkpoint, save_checkpoint)
+                                prepare_run_dir, publish_dir, resume_checkpoint, save_checkpoint)
 
-    out = Path(cfg.output_dir).expanduser()
+    # before anything is written: never replace a finished run unless asked (every rank checks,
+    # rank 0 alone clears an overwritten run's checkpoints)
+    out = prepare_run_dir(cfg.output_dir, command="train", overwrite=cfg.overwrite, resume=cfg.resume,
+                          clear=int(os.environ.get("RANK", "0")) == 0)
     ckpt_dir = out / "checkpoints"
     resume_path = resume_checkpoint(cfg.resume, ckpt_dir)
     if resume_path is not None:
@@ -306,7 +317,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         # the run's identity comes from the checkpoint; only the budget and output may change
         cfg = TrainConfig(**{**saved, "steps": cfg.steps, "max_time": cfg.max_time, "resume": cfg.resume,
                              "output_dir": cfg.output_dir, "progress": cfg.progress, "device": cfg.device,
-                             "parallel": cfg.parallel})  # a distributed checkpoint may resume on another layout
+                             "overwrite": False, "parallel": cfg.parallel})  # a distributed checkpoint may resume on another layout
     run = None
     if cfg.parallel:
         from seekdeep.parallel.recipe import DistributedRun
@@ -457,8 +468,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             f.write(json.dumps({"kind": "eval", "step": step, "phase": cfg.phase(step), "eval_loss": final_loss,
                                 "eval_ppl": math.exp(final_loss), "final": True}) + "\n")
         model.eval()
-        model.save_pretrained(final_dir)
-        tokenizer.save_pretrained(final_dir)
+        publish_dir(final_dir, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
         prompt = tokenizer(cfg.sample_prompt, return_tensors="pt")
         sample_ids = model.generate(prompt["input_ids"], max_new_tokens=cfg.sample_tokens, do_sample=True,
                                     temperature=0.8, top_k=50, seed=cfg.seed)

@@ -59,11 +59,13 @@ def run_state(out: Path) -> str:
 
 
 def prepare_run_dir(output_dir: str | os.PathLike, *, command: str, overwrite: bool = False,
-                    resume: str | None = None, resumable: bool = True) -> Path:
+                    resume: str | None = None, resumable: bool = True, clear: bool = True) -> Path:
     """Check ``output_dir`` against the rule above and return it (created).
 
     ``resume``: the recipe's resume setting (None, "auto" or a path); ``resumable``: whether the
-    recipe can resume at all (compress cannot), which decides the hint in the error.
+    recipe can resume at all (compress cannot), which decides the hint in the error; ``clear``:
+    whether this process removes an overwritten run's checkpoints (under torchrun every rank
+    checks, rank 0 alone clears).
     """
     out = Path(output_dir).expanduser()
     if out.exists() and not out.is_dir():
@@ -87,7 +89,7 @@ def prepare_run_dir(output_dir: str | os.PathLike, *, command: str, overwrite: b
     if overwrite and resume is not None:
         raise ConfigError("overwrite", "cannot be combined with --resume (one continues the run, the other starts "
                           "it over); accepted: one of them")
-    if overwrite and state in ("finished", "unfinished", "foreign"):
+    if overwrite and clear and state in ("finished", "unfinished", "foreign"):
         ckpt = out / CHECKPOINTS
         if ckpt.is_dir():
             doomed = out / f".{CHECKPOINTS}.old-{os.getpid()}"
