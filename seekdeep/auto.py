@@ -14,6 +14,13 @@ from seekdeep.models.loading import load_config, load_pretrained
 class AutoConfig:
     @staticmethod
     def from_pretrained(path_or_id: str | os.PathLike, **overrides: Any):
+        if _multimodal_type(path_or_id) == "llava":
+            from seekdeep.files import read_json
+            from seekdeep.models.loading import resolve_model_dir
+            from seekdeep.multimodal.config import LlavaConfig
+
+            config_path = resolve_model_dir(path_or_id) / "config.json"
+            return LlavaConfig.from_hf_dict({**read_json(config_path), **overrides}, source=str(config_path))
         return load_config(path_or_id, **overrides)
 
     @staticmethod
@@ -39,7 +46,33 @@ class AutoModelForCausalLM:
 
 
 class AutoModel(AutoModelForCausalLM):
-    pass
+    """As :class:`AutoModelForCausalLM`, and a ``model_type: llava`` config.json gives the
+    vision-language model (:class:`seekdeep.multimodal.llava.LlavaForConditionalGeneration`)."""
+
+    @staticmethod
+    def from_pretrained(path_or_id: str | os.PathLike, dtype=None, device=None, **overrides: Any):
+        if _multimodal_type(path_or_id) == "llava":
+            from seekdeep.multimodal.llava import LlavaForConditionalGeneration
+
+            return LlavaForConditionalGeneration.from_pretrained(path_or_id, dtype=dtype, device=device, **overrides)
+        return load_pretrained(path_or_id, dtype=dtype, device=device, **overrides)
+
+    @staticmethod
+    def from_config(config):
+        if getattr(config, "model_type", None) == "llava":
+            from seekdeep.multimodal.llava import LlavaForConditionalGeneration
+
+            return LlavaForConditionalGeneration.from_config(config)
+        return AutoModelForCausalLM.from_config(config)
+
+
+def _multimodal_type(path_or_id: str | os.PathLike) -> str | None:
+    """config.json's model_type when it names a multimodal model, else None."""
+    from seekdeep.files import read_json
+    from seekdeep.models.loading import resolve_model_dir
+
+    model_type = read_json(resolve_model_dir(path_or_id) / "config.json").get("model_type")
+    return model_type if model_type == "llava" else None
 
 
 class AutoModelForSequenceClassification:

@@ -131,12 +131,14 @@ def stream_generate(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     tokenizer=None,
+    model_inputs: dict[str, Any] | None = None,
     **kwargs: Any,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, (B,), one step at a time.
 
     Rows that already finished (eos or a stop string) receive ``pad_token_id``; the iterator
     ends when every row has finished or ``max_new_tokens`` tokens were produced.
+    ``model_inputs``: extra forward arguments of the prompt step only (e.g. ``pixel_values``).
     """
     cfg = _make_config(model, kwargs)
     _validate_inputs(model, input_ids, attention_mask, cfg)
@@ -159,7 +161,7 @@ def stream_generate(
     was_training = model.training
     model.eval()
     try:
-        out = model(input_ids, attention_mask=attention_mask, use_cache=True, logits_to_keep=1)
+        out = model(input_ids, attention_mask=attention_mask, use_cache=True, logits_to_keep=1, **(model_inputs or {}))
         cache = out.past_key_values
         for step in range(cfg.max_new_tokens):
             logits = process_logits(out.logits[:, -1], seen, cfg)
@@ -196,10 +198,11 @@ def generate(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     tokenizer=None,
+    model_inputs: dict[str, Any] | None = None,
     **kwargs: Any,
 ) -> torch.Tensor:
     """Prompt followed by the generated ids, (B, T + new). See :class:`GenerationConfig`."""
-    steps = list(stream_generate(model, input_ids, attention_mask=attention_mask, tokenizer=tokenizer, **kwargs))
+    steps = list(stream_generate(model, input_ids, attention_mask=attention_mask, tokenizer=tokenizer, model_inputs=model_inputs, **kwargs))
     if not steps:
         return input_ids
     return torch.cat([input_ids.to(steps[0].device), torch.stack(steps, dim=1)], dim=1)
