@@ -18,6 +18,7 @@ from seekdeep.errors import GenerationError
 
 _UNSET: Any = object()
 MAX_NEW_TOKENS = 1 << 24
+MAX_TEMPERATURE = 100.0  # past it sampling is uniform noise: a mistyped value, not a choice
 
 
 @dataclass
@@ -38,22 +39,25 @@ class GenerationConfig:
                 or not 0 <= self.max_new_tokens <= MAX_NEW_TOKENS:
             raise GenerationError("max_new_tokens", f"must be an integer in [0, {MAX_NEW_TOKENS}], got {self.max_new_tokens!r}")
         if not isinstance(self.temperature, (int, float)) or isinstance(self.temperature, bool) \
-                or not math.isfinite(self.temperature) or self.temperature < 0:
-            raise GenerationError("temperature", f"must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0):
-            raise GenerationError("top_k", f"must be an integer >= 0 (0 disables), got {self.top_k!r}")
+                or not math.isfinite(self.temperature) or not 0 <= self.temperature <= MAX_TEMPERATURE:
+            raise GenerationError("temperature", f"must be a number in [0, {MAX_TEMPERATURE}] (0 = greedy), got "
+                                  f"{self.temperature!r}")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or isinstance(self.top_k, bool)
+                                       or not 0 <= self.top_k < 2**31):
+            raise GenerationError("top_k", f"must be an integer in [0, 2**31) (0 disables), got {self.top_k!r}")
         if self.top_p is not None and (not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1):
             raise GenerationError("top_p", f"must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.repetition_penalty, (int, float)) or not math.isfinite(self.repetition_penalty) \
-                or not self.repetition_penalty > 0:
-            raise GenerationError("repetition_penalty", f"must be a finite number > 0 (1.0 disables), got "
+                or not 0 < self.repetition_penalty <= 100:
+            raise GenerationError("repetition_penalty", f"must be a number in (0, 100] (1.0 disables), got "
                                   f"{self.repetition_penalty!r}")
         if isinstance(self.stop_strings, str):
             self.stop_strings = [self.stop_strings]
         if self.stop_strings is not None and (not all(isinstance(s, str) and s for s in self.stop_strings)):
             raise GenerationError("stop_strings", "must be a list of non-empty strings")
-        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
-            raise GenerationError("seed", f"must be an integer >= 0, got {self.seed!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
+                                      or not 0 <= self.seed < 2**63):
+            raise GenerationError("seed", f"must be an integer in [0, 2**63), got {self.seed!r}")
 
     @property
     def greedy(self) -> bool:

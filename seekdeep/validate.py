@@ -61,3 +61,19 @@ def check_device(name: str, value: Any, *, optional: bool = True) -> None:
                               f"cuda:0 .. cuda:{count - 1}")
     elif device.type not in ("cpu", "mps", "xpu", "meta"):
         raise ConfigError(name, f"got {value!r}; accepted: cpu, cuda, cuda:N")
+
+
+_SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(name: str, text: str) -> int:
+    """``"512MiB"`` / ``"2GiB"`` / ``"1.5GB"`` / ``"4096B"`` -> bytes (a unit is required: a bare
+    number was MiB in older command lines and bytes in the Python API)."""
+    import re
+
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
+    unit = match.group(2).lower() if match else ""
+    if not match or unit not in _SIZE_UNITS:
+        raise ConfigError(name, f"got {text!r}; accepted: a size with a unit such as 512MiB, 2GiB, 1.5GB or 4096B")
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])

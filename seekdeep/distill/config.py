@@ -53,8 +53,9 @@ def select_layers(spec: str | Sequence[int], num_layers: int, field: str = "laye
 
 
 def check_temperature(value: Any, field: str = "temperature") -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ConfigError(field, f"must be a finite number > 0, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not 0 < value <= 100:
+        raise ConfigError(field, f"must be a number in (0, 100], got {value!r}")
     return float(value)
 
 

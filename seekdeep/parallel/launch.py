@@ -262,6 +262,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
     if command and command[0] == "--":
         command = command[1:]
     nnodes = args.nnodes
+    check_int("gpus_per_worker", args.gpus_per_worker, 0, 1024)  # checked with or without --k8s
     if args.k8s:
         nproc = args.nproc if args.nproc is not None else max(args.gpus_per_worker, 1)
         if args.gpus_per_worker and nproc != args.gpus_per_worker:

@@ -103,6 +103,10 @@ class CompressConfig:
         check_device("device", self.device, optional=False)
         if self.prune is not None:
             self.prune_config()  # ratio, method and targets checked by PruneConfig
+        from seekdeep.distill.config import check_alpha, check_temperature
+
+        check_temperature(self.temperature)  # checked with or without --distill: nothing is accepted unseen
+        check_alpha(self.alpha)
         if self.distill:
             from seekdeep.distill import DistillConfig
 

@@ -89,17 +89,17 @@ class FinetuneConfig:
         check_float("lr", self.lr, 0, 10, lo_open=True, optional=True)
         check_float("grad_clip", self.grad_clip, 0, lo_open=True)
         check_float("min_lr_ratio", self.min_lr_ratio, 0, 1)
-        check_float("weight_decay", self.weight_decay, 0)
+        check_float("weight_decay", self.weight_decay, 0, 10)
         check_float("max_time", self.max_time, 0, lo_open=True, optional=True)
-        check_model_path("base", self.base)
-        check_data_path("data", self.data)
-        check_device("device", self.device)
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ConfigError("precision", f"unknown {self.precision!r}; accepted: fp32, bf16, fp16")
         if self.data is not None and self.package is not None:
             raise ConfigError("package", "give --data or --package, not both")
         if self.merge and self.method != "lora":
             raise ConfigError("merge", f"only LoRA adapters can be merged, not method {self.method!r}")
+        check_model_path("base", self.base)
+        check_data_path("data", self.data)
+        check_device("device", self.device)
         self.adapter_config()  # validates --lora and the adapter settings
 
     @property

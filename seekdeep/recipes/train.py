@@ -96,8 +96,8 @@ class TrainConfig:
         check_int("seed", self.seed, 0, MAX_SEED)
         check_float("lr", self.lr, 0, 10, lo_open=True)
         check_float("grad_clip", self.grad_clip, 0, lo_open=True)
-        check_float("weight_decay", self.weight_decay, 0)
-        check_float("indexer_loss_weight", self.indexer_loss_weight, 0)
+        check_float("weight_decay", self.weight_decay, 0, 10)
+        check_float("indexer_loss_weight", self.indexer_loss_weight, 0, 1000)
         check_float("min_lr_ratio", self.min_lr_ratio, 0, 1)
         check_data_path("data", self.data)
         check_device("device", self.device)
@@ -107,9 +107,7 @@ class TrainConfig:
                                               or not 1 <= self.local_window <= self.topk):
             raise ConfigError("local_window", f"got {self.local_window!r} with topk={self.topk}; accepted: None (topk // 2) "
                               "or an int in [1, topk]")
-        if self.distance_bias is not None and (isinstance(self.distance_bias, bool)
-                                               or not isinstance(self.distance_bias, int) or self.distance_bias < 0):
-            raise ConfigError("distance_bias", f"must be None (seq_len) or an integer >= 0 (0: off), got {self.distance_bias!r}")
+        check_int("distance_bias", self.distance_bias, 0, MAX_SEQ_LEN, optional=True)  # None: seq_len, 0: off
         if self.distance_bias and self.block_size > 1:
             raise ConfigError("distance_bias", "is token-mode only; accepted with block_size > 1: 0")
         check_float("dense_fraction", self.dense_fraction, 0, 1, hi_open=True)

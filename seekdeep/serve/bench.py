@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from urllib.parse import urlparse
 
 from seekdeep.errors import ConfigError
+from seekdeep.validate import MAX_SEED, check_float, check_int
 
 _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
@@ -48,19 +49,17 @@ class BenchConfig:
             raise ConfigError("url", f"host {host!r} is not loopback (127.0.0.1 / localhost); pass --allow-remote to bench it")
         if self.num_requests is None and self.duration is None:
             raise ConfigError("num_requests", "give a request count or a duration so the run is bounded")
-        if self.num_requests is not None and self.num_requests < 1:
-            raise ConfigError("num_requests", f"must be >= 1, got {self.num_requests}")
-        if self.duration is not None and not self.duration > 0:
-            raise ConfigError("duration", f"must be > 0 seconds, got {self.duration}")
-        if self.qps is not None and not self.qps > 0:
-            raise ConfigError("qps", f"must be > 0, got {self.qps}")
+        check_int("num_requests", self.num_requests, 1, 10**7, optional=True)
+        check_float("duration", self.duration, 0, 7 * 86400, lo_open=True, optional=True)
+        check_float("qps", self.qps, 0, 1e6, lo_open=True, optional=True)
         if self.qps is None and self.max_concurrency is None:
             raise ConfigError("max_concurrency", "give a Poisson rate (qps) or a concurrency limit")
-        if self.max_concurrency is not None and self.max_concurrency < 1:
-            raise ConfigError("max_concurrency", f"must be >= 1, got {self.max_concurrency}")
-        for name in ("prompt_len", "max_tokens"):
-            if getattr(self, name) < 1:
-                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
+        check_int("max_concurrency", self.max_concurrency, 1, 1 << 16, optional=True)
+        check_int("prompt_len", self.prompt_len, 1, 1 << 20)
+        check_int("max_tokens", self.max_tokens, 1, 1 << 20)
+        check_float("temperature", self.temperature, 0, 2)  # the API's range
+        check_int("seed", self.seed, 0, MAX_SEED)
+        check_float("timeout", self.timeout, 0, lo_open=True)
 
 
 @dataclass

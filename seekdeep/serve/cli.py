@@ -10,28 +10,15 @@ import sys
 from pathlib import Path
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
+    from seekdeep.files import check_model_path
     from seekdeep.serve.engine import EngineConfig
     from seekdeep.serve.server import ServerConfig, run_server
 
     engine = EngineConfig(
         block_size=args.block_size,
         num_blocks=args.num_blocks,
-        kv_cache_memory=args.kv_cache_memory * 2**20,
+        kv_cache_memory=args.kv_cache_memory,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len,
@@ -51,11 +38,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         device=args.device,
         shutdown_timeout=args.shutdown_timeout,
     )
-    for path in config.model_dirs:
-        if not (Path(path) / "config.json").is_file():
-            print(f"seekdeep serve: error: {path} has no config.json (expected a Hugging Face layout model directory)",
-                  file=sys.stderr)
-            return 2
+    for path in config.model_dirs:  # before the port is bound or any model loaded
+        check_model_path("models", path)
     run_server(config, log_level=args.log_level)
     return 0
 
@@ -88,22 +72,22 @@ def register(subparsers) -> None:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set SEEKDEEP_API_KEY)")
-    serve.add_argument("--max-num-seqs", type=_positive_int, default=32, help="running batch size limit")
-    serve.add_argument("--max-num-batched-tokens", type=_positive_int, default=2048,
+    serve.add_argument("--max-num-seqs", type=int, default=32, help="running batch size limit")
+    serve.add_argument("--max-num-batched-tokens", type=int, default=2048,
                        help="token budget per step (prompt chunks + decodes)")
-    serve.add_argument("--block-size", type=_positive_int, default=16, help="tokens per KV-cache block")
-    serve.add_argument("--kv-cache-memory", type=_positive_int, default=512, help="KV-cache MiB per model")
-    serve.add_argument("--num-blocks", type=_positive_int, default=None, help="KV-cache blocks (overrides --kv-cache-memory)")
-    serve.add_argument("--max-model-len", type=_positive_int, default=None, help="context limit (default: the model's)")
+    serve.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
+    serve.add_argument("--kv-cache-memory", default="512MiB", help="KV-cache size per model with a unit, e.g. 512MiB or 2GiB")
+    serve.add_argument("--num-blocks", type=int, default=None, help="KV-cache blocks (overrides --kv-cache-memory)")
+    serve.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
     serve.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
-    serve.add_argument("--route-threshold", type=_positive_int, default=256,
+    serve.add_argument("--route-threshold", type=int, default=256,
                        help="for model 'auto': prompt + max tokens at most this go to the first model")
     serve.add_argument("--embedding-cache-size", type=int, default=1024, help="cached embeddings (0 disables)")
     serve.add_argument("--compile-decode", choices=("auto", "on", "off"), default="auto",
                        help="torch.compile + CUDA graphs for decode (auto: on when CUDA is used)")
     serve.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16 or auto")
     serve.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, ...")
-    serve.add_argument("--shutdown-timeout", type=_positive_float, default=30.0,
+    serve.add_argument("--shutdown-timeout", type=float, default=30.0,
                        help="seconds to drain requests on SIGTERM / Ctrl-C before aborting them")
     serve.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     serve.set_defaults(func=cmd_serve)
@@ -111,12 +95,12 @@ def register(subparsers) -> None:
     bench = subparsers.add_parser("bench", help="load-test a running server on 127.0.0.1 (TTFT, TPOT, ITL, throughput)")
     bench.add_argument("--url", default="http://127.0.0.1:8000")
     bench.add_argument("--model", default=None, help="served model id (default: the first)")
-    bench.add_argument("--num-requests", type=_positive_int, default=64)
-    bench.add_argument("--duration", type=_positive_float, default=None, help="seconds to send for (instead of a count)")
-    bench.add_argument("--qps", type=_positive_float, default=None, help="Poisson arrival rate (default: closed loop)")
-    bench.add_argument("--max-concurrency", type=_positive_int, default=32)
-    bench.add_argument("--prompt-len", type=_positive_int, default=128)
-    bench.add_argument("--max-tokens", type=_positive_int, default=128)
+    bench.add_argument("--num-requests", type=int, default=64)
+    bench.add_argument("--duration", type=float, default=None, help="seconds to send for (instead of a count)")
+    bench.add_argument("--qps", type=float, default=None, help="Poisson arrival rate (default: closed loop)")
+    bench.add_argument("--max-concurrency", type=int, default=32)
+    bench.add_argument("--prompt-len", type=int, default=128)
+    bench.add_argument("--max-tokens", type=int, default=128)
     bench.add_argument("--temperature", type=float, default=0.0)
     bench.add_argument("--stop-at-eos", action="store_true", help="let requests end at eos (default: exactly --max-tokens)")
     bench.add_argument("--seed", type=int, default=0)

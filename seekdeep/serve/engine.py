@@ -21,6 +21,7 @@ from typing import AsyncIterator, Sequence as SequenceT
 import torch
 
 from seekdeep.errors import ConfigError, GenerationError, SeekdeepError
+from seekdeep.validate import check_int, parse_size
 from seekdeep.serve.kv_cache import BlockAllocator, PagedKVCache, probe_layer_specs
 from seekdeep.serve.runner import ModelRunner
 from seekdeep.serve.sampling import RequestSampler, SamplingParams, TokenLogprobs, sample
@@ -38,7 +39,7 @@ class EngineConfig:
 
     block_size: int = 16
     num_blocks: int | None = None
-    kv_cache_memory: int = 512 * 2**20
+    kv_cache_memory: int | str = 512 * 2**20  # bytes, or a size such as "512MiB" / "2GiB"
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None
@@ -47,16 +48,14 @@ class EngineConfig:
     compile_backend: str = "inductor"
 
     def __post_init__(self) -> None:
-        for name in ("block_size", "kv_cache_memory", "max_num_seqs", "max_num_batched_tokens"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(name, f"must be a positive integer, got {value!r}")
-        for name in ("num_blocks", "max_model_len"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ConfigError(name, f"must be a positive integer or None, got {value!r}")
-        if self.num_blocks is not None and self.num_blocks < 2:
-            raise ConfigError("num_blocks", f"must be >= 2 (block 0 is reserved), got {self.num_blocks}")
+        if isinstance(self.kv_cache_memory, str):
+            self.kv_cache_memory = parse_size("kv_cache_memory", self.kv_cache_memory)
+        check_int("block_size", self.block_size, 1, 1 << 16)
+        check_int("kv_cache_memory", self.kv_cache_memory, 1, 1 << 46)
+        check_int("max_num_seqs", self.max_num_seqs, 1, 1 << 16)
+        check_int("max_num_batched_tokens", self.max_num_batched_tokens, 1, 1 << 24)
+        check_int("max_model_len", self.max_model_len, 1, 1 << 24, optional=True)
+        check_int("num_blocks", self.num_blocks, 2, 1 << 28, optional=True)  # >= 2: block 0 is reserved
 
 
 @dataclass

@@ -33,6 +33,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from seekdeep.errors import ConfigError, GenerationError, SeekdeepError
+from seekdeep.validate import check_device, check_float, check_int
 from seekdeep.serve.detokenizer import IncrementalDetokenizer
 from seekdeep.serve.embeddings import EmbeddingCache
 from seekdeep.serve.engine import AsyncEngine, Engine, EngineConfig, EngineDeadError, QueueFullError
@@ -83,10 +84,12 @@ class ServerConfig:
         if ROUTER_NAME in names:
             raise ConfigError("model_name", f"{ROUTER_NAME!r} is reserved for routing")
         self.model_names = names
-        if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
-            raise ConfigError("port", f"must be in [0, 65535], got {self.port!r}")
-        if not isinstance(self.max_queue, int) or self.max_queue < 0:
-            raise ConfigError("max_queue", f"must be an integer >= 0, got {self.max_queue!r}")
+        check_int("port", self.port, 0, 65535)
+        check_int("max_queue", self.max_queue, 0, 1 << 20)
+        check_int("route_threshold", self.route_threshold, 1, 1 << 24)
+        check_int("embedding_cache_size", self.embedding_cache_size, 0, 1 << 24)  # 0 disables
+        check_float("shutdown_timeout", self.shutdown_timeout, 0, 86400, lo_open=True)
+        check_device("device", self.device)
 
 
 @dataclass

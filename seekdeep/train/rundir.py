@@ -72,7 +72,7 @@ def prepare_run_dir(output_dir: str | os.PathLike, *, command: str, overwrite: b
         raise RunDirectoryError(f"{out} is a file; accepted: a directory (missing, empty or a previous run of "
                                 f"`seekdeep {command}`)")
     state = run_state(out)
-    resume_hint = (f", or --resume auto to continue it (with a larger --steps)" if resumable else "")
+    resume_hint = ", or --resume auto to continue it (with a larger --steps)" if resumable else ""
     if state == "finished" and not overwrite and resume is None:
         marker = next(name for name in FINISHED_MARKERS if (out / name).is_file())
         raise RunDirectoryError(
