@@ -8,8 +8,7 @@ Heavy imports (shap, captum) happen when an explainer is built, not on ``import 
 from __future__ import annotations
 
 from seekdeep.errors import ConfigError
-
-METHODS = ("shap", "ig", "gradxinput", "ablation", "attention", "rollout")
+from seekdeep.explain.config import METHODS, ExplainConfig, GradFlowConfig
 
 
 def make_explainer(model, tokenizer=None, method: str = "shap", **kwargs):
@@ -59,6 +58,6 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'seekdeep.explain' has no attribute {name!r}")
 
 
-__all__ = ["METHODS", "explain", "make_explainer", "SHAPExplainer", "GradientExplainer", "AblationExplainer",
+__all__ = ["METHODS", "ExplainConfig", "GradFlowConfig", "explain", "make_explainer", "SHAPExplainer", "GradientExplainer", "AblationExplainer",
            "AttentionExplainer", "capture_attention", "attention_rollout", "gradient_flow", "GradientFlowRecorder",
            "write_report", "selection_view"]

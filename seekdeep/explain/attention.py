@@ -85,8 +85,9 @@ def _dsa_selection(module, hidden: torch.Tensor, mask: AttentionMask, allowed: t
     nk = bsa.num_blocks(tk, bs)
     if module.num_selected_blocks >= nk:
         return allowed.clone()
-    block_chosen = torch.zeros(b, q_blocks.numel(), nk, dtype=torch.bool, device=hidden.device)
-    block_chosen.scatter_(-1, indices, valid)  # (B, Nq, Nk)
+    # unused slots hold index 0 with valid False: add up, so they cannot overwrite a real block 0
+    hits = torch.zeros(b, q_blocks.numel(), nk, dtype=torch.long, device=hidden.device)
+    block_chosen = hits.scatter_add_(-1, indices, valid.long()) > 0  # (B, Nq, Nk)
     q_block_of = (torch.arange(mask.q_offset, tk, device=hidden.device) // bs) - int(q_blocks[0])  # (Tq,)
     k_block_of = torch.arange(tk, device=hidden.device) // bs  # (Tk,)
     chosen = block_chosen[:, q_block_of][:, :, k_block_of]  # (B, Tq, Tk)

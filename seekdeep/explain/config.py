@@ -1,0 +1,102 @@
+"""Settings of ``seekdeep explain`` and of the gradient-flow recorder. Plain dataclasses: this
+module imports no explainer, model or recipe, so the CLI and the recipes can read it cheaply."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from seekdeep.errors import ConfigError
+
+METHODS = ("shap", "ig", "gradxinput", "ablation", "attention", "rollout")
+GRANULARITIES = ("word", "token")
+
+
+def _positive_int(value: Any, name: str, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(name, f"must be an int >= {minimum}, got {value!r}")
+
+
+@dataclass
+class ExplainConfig:
+    """One explanation written as a standalone HTML report.
+
+    ``model``: a directory in Hugging Face layout (a sequence classifier or a causal LM, with
+    its tokenizer); ``text``: the input; ``target``: a class name / index (classifier, default the
+    predicted class) or the continuation to score (causal LM, default the model's own greedy
+    continuation of ``max_new_tokens`` tokens); ``max_evals``: ``auto`` or an int (shap only)."""
+
+    model: str | None = None
+    text: str | None = None
+    method: str = "shap"
+    target: str | None = None
+    output: str = "report.html"
+    max_evals: str = "auto"
+    batch_size: int = 64
+    granularity: str = "word"
+    max_new_tokens: int = 8
+    steps: int = 64
+    attention_backend: str | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ConfigError("model", "give the model directory to explain (Hugging Face layout with tokenizer.json)")
+        if not isinstance(self.text, str) or not self.text.strip():
+            raise ConfigError("text", f"give a non-empty text to explain (--text), got {self.text!r}")
+        if self.method not in METHODS:
+            raise ConfigError("method", f"got {self.method!r}; accepted: {', '.join(METHODS)}")
+        if self.granularity not in GRANULARITIES:
+            raise ConfigError("granularity", f"got {self.granularity!r}; accepted: {', '.join(GRANULARITIES)}")
+        if not isinstance(self.output, str) or not self.output.endswith((".html", ".htm")):
+            raise ConfigError("output", f"must be a path ending in .html, got {self.output!r}")
+        if isinstance(self.max_evals, int) and not isinstance(self.max_evals, bool):
+            self.max_evals = str(self.max_evals)
+        if self.max_evals != "auto" and not (str(self.max_evals).isdigit() and int(self.max_evals) >= 4):
+            raise ConfigError("max_evals", f"got {self.max_evals!r}; accepted: 'auto' or an int >= 4")
+        _positive_int(self.batch_size, "batch_size")
+        _positive_int(self.max_new_tokens, "max_new_tokens")
+        _positive_int(self.steps, "steps", 2)
+
+    @property
+    def max_evals_value(self) -> int | str:
+        return "auto" if self.max_evals == "auto" else int(self.max_evals)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ExplainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(unknown[0], f"not an explain setting; accepted: {', '.join(sorted(known))}")
+        return cls(**d)
+
+
+@dataclass
+class GradFlowConfig:
+    """Gradient-flow recording during training (``--grad-flow``).
+
+    ``every``: record every N optimiser steps; ``vanish`` / ``explode``: a layer whose gradient
+    norm falls below / rises above these gets a warning (once per layer)."""
+
+    every: int = 10
+    vanish: float = 1e-7
+    explode: float = 1e3
+
+    def __post_init__(self) -> None:
+        _positive_int(self.every, "grad_flow.every")
+        for name in ("vanish", "explode"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ConfigError(f"grad_flow.{name}", f"must be a positive number, got {value!r}")
+        if self.vanish >= self.explode:
+            raise ConfigError("grad_flow.vanish", f"must be below explode={self.explode}, got {self.vanish}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "GradFlowConfig":
+        return cls(**d)
