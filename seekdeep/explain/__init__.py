@@ -46,8 +46,8 @@ def __getattr__(name: str):
         "AttentionExplainer": "seekdeep.explain.attention",
         "capture_attention": "seekdeep.explain.attention",
         "attention_rollout": "seekdeep.explain.attention",
-        "gradient_flow": "seekdeep.explain.gradient_flow",
-        "GradientFlowRecorder": "seekdeep.explain.gradient_flow",
+        "gradient_flow": "seekdeep.explain.gradflow",
+        "GradientFlowRecorder": "seekdeep.explain.gradflow",
         "write_report": "seekdeep.explain.report",
         "selection_view": "seekdeep.explain.selection",
     }
