@@ -1,0 +1,260 @@
+"""Federated learning: crypto cost of packed Paillier, round time per secure path, and the
+quality of federated training against centralized training.
+
+    python benchmarks/federated.py crypto                  # packed vs per-value Paillier (a minute)
+    python benchmarks/federated.py rounds [--method lora]  # real Flower federations, 2 rounds each
+    python benchmarks/federated.py quality --seeds 3       # federated vs centralized vs local-only
+
+``crypto``: encryption throughput of packed Paillier against phe's own per-value
+``encrypt`` (the anchor), ciphertext bytes per parameter against float32, and the server's
+homomorphic sum and the key holder's decryption per parameter.
+
+``rounds``: ``seekdeep fl`` through a real SuperLink and SuperNodes, the same model and data,
+with ``--secure none | paillier | secaggplus``; the mean round time (anchor: plaintext).
+
+``quality``: the federated rounds are run in one process with the ClientApp's own training
+function (``seekdeep.fl.app.client.local_train``) and the server's own aggregation
+(``ServerAggregator``, integer weights, the update deltas clipped and stochastically quantised
+to ``--quant-bits`` exactly as the Paillier path encodes them -- the encryption itself is exact,
+see tests/fl). Flower only moves the bytes, so leaving it out changes no number and makes the
+>= 3 seeds affordable on a CPU. Centralized training (the anchor): the same initial model,
+``clients * rounds * local_steps`` steps of the same batch size on the pooled data. Local-only:
+each client ``rounds * local_steps`` steps on its own data. All evaluated on the pooled
+held-out text of the clients (the last 20% of every module).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import device_name, emit  # noqa: E402
+
+
+def _device() -> str:
+    return f"{device_name()}, {torch.backends.cpu.get_cpu_capability()}"
+
+
+# ----------------------------------------------------------------------------- crypto
+
+
+def crypto(args) -> None:
+    from phe import generate_paillier_keypair
+
+    from seekdeep.fl import paillier
+    from seekdeep.fl.aggregation import ServerAggregator
+    from seekdeep.fl.keys import fingerprint
+    from seekdeep.fl.paillier import PackingSpec
+
+    device = _device()
+    public_key, private_key = generate_paillier_keypair(n_length=args.key_bits)
+    rng = np.random.default_rng(0)
+    n = args.values
+    values = [rng.normal(0, 0.01, size=n) for _ in range(3)]
+    for name, spec in (("one-shot aggregate (K=3, 1 round)", PackingSpec(bits=16, clip=0.1, total_weight=3,
+                                                                        key_bits=args.key_bits)),
+                       ("Flower running sum (K=3, W=lcm(1..3)=6, 3 rounds)",
+                        PackingSpec(bits=16, clip=0.1, total_weight=6, rounds=3, key_bits=args.key_bits))):
+        t0 = time.perf_counter()
+        encrypted = [paillier.encode_update(v, spec, public_key, rng)[0] for v in values]
+        packed_s = (time.perf_counter() - t0) / 3
+        naive_n = args.naive_values
+        t0 = time.perf_counter()
+        naive = [public_key.encrypt(float(x)) for x in values[0][:naive_n]]  # phe: one ciphertext per value
+        naive_s = (time.perf_counter() - t0) / naive_n * n
+        ct_bytes = paillier.ciphertext_bytes(public_key)
+        emit("paillier encrypt throughput", n / packed_s, "params/s", n / naive_s, "phe per-value encrypt", device,
+             layout=name, slots_per_ciphertext=spec.slots, slot_bits=spec.slot_bits, values=n,
+             naive_measured_on=naive_n)
+        bytes_per_param = encrypted[0].nbytes / n
+        emit("ciphertext bytes per parameter", bytes_per_param, "bytes", 4.0, "float32", device, layout=name,
+             per_value_paillier_bytes=ct_bytes)
+        server = ServerAggregator(spec, n, public_key)
+        weights = paillier.integer_weights([1, 1, 1], spec.total_weight)
+        t0 = time.perf_counter()
+        summed = server.accumulate([server.check(e, fingerprint(public_key)) for e in encrypted], weights)
+        sum_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        mean = paillier.decode_sum(summed, spec, private_key, n, spec.total_weight)
+        dec_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        plain = np.average(values, axis=0)
+        plain_s = max(time.perf_counter() - t0, 1e-9)
+        emit("server homomorphic sum (3 updates)", n / sum_s, "params/s", n / plain_s, "numpy plaintext mean", device,
+             layout=name)
+        emit("key-holder decrypt + unpack", n / dec_s, "params/s", None, "", device, layout=name)
+        emit("max |paillier mean - plaintext mean| / quantisation step", float(np.abs(mean - plain).max()) / spec.step,
+             "steps", 1.0, "bound", device, layout=name)
+        del naive
+
+
+# ----------------------------------------------------------------------------- rounds through Flower
+
+
+def rounds(args) -> None:
+    from seekdeep.fl.config import FLConfig
+    from seekdeep.recipes.fl import run_fl
+
+    device = _device()
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="fl-bench-") as tmp:
+        for secure in ("none", "paillier", "secaggplus"):
+            cfg = FLConfig(base=args.base, method=args.method, rounds=args.rounds, local_steps=args.local_steps,
+                           secure=secure, key_bits=args.key_bits, local_only=False, progress=False,
+                           output_dir=str(Path(tmp) / secure))
+            summary = run_fl(cfg)
+            results[secure] = summary
+            print(json.dumps({"secure": secure, "mean_round_seconds": summary["mean_round_seconds"],
+                              "update_values": summary["init"]["update_values"],
+                              "global_bytes": summary["global_bytes"], "global_loss": summary["global_loss"]}),
+                  file=sys.stderr)
+    anchor = results["none"]["mean_round_seconds"]
+    for secure, summary in results.items():
+        emit(f"fl round time ({args.method}, secure={secure})", summary["mean_round_seconds"], "s", anchor,
+             "secure=none", device, update_values=summary["init"]["update_values"], rounds=args.rounds,
+             local_steps=args.local_steps, clients=3, global_loss=summary["global_loss"],
+             note="3 SuperNodes + SuperLink on one shared 2-core machine; includes Flower's process start per message")
+
+
+# ----------------------------------------------------------------------------- quality
+
+
+def _pooled_windows(paths, seq_len, batch_size, seed, tmp: Path, name: str):
+    from seekdeep.data import TokenWindows
+    from seekdeep.data.tokens import read_token_info
+
+    chunks = [np.memmap(p, dtype=read_token_info(p)["dtype"], mode="r") for p in paths]
+    pooled = np.concatenate(chunks).astype(chunks[0].dtype)
+    path = tmp / f"{name}.bin"
+    pooled.tofile(path)
+    info = dict(read_token_info(paths[0]), num_tokens=int(pooled.size))
+    (tmp / f"{name}.bin.json").write_text(json.dumps(info))
+    return TokenWindows(path, seq_len, batch_size, seed=seed)
+
+
+def _federate(init_dir: Path, clients, cfg, strategy: str, seed: int) -> float:
+    from seekdeep.data import TokenWindows
+    from seekdeep.fl import paillier
+    from seekdeep.fl.aggregation import ServerAggregator
+    from seekdeep.fl.app.client import local_train
+    from seekdeep.fl.app.common import flat_trainable, load_flat, load_initial_model, model_layout, packing_spec
+
+    spec = packing_spec(cfg)
+    model = load_initial_model(init_dir, cfg.method)
+    layout = model_layout(model, cfg.method)
+    global_vector = flat_trainable(model, cfg.method, layout)
+    server = ServerAggregator(spec, layout.size)
+    rng = np.random.default_rng(seed)
+    mu = cfg.proximal_mu if strategy == "fedprox" else 0.0
+    for round_no in range(1, cfg.rounds + 1):
+        deltas = []
+        for i, client in enumerate(clients):
+            torch.manual_seed(seed * 100 + i)
+            load_flat(model, cfg.method, layout, global_vector)
+            windows = TokenWindows(Path(client["dir"]) / "train.bin", cfg.seq_len, cfg.batch_size,
+                                   seed=seed * 7919 + 1000 * i + round_no)
+            local_train(model, windows, cfg.local_steps, cfg.learning_rate, cfg.method, mu)
+            delta = flat_trainable(model, cfg.method, layout) - global_vector
+            q, _ = paillier.quantize(delta, spec, rng)  # what the encrypted path carries
+            deltas.append(paillier.dequantize_sum(q, spec, 1, 1))
+        weights = paillier.integer_weights([1.0] * len(clients), spec.total_weight)
+        global_vector = global_vector + server.accumulate([server.check(d, None) for d in deltas], weights) / spec.total_weight
+    load_flat(model, cfg.method, layout, global_vector)
+    return model
+
+
+def quality(args) -> None:
+    from seekdeep.data import TokenWindows
+    from seekdeep.fl.app.client import local_train
+    from seekdeep.fl.app.common import load_initial_model
+    from seekdeep.fl.config import FLConfig
+    from seekdeep.recipes.fl import _heldout_losses, build_client_data, build_initial_model
+
+    device = _device()
+    rows: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory(prefix="fl-quality-") as tmp:
+        tmp = Path(tmp)
+        for seed in range(args.seeds):
+            for split in ("iid", "package"):
+                cfg = FLConfig(base=args.base, method=args.method, split=split, rounds=args.rounds,
+                               local_steps=args.local_steps, batch_size=args.batch_size, seq_len=args.seq_len,
+                               eval_batches=args.eval_batches, seed=seed, progress=False, output_dir=str(tmp))
+                init_dir = tmp / f"init-{seed}"
+                if not init_dir.exists():
+                    build_initial_model(cfg, init_dir)
+                tokenizer_dir = init_dir / "model"
+                from seekdeep.auto import AutoTokenizer
+
+                clients = build_client_data(cfg, AutoTokenizer.from_pretrained(tokenizer_dir), tmp / f"data-{split}")
+
+                def pooled_loss(model) -> float:
+                    return float(np.mean(_heldout_losses(model, clients, cfg)))
+
+                if split == "iid":  # the pooled data is the same for both splits: train centralized once
+                    torch.manual_seed(seed)
+                    central = load_initial_model(init_dir, cfg.method)
+                    windows = _pooled_windows([Path(c["dir"]) / "train.bin" for c in clients], cfg.seq_len,
+                                              cfg.batch_size, seed, tmp, f"pooled-{seed}")
+                    local_train(central, windows, len(clients) * cfg.rounds * cfg.local_steps, cfg.learning_rate,
+                                cfg.method)
+                    rows.setdefault("centralized", []).append(pooled_loss(central))
+                    rows.setdefault("initial", []).append(pooled_loss(load_initial_model(init_dir, cfg.method)))
+                for strategy in ("fedavg", "fedprox"):
+                    model = _federate(init_dir, clients, cfg, strategy, seed)
+                    rows.setdefault(f"{strategy} {split}", []).append(pooled_loss(model))
+                local = []
+                for i, client in enumerate(clients):
+                    torch.manual_seed(seed * 100 + i)
+                    model = load_initial_model(init_dir, cfg.method)
+                    windows = TokenWindows(Path(client["dir"]) / "train.bin", cfg.seq_len, cfg.batch_size,
+                                           seed=seed * 7919 + 1000 * i)
+                    local_train(model, windows, cfg.rounds * cfg.local_steps, cfg.learning_rate, cfg.method)
+                    local.append(pooled_loss(model))
+                rows.setdefault(f"local-only {split} (mean of clients)", []).append(float(np.mean(local)))
+                print(json.dumps({"seed": seed, "split": split, **{k: v[-1] for k, v in rows.items()}}), file=sys.stderr)
+    central = float(np.mean([math.exp(x) for x in rows["centralized"]]))
+    for name, losses in rows.items():
+        ppl = [math.exp(x) for x in losses]
+        emit(f"held-out perplexity: {name}", float(np.mean(ppl)), "ppl", central, "centralized (same steps, pooled data)",
+             device, std=float(np.std(ppl)), seeds=len(ppl), per_seed=[round(p, 3) for p in ppl], method=args.method,
+             rounds=args.rounds, local_steps=args.local_steps, batch_size=args.batch_size, seq_len=args.seq_len,
+             clients=3, aggregation="in-process, ServerAggregator + 16-bit stochastic quantisation")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("part", choices=("crypto", "rounds", "quality"))
+    parser.add_argument("--key-bits", type=int, default=2048)
+    parser.add_argument("--values", type=int, default=20000, help="crypto: parameters per update")
+    parser.add_argument("--naive-values", type=int, default=200, help="crypto: values timed with per-value encrypt")
+    parser.add_argument("--base", default=None, help="model directory (default: as `seekdeep fl`)")
+    parser.add_argument("--method", default="lora", choices=("lora", "full"))
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--local-steps", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--eval-batches", type=int, default=8)
+    parser.add_argument("--seeds", type=int, default=3)
+    args = parser.parse_args()
+    if args.part == "crypto":
+        crypto(args)
+    elif args.part == "rounds":
+        args.rounds, args.local_steps = args.rounds or 2, args.local_steps or 10
+        rounds(args)
+    else:
+        args.rounds, args.local_steps = args.rounds or 4, args.local_steps or 10
+        quality(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
