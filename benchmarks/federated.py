@@ -18,7 +18,9 @@ function (``seekdeep.fl.app.client.local_train``) and the server's own aggregati
 to ``--quant-bits`` exactly as the Paillier path encodes them -- the encryption itself is exact,
 see tests/fl). Flower only moves the bytes, so leaving it out changes no number and makes the
 >= 3 seeds affordable on a CPU. Centralized training (the anchor): the same initial model,
-``clients * rounds * local_steps`` steps of the same batch size on the pooled data. Local-only:
+``clients * rounds * local_steps`` steps of the same batch size on the pooled data (also
+reported: ``rounds * local_steps`` steps of ``clients * batch_size``, as many updates as the
+global model gets, on the same examples). Local-only:
 each client ``rounds * local_steps`` steps on its own data. All evaluated on the pooled
 held-out text of the clients (the last 20% of every module).
 """
@@ -207,6 +209,15 @@ def quality(args) -> None:
                     local_train(central, windows, len(clients) * cfg.rounds * cfg.local_steps, cfg.learning_rate,
                                 cfg.method)
                     rows.setdefault("centralized", []).append(pooled_loss(central))
+                    # the other reading of "same steps and data": as many model updates as the global
+                    # model gets (rounds * local_steps), each on the clients' batches pooled
+                    torch.manual_seed(seed)
+                    central = load_initial_model(init_dir, cfg.method)
+                    windows = _pooled_windows([Path(c["dir"]) / "train.bin" for c in clients], cfg.seq_len,
+                                              len(clients) * cfg.batch_size, seed, tmp, f"pooled-big-{seed}")
+                    local_train(central, windows, cfg.rounds * cfg.local_steps, cfg.learning_rate, cfg.method)
+                    rows.setdefault("centralized, pooled batch (rounds*local_steps steps of clients*batch)", []).append(
+                        pooled_loss(central))
                     rows.setdefault("initial", []).append(pooled_loss(load_initial_model(init_dir, cfg.method)))
                 for strategy in ("fedavg", "fedprox"):
                     model = _federate(init_dir, clients, cfg, strategy, seed)
