@@ -219,6 +219,7 @@ def plot_rounds(rounds: list[dict[str, Any]], curve: list[tuple[int, float]], lo
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(7, 4))
     xs = [r["round"] for r in rounds]
@@ -230,6 +231,7 @@ def plot_rounds(rounds: list[dict[str, Any]], curve: list[tuple[int, float]], lo
     if local:
         ax.plot([], [], ":", color="gray", label="local-only models (end), all held-out")
     ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
