@@ -115,7 +115,8 @@ def test_repetition_penalty_and_top_p_processing():
 @pytest.mark.parametrize(
     "kwargs, field",
     [
-        (dict(temperature=0), "temperature"),
+        (dict(temperature=-1), "temperature"),  # 0 is greedy (as in the OpenAI API)
+        (dict(temperature=float("nan")), "temperature"),
         (dict(top_p=1.5), "top_p"),
         (dict(top_k=-1), "top_k"),
         (dict(repetition_penalty=0), "repetition_penalty"),

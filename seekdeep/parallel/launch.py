@@ -58,9 +58,6 @@ class LaunchSpec:
             parse_endpoint(self.rdzv_endpoint)
         if self.rdzv_id is not None and not _RDZV_ID_RE.fullmatch(str(self.rdzv_id)):
             raise ConfigError("rdzv_id", f"got {self.rdzv_id!r}; accepted: 1-128 letters, digits, '-', '_' or '.'")
-        if hi > 1 and not self.rdzv_endpoint:
-            raise ConfigError("rdzv_endpoint", f"--nnodes {self.nnodes} spans several nodes: give --rdzv-endpoint "
-                              "HOST:PORT (a host every node can reach)")
         if hi > 1 and self.master_port is not None:
             raise ConfigError("master_port", "is for a single node; with several nodes the rendezvous is "
                               "--rdzv-endpoint HOST:PORT")
@@ -87,7 +84,10 @@ class LaunchSpec:
                 argv += ["--master-port", str(self.master_port)]
             else:
                 argv += ["--standalone"]
-        else:
+        else:  # (a Kubernetes job gets its endpoint from the operator: only torchrun needs it here)
+            if not self.rdzv_endpoint:
+                raise ConfigError("rdzv_endpoint", f"--nnodes {self.nnodes} spans several nodes: give --rdzv-endpoint "
+                                  "HOST:PORT (a host every node can reach)")
             argv += ["--nnodes", self.nnodes, "--rdzv-backend", self.rdzv_backend, "--rdzv-endpoint", self.rdzv_endpoint]
             if self.rdzv_id:
                 argv += ["--rdzv-id", self.rdzv_id]
@@ -170,8 +170,8 @@ def check_command(spec: LaunchSpec) -> None:
 
 
 def launch(spec: LaunchSpec, dry_run: bool = False) -> int:
+    argv = spec.torchrun_argv()  # the rendezvous settings first: they need no parsing of the command
     check_command(spec)
-    argv = spec.torchrun_argv()
     if dry_run:
         print(" ".join(argv))
         return 0

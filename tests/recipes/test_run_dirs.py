@@ -4,6 +4,7 @@ directory and the ways on."""
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import shutil
 from pathlib import Path
@@ -152,3 +153,41 @@ def test_publish_dir_keeps_the_old_directory_when_writing_fails(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]  # the temp directory is gone
     publish_dir(final, lambda tmp: (tmp / "b.txt").write_text("new"))
     assert sorted(p.name for p in final.iterdir()) == ["b.txt"]
+
+
+#: commands with an --output-dir that hold measurements re-taken on every run, not finished work
+REMEASURED = {"profile"}
+
+
+def _recipe_commands() -> dict[str, argparse.ArgumentParser]:
+    from seekdeep.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    return {name: p for name, p in sub.items()
+            if any("--output-dir" in a.option_strings for a in p._actions) and name not in REMEASURED}
+
+
+def test_every_command_that_writes_a_run_has_overwrite():
+    commands = _recipe_commands()
+    assert {"train", "finetune", "distill", "compress"} <= set(commands)
+    for name, parser in commands.items():
+        assert any("--overwrite" in a.option_strings for a in parser._actions), f"`seekdeep {name}` lacks --overwrite"
+
+
+@pytest.mark.parametrize("command", sorted(_recipe_commands()))
+def test_every_recipe_refuses_a_finished_run_before_starting(command, base, tmp_path, capsys, monkeypatch):
+    """The refusal comes first: no model is loaded, no data read, nothing written (cheap for
+    every recipe, including the federated and multimodal ones)."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "done"
+    out.mkdir()
+    (out / "summary.json").write_text("{}")
+    argv = [command, "--output-dir", str(out)]
+    if command == "compress":
+        argv += [str(base), "--quant", "int8-dynamic"]
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"--output-dir: {out} already holds a finished run" in err, err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
