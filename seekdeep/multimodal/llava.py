@@ -88,6 +88,12 @@ class LlavaForConditionalGeneration(nn.Module):
         return hook
 
     @property
+    def model(self):
+        """The language model's decoder, for code that reaches ``model.model.layers`` (the
+        serving engine's KV-cache probe)."""
+        return self.language_model.model
+
+    @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
 

@@ -1,0 +1,76 @@
+"""`seekdeep vlm` end to end on a tiny budget: outputs, HF-layout final model, resume; and the
+synthetic VQA generator's guarantees."""
+
+import json
+
+import pytest
+import torch
+
+import seekdeep
+from seekdeep.cli import main
+from seekdeep.errors import ConfigError
+from seekdeep.multimodal.data import ANSWERS, HELD_OUT, QUESTION_TYPES, SpatialVQA
+from seekdeep.recipes.vlm import VLMTrainConfig, question_only_prior
+
+TINY = ["--steps", "4", "--batch-size", "4", "--eval-samples", "8", "--eval-every", "4", "--hidden-size", "32",
+        "--vision-layers", "1", "--text-layers", "1", "--warmup", "1", "--no-progress"]
+
+
+@pytest.mark.parametrize("fusion", ["prefix", "cross_attention"])
+def test_vlm_command_trains_saves_and_resumes(tmp_path, fusion):
+    out = tmp_path / "run"
+    assert main(["vlm", str(out), "--fusion", fusion, "--checkpoint-every", "2", *TINY]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 4 and set(summary["accuracy"]["heldout"]) == {*QUESTION_TYPES, "all"}
+    assert (out / "samples.png").stat().st_size > 0
+    model = seekdeep.AutoModel.from_pretrained(out / "final")
+    assert (model.config.cross_attention is not None) == (fusion == "cross_attention")
+    assert json.loads((out / "final" / "config.json").read_text())["model_type"] == "llava"
+    # a finished run is refused; --resume auto with a larger budget continues from its checkpoint
+    assert main(["vlm", str(out), *TINY]) == 2
+    assert main(["vlm", str(out), "--fusion", fusion, "--resume", "auto", *TINY[:0], "--steps", "6", *TINY[2:]]) == 0
+    assert json.loads((out / "summary.json").read_text())["steps"] == 6
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6] or \
+        [r["step"] for r in lines if r["kind"] == "train"][-2:] == [5, 6]
+
+
+def test_scenes_are_deterministic_and_splits_keep_the_held_out_combinations():
+    a, b = SpatialVQA("train", 3)[17], SpatialVQA("train", 3)[17]
+    assert a.question == b.question and a.answer == b.answer and a.image.tobytes() == b.image.tobytes()
+    train = SpatialVQA("train", 0).take(400)
+    held = SpatialVQA("heldout", 0).take(200)
+    assert not any((o.colour, o.shape) in HELD_OUT for s in train for o in s.objects)
+    assert all(any((o.colour, o.shape) in HELD_OUT for o in s.objects) for s in held)
+    for s in train:
+        assert s.answer in ANSWERS[s.qtype]
+    exist = [s.answer for s in train if s.qtype == "exist"]
+    assert 0.35 < exist.count("yes") / len(exist) < 0.65  # balanced yes / no
+    prior = question_only_prior(train, SpatialVQA("test", 0).take(400))
+    assert prior["spatial"] < 0.45  # the question alone says little about the side
+
+
+def test_spatial_answers_follow_the_drawn_positions():
+    for s in SpatialVQA("test", 1).take(40):
+        if s.qtype != "spatial":
+            continue
+        words = s.question.split()
+        ref = next(o for o in s.objects if o.colour == words[4] and o.shape == words[5])
+        obj = next(o for o in s.objects if o.colour == words[8] and o.shape == words[9])
+        pixels = torch.from_numpy(__import__("numpy").asarray(s.image).copy())
+        assert s.answer in ("left", "right", "above", "below")
+        dx, dy = obj.col - ref.col, obj.row - ref.row
+        expected = ("right" if dx > 0 else "left") if abs(dx) > abs(dy) else ("below" if dy > 0 else "above")
+        assert s.answer == expected
+        cell = 12  # the object's colour is drawn at its cell's centre
+        cy, cx = obj.row * cell + cell // 2, obj.col * cell + cell // 2
+        assert pixels[cy, cx].tolist() != [245, 245, 245]
+
+
+def test_bad_config_names_the_field():
+    with pytest.raises(ConfigError, match="fusion"):
+        VLMTrainConfig(fusion="late")
+    with pytest.raises(ConfigError, match="patch_size"):
+        VLMTrainConfig(image_size=48, patch_size=10)
+    with pytest.raises(ConfigError, match="split"):
+        SpatialVQA("validation")
