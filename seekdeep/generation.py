@@ -53,6 +53,12 @@ class GenerationConfig:
                                   f"{self.repetition_penalty!r}")
         if isinstance(self.stop_strings, str):
             self.stop_strings = [self.stop_strings]
+        for name in ("eos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            ids = value if isinstance(value, (list, tuple)) else [value] if value is not None else []
+            if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 2**31 for i in ids):
+                raise GenerationError(name, f"must be a token id (an integer >= 0){' or a list of them' if name[0] == 'e' else ''}"
+                                      f" or None, got {value!r}")
         if self.stop_strings is not None and (not all(isinstance(s, str) and s for s in self.stop_strings)):
             raise GenerationError("stop_strings", "must be a list of non-empty strings")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)

@@ -291,3 +291,64 @@ def test_public_constructors_refuse_out_of_range_values(make):
         make()
     assert getattr(err.value, "field", None), f"error names no field: {err.value}"
     assert "accepted" in str(err.value) or "must" in str(err.value)
+
+
+def _public_configs():
+    """The library's public config constructors and the arguments each needs to be valid."""
+    from seekdeep.distill import DistillConfig
+    from seekdeep.generation import GenerationConfig
+    from seekdeep.parallel import ParallelConfig
+    from seekdeep.peft import LoRAConfig
+    from seekdeep.peft.config import BottleneckConfig, PromptTuningConfig
+    from seekdeep.pruning import PruneConfig
+    from seekdeep.quantization import QuantConfig
+    from seekdeep.recipes.compress import CompressConfig
+    from seekdeep.recipes.distill import DistillRunConfig
+    from seekdeep.recipes.finetune import FinetuneConfig
+    from seekdeep.recipes.train import TrainConfig
+    from seekdeep.serve.bench import BenchConfig
+    from seekdeep.serve.engine import EngineConfig
+    from seekdeep.serve.sampling import SamplingParams
+    from seekdeep.serve.server import ServerConfig
+
+    return [(QuantConfig, {}), (PruneConfig, {"ratio": 0.3}), (LoRAConfig, {}), (BottleneckConfig, {}),
+            (PromptTuningConfig, {}), (ParallelConfig, {}), (TrainConfig, {}), (FinetuneConfig, {}),
+            (DistillRunConfig, {}), (CompressConfig, {"quant": "int8"}), (EngineConfig, {}),
+            (ServerConfig, {"model_dirs": ["m"]}), (SamplingParams, {}), (GenerationConfig, {}), (BenchConfig, {}),
+            (DistillConfig, {})]
+
+
+#: (class, field) -> probe values it accepts on purpose
+CONFIG_ACCEPTS = {
+    ("ParallelConfig", "dp_shard"): {-1},  # all ranks left over
+    **{(cls, "max_time"): {"huge"} for cls in ("TrainConfig", "FinetuneConfig", "DistillRunConfig")},
+    **{(cls, "grad_clip"): {"huge"} for cls in ("TrainConfig", "FinetuneConfig", "DistillRunConfig")},
+}
+
+
+def _config_cases():
+    import dataclasses
+
+    cases = []
+    for cls, base in _public_configs():
+        for f in dataclasses.fields(cls):
+            kind = str(f.type)
+            if not kind.startswith(("int", "float")):
+                continue
+            for probe in (-1, "nan", "huge"):
+                if probe in CONFIG_ACCEPTS.get((cls.__name__, f.name), set()):
+                    continue
+                if probe == "nan" and kind.startswith("int"):
+                    continue  # not an int at all: covered by the type checks
+                value = {"nan": math.nan, "huge": 10**30 if kind.startswith("int") else 1e30}.get(probe, probe)
+                cases.append(pytest.param(cls, base, f.name, value, id=f"{cls.__name__}.{f.name}={probe}"))
+    return cases
+
+
+@pytest.mark.parametrize("cls,base,name,value", _config_cases())
+def test_every_numeric_config_field_refuses_out_of_range_values(cls, base, name, value):
+    from seekdeep.errors import SeekdeepError
+
+    with pytest.raises(SeekdeepError) as err:
+        cls(**{**base, name: value})
+    assert getattr(err.value, "field", None) == name or str(err.value).startswith(name), str(err.value)

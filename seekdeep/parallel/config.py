@@ -20,11 +20,14 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 TP_UNSUPPORTED_BACKENDS = ("dsa",)
 
 
+MAX_RANKS = 1 << 20  # per mesh dimension; far past any cluster, short of overflow
+
+
 def _positive_int(value: Any, name: str, allow_fill: bool = False) -> None:
     if allow_fill and value == -1:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        accepted = "an integer >= 1" + (" or -1 (all ranks left over)" if allow_fill else "")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_RANKS:
+        accepted = f"an integer in [1, {MAX_RANKS}]" + (" or -1 (all ranks left over)" if allow_fill else "")
         raise ConfigError(name, f"got {value!r}; accepted: {accepted}")
 
 

@@ -21,9 +21,13 @@ _METADATA_KEYS = {"auto_mapping", "revision", "peft_version", "megatron_core", "
                   "num_transformer_submodules", "num_attention_heads", "num_layers", "token_dim", "tokenizer_kwargs"}
 
 
+#: ranks, bottleneck widths and virtual tokens: past any model's hidden size
+MAX_WIDTH = 1 << 16
+
+
 def _require_int(value: Any, name: str, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(name, f"must be an integer >= {minimum}, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= MAX_WIDTH:
+        raise ConfigError(name, f"must be an integer in [{minimum}, {MAX_WIDTH}], got {value!r}")
 
 
 def _require_probability(value: Any, name: str) -> None:
@@ -144,11 +148,11 @@ class LoRAConfig(AdapterConfig):
     task_type: str | None = TASK_TYPE
 
     def __post_init__(self) -> None:
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            raise ConfigError("r", f"the LoRA rank must be an integer > 0, got {self.r!r}")
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or not 0 < self.r <= MAX_WIDTH:
+            raise ConfigError("r", f"the LoRA rank must be an integer in [1, {MAX_WIDTH}], got {self.r!r}")
         if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) \
-                or not math.isfinite(self.lora_alpha) or self.lora_alpha <= 0:
-            raise ConfigError("lora_alpha", f"must be a number > 0, got {self.lora_alpha!r}")
+                or not math.isfinite(self.lora_alpha) or not 0 < self.lora_alpha <= 1e6:
+            raise ConfigError("lora_alpha", f"must be a number in (0, 1e6], got {self.lora_alpha!r}")
         _require_probability(self.lora_dropout, "lora_dropout")
         self.target_modules = _module_names(self.target_modules, "target_modules")
         self.exclude_modules = _module_names(self.exclude_modules, "exclude_modules")
@@ -250,8 +254,9 @@ class BottleneckConfig(AdapterConfig):
         if self.non_linearity not in self.ACTIVATIONS:
             raise ConfigError("non_linearity", f"unknown {self.non_linearity!r}; accepted: {', '.join(self.ACTIVATIONS)}")
         _require_probability(self.adapter_dropout, "adapter_dropout")
-        if isinstance(self.scaling, bool) or not isinstance(self.scaling, (int, float)) or not math.isfinite(self.scaling):
-            raise ConfigError("scaling", f"must be a finite number, got {self.scaling!r}")
+        if isinstance(self.scaling, bool) or not isinstance(self.scaling, (int, float)) or not math.isfinite(self.scaling) \
+                or not 0 < self.scaling <= 1e3:
+            raise ConfigError("scaling", f"must be a number in (0, 1000], got {self.scaling!r}")
         self.target_modules = _module_names(self.target_modules, "target_modules", allow_none=False)
         self.exclude_modules = _module_names(self.exclude_modules, "exclude_modules")
         self.modules_to_save = _save_list(self.modules_to_save)

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from seekdeep.errors import ConfigError
+from seekdeep.validate import check_int
 
 METHODS = ("l1", "activation")
 TARGETS = ("mlp", "heads")
@@ -79,10 +80,7 @@ class PruneConfig:
         for name, target in (("mlp_ratio", "mlp"), ("head_ratio", "heads")):
             if getattr(self, name) is not None and target not in self.targets:
                 raise ConfigError(name, f"is set but targets={list(self.targets)} leaves out {target!r}")
-        if self.calibration_batches is not None and (
-                isinstance(self.calibration_batches, bool) or not isinstance(self.calibration_batches, int)
-                or self.calibration_batches < 1):
-            raise ConfigError("calibration_batches", f"must be None or an integer >= 1, got {self.calibration_batches!r}")
+        check_int("calibration_batches", self.calibration_batches, optional=True)
 
     @property
     def prunes_mlp(self) -> bool:

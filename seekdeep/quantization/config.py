@@ -14,6 +14,7 @@ from typing import Any
 from torch import nn
 
 from seekdeep.errors import ConfigError
+from seekdeep.validate import check_float, check_int
 from seekdeep.quantization.kernels import INT4_GROUP_SIZES
 from seekdeep.quantization.observers import OBSERVERS
 
@@ -119,8 +120,7 @@ class QuantConfig:
             if isinstance(self.group_size, bool) or self.group_size not in INT4_GROUP_SIZES:
                 raise ConfigError("group_size", f"unsupported {self.group_size!r}; accepted: "
                                   f"{', '.join(map(str, INT4_GROUP_SIZES))} (what torch's int4 kernels take)")
-        if isinstance(self.observe_steps, bool) or not isinstance(self.observe_steps, int) or self.observe_steps < 1:
-            raise ConfigError("observe_steps", f"must be an integer >= 1, got {self.observe_steps!r}")
+        check_int("observe_steps", self.observe_steps)
         if self.observer not in OBSERVERS:
             raise ConfigError("observer", f"unknown observer {self.observer!r}; accepted: {', '.join(OBSERVERS)}")
         if not isinstance(self.percentile, (int, float)) or not 50 < self.percentile <= 100:
@@ -141,10 +141,8 @@ class QuantConfig:
             for name, b in self.layer_bits.items():
                 if isinstance(b, bool) or b not in LAYER_BITS:
                     raise ConfigError("layer_bits", f"{name!r}: unsupported bits {b!r}; accepted: 4, 8, 16")
-        if isinstance(self.qat_steps, bool) or not isinstance(self.qat_steps, int) or self.qat_steps < 1:
-            raise ConfigError("qat_steps", f"must be an integer >= 1, got {self.qat_steps!r}")
-        if not isinstance(self.qat_lr, (int, float)) or not self.qat_lr > 0:
-            raise ConfigError("qat_lr", f"must be > 0, got {self.qat_lr!r}")
+        check_int("qat_steps", self.qat_steps)
+        check_float("qat_lr", self.qat_lr, 0, 10, lo_open=True)
 
     # -- JSON
     def to_dict(self) -> dict[str, Any]:

@@ -59,7 +59,7 @@ class BenchConfig:
         check_int("max_tokens", self.max_tokens, 1, 1 << 20)
         check_float("temperature", self.temperature, 0, 2)  # the API's range
         check_int("seed", self.seed, 0, MAX_SEED)
-        check_float("timeout", self.timeout, 0, lo_open=True)
+        check_float("timeout", self.timeout, 0, 7 * 86400, lo_open=True)
 
 
 @dataclass

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from seekdeep.errors import GenerationError
-from seekdeep.generation import GenerationConfig, process_logits
+from seekdeep.generation import MAX_NEW_TOKENS, MAX_TEMPERATURE, GenerationConfig, process_logits
 
 MAX_LOGPROBS = 20
 
@@ -41,19 +41,21 @@ class SamplingParams:
         def is_int(v) -> bool:
             return isinstance(v, int) and not isinstance(v, bool)
 
-        if not is_int(self.max_tokens) or self.max_tokens < 1:
-            raise GenerationError("max_tokens", f"must be an integer >= 1, got {self.max_tokens!r}")
+        if not is_int(self.max_tokens) or not 1 <= self.max_tokens <= MAX_NEW_TOKENS:
+            raise GenerationError("max_tokens", f"must be an integer in [1, {MAX_NEW_TOKENS}], got {self.max_tokens!r}")
         if not isinstance(self.temperature, (int, float)) or isinstance(self.temperature, bool) \
-                or not math.isfinite(self.temperature) or self.temperature < 0:
-            raise GenerationError("temperature", f"must be a number >= 0 (0 = greedy), got {self.temperature!r}")
+                or not math.isfinite(self.temperature) or not 0 <= self.temperature <= MAX_TEMPERATURE:
+            raise GenerationError("temperature", f"must be a number in [0, {MAX_TEMPERATURE}] (0 = greedy), got "
+                                  f"{self.temperature!r}")
         if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
             raise GenerationError("top_p", f"must be in (0, 1], got {self.top_p!r}")
-        if not is_int(self.top_k) or self.top_k < 0:
+        if not is_int(self.top_k) or not 0 <= self.top_k < 2**31:
             raise GenerationError("top_k", f"must be an integer >= 0 (0 disables), got {self.top_k!r}")
-        if not isinstance(self.repetition_penalty, (int, float)) or not self.repetition_penalty > 0:
-            raise GenerationError("repetition_penalty", f"must be > 0 (1.0 disables), got {self.repetition_penalty!r}")
-        if self.seed is not None and (not is_int(self.seed) or self.seed < 0):
-            raise GenerationError("seed", f"must be an integer >= 0, got {self.seed!r}")
+        if not isinstance(self.repetition_penalty, (int, float)) or not math.isfinite(self.repetition_penalty) \
+                or not 0 < self.repetition_penalty <= 100:
+            raise GenerationError("repetition_penalty", f"must be in (0, 100] (1.0 disables), got {self.repetition_penalty!r}")
+        if self.seed is not None and (not is_int(self.seed) or not 0 <= self.seed < 2**63):
+            raise GenerationError("seed", f"must be an integer in [0, 2**63), got {self.seed!r}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if not all(isinstance(s, str) and s for s in self.stop):
