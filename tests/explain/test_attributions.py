@@ -66,7 +66,7 @@ def test_shap_batch_size_does_not_change_values(keyword_classifier, tokenizer):
 
 
 def test_shap_budget_scales_and_truncation_is_reported(keyword_classifier, tokenizer):
-    assert auto_max_evals(10) == 200 and auto_max_evals(40) == 500 and auto_max_evals(160) == 1920
+    assert auto_max_evals(10) == 200 and auto_max_evals(40) == 500 and auto_max_evals(200) == 800
     with pytest.warns(UserWarning, match="max_evals budget ran out"):
         exp = SHAPExplainer(keyword_classifier, tokenizer, max_evals=8, progress=False).explain(POSITIVE)
     assert exp.truncated == [True] and exp.evals[0] <= 10
