@@ -15,7 +15,8 @@ from seekdeep.errors import ConfigError, SeekdeepError
 #: modules adding their own sub-command (see build_parser); only commands that work are listed.
 PLUGGED_COMMANDS: list[str] = ["seekdeep.recipes.finetune", "seekdeep.recipes.distill", "seekdeep.recipes.compress",
                                "seekdeep.serve.cli", "seekdeep.profiler.cli", "seekdeep.parallel.launch",
-                               "seekdeep.explain.cli", "seekdeep.recipes.fl", "seekdeep.recipes.vlm"]
+                               "seekdeep.explain.cli", "seekdeep.recipes.fl", "seekdeep.recipes.vlm",
+                               "seekdeep.recipes.sft"]
 
 DEFAULT_MODEL_DIR = Path(os.environ.get("SEEKDEEP_HOME", Path.home() / ".cache" / "seekdeep")) / "default-model"
 
