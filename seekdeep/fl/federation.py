@@ -101,7 +101,7 @@ class LocalFederation:
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.work_dir = Path(self.work_dir)
+        self.work_dir = Path(self.work_dir).resolve()  # the processes run with it as their cwd
         self.log_dir = self.work_dir / "logs"
         self.flwr_home = self.work_dir / "flwr-home"
         self.env = {**os.environ, "FLWR_HOME": str(self.flwr_home),
@@ -147,7 +147,7 @@ class LocalFederation:
     def run(self, app_dir: Path, on_poll=None, poll_seconds: float = 1.0) -> int:
         """``flwr run APP local --stream`` until it exits; ``on_poll()`` is called while it runs.
         A SuperLink that dies meanwhile ends the run. Returns flwr run's exit code."""
-        proc = self._spawn("flwr-run", [_bin("flwr"), "run", str(app_dir), "local", "--stream"])
+        proc = self._spawn("flwr-run", [_bin("flwr"), "run", str(Path(app_dir).resolve()), "local", "--stream"])
         while proc.poll() is None:
             if on_poll is not None:
                 on_poll()

@@ -352,10 +352,11 @@ def run_fl(cfg: FLConfig, *, node_faults: dict[int, dict[str, Any]] | None = Non
     if error is not None:
         raise FederationError(f"the federation stopped: {error['error']}")
     if code != 0 or len(rounds) < cfg.rounds:
-        raise FederationError(
-            f"the federation stopped after {len(rounds)} of {cfg.rounds} rounds (flwr run exit code {code}; "
-            f"logs in {out / 'logs'}). The last completed round is checkpointed: `seekdeep fl --output-dir "
-            f"{cfg.output_dir} --resume auto` continues from it")
+        way_on = (f"The last completed round is checkpointed: `seekdeep fl --output-dir {cfg.output_dir} --resume auto` "
+                  "continues from it" if rounds else
+                  f"No round completed: `seekdeep fl --output-dir {cfg.output_dir} --overwrite` starts over")
+        raise FederationError(f"the federation stopped after {len(rounds)} of {cfg.rounds} rounds (flwr run exit code "
+                              f"{code}; logs in {out / 'logs'}). {way_on}")
 
     private_key = load_private_key(keys / "private.json") if cfg.secure == "paillier" else None
     model, state = global_model_from_checkpoint(out, cfg, private_key)

@@ -139,12 +139,14 @@ def test_resume_after_the_server_is_killed(base, tmp_path):
     assert curve[-1] < curve[1] < curve[0]
 
 
-def test_secaggplus_round(base, tmp_path):
+def test_secaggplus_round(base, tmp_path, monkeypatch):
     """--secure secaggplus: Flower's SecAgg+ workflow on the legacy strategy API, one round; the
-    global model it checkpoints (plaintext: SecAgg+ reveals the aggregate) is the one evaluated."""
+    global model it checkpoints (plaintext: SecAgg+ reveals the aggregate) is the one evaluated.
+    A relative --output-dir, as `seekdeep fl` gets by default (the Flower processes run elsewhere)."""
     from seekdeep.recipes.fl import run_fl
 
-    out = tmp_path / "run"
+    monkeypatch.chdir(tmp_path)
+    out = Path("runs/fl")
     summary = run_fl(_cfg(base, out, method="full", secure="secaggplus", rounds=1, lr=3e-3))
     rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
     assert [(r["round"], r["accepted"]) for r in rounds] == [(1, 3)]
