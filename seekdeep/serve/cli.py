@@ -32,6 +32,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         api_key=args.api_key or os.environ.get("SEEKDEEP_API_KEY") or None,
         engine=engine,
         max_queue=args.max_queue,
+        max_images=args.max_images,
+        max_image_pixels=args.max_image_pixels,
         route_threshold=args.route_threshold,
         embedding_cache_size=args.embedding_cache_size,
         dtype=args.dtype,
@@ -80,6 +82,8 @@ def register(subparsers) -> None:
     serve.add_argument("--num-blocks", type=int, default=None, help="KV-cache blocks (overrides --kv-cache-memory)")
     serve.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
     serve.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
+    serve.add_argument("--max-images", type=int, default=8, help="images per chat request (vision-language models)")
+    serve.add_argument("--max-image-pixels", type=int, default=4096 * 4096, help="largest decoded image, in pixels")
     serve.add_argument("--route-threshold", type=int, default=256,
                        help="for model 'auto': prompt + max tokens at most this go to the first model")
     serve.add_argument("--embedding-cache-size", type=int, default=1024, help="cached embeddings (0 disables)")

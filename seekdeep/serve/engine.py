@@ -138,12 +138,17 @@ class Engine:
                 f"({self.allocator.num_usable} of {self.allocator.block_size} tokens)"
             )
 
-    def add_request(self, request_id: str, prompt_ids: SequenceT[int], params: SamplingParams | None = None) -> None:
+    def add_request(self, request_id: str, prompt_ids: SequenceT[int], params: SamplingParams | None = None,
+                    pixel_values: torch.Tensor | None = None) -> None:
+        """``pixel_values``: (num_images, 3, H, W) for a vision-language model whose prompt holds
+        that many images' placeholder tokens; the image features are computed once here."""
         params = params or SamplingParams()
         prompt_ids = list(prompt_ids)
         self.validate(prompt_ids, params)
         if request_id in self._requests:
             raise GenerationError("request_id", f"{request_id!r} is already running")
+        if pixel_values is not None:
+            self.runner.add_images(request_id, prompt_ids, pixel_values)
         seq = Sequence(request_id, prompt_ids, params.max_tokens)
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids)
         self._requests[request_id] = _Request(seq, params, RequestSampler(params, self.device), stop_ids, time.monotonic())
@@ -152,6 +157,7 @@ class Engine:
     def abort(self, request_id: str) -> bool:
         """Drop a request (queued or running) and free its blocks; False if it is unknown."""
         req = self._requests.pop(request_id, None)
+        self.runner.drop_images(request_id)
         if req is None:
             return False
         self.scheduler.finish(req.seq)
@@ -213,6 +219,7 @@ class Engine:
                 reason = "length"
             if reason is not None:
                 del self._requests[seq.seq_id]
+                self.runner.drop_images(seq.seq_id)
                 self.scheduler.finish(seq)
                 if not self._requests:
                     self.runner.release()
@@ -324,7 +331,8 @@ class AsyncEngine:
             return f"{prefix}-{self._counter}"
 
     # -- requests
-    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
+    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                       pixel_values: torch.Tensor | None = None) -> AsyncIterator[RequestOutput]:
         """Yield the request's outputs step by step; the last one has ``finished=True``.
 
         Raises GenerationError for an invalid request and QueueFullError when the queue is
@@ -337,7 +345,7 @@ class AsyncEngine:
         self._loop = asyncio.get_running_loop()
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = stream
-        self._inbox.put(("add", request_id, prompt_ids, params))
+        self._inbox.put(("add", request_id, prompt_ids, params, pixel_values))
         self._wake.set()
         finished = False
         try:
@@ -389,9 +397,9 @@ class AsyncEngine:
                 return
             kind = msg[0]
             if kind == "add":
-                _, rid, prompt_ids, params = msg
+                _, rid, prompt_ids, params, pixel_values = msg
                 try:
-                    self.engine.add_request(rid, prompt_ids, params)
+                    self.engine.add_request(rid, prompt_ids, params, pixel_values)
                 except Exception as exc:  # noqa: BLE001 - reported to that request only
                     self._send([(rid, exc)])
             elif kind == "abort":

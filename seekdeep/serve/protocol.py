@@ -9,7 +9,7 @@ OpenAI API (as vLLM names them): ``top_k``, ``repetition_penalty``, ``ignore_eos
 
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -110,17 +110,33 @@ class TextPart(_Strict):
     text: str
 
 
+class ImageURL(_Strict):
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class ImageURLPart(_Strict):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Union[str, list[TextPart], None] = None
+    content: Union[str, list[Annotated[Union[TextPart, ImageURLPart], Field(discriminator="type")]], None] = None
     name: str | None = None
 
-    def text(self) -> str:
+    def text(self, image_marker: str = "") -> str:
+        """The message's text; each image part becomes ``image_marker`` where it stood."""
         if self.content is None:
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content)
+        return "".join(part.text if isinstance(part, TextPart) else image_marker for part in self.content)
+
+    def image_urls(self) -> list[str]:
+        if not isinstance(self.content, list):
+            return []
+        return [part.image_url.url for part in self.content if isinstance(part, ImageURLPart)]
 
 
 class ResponseFormat(_Strict):

@@ -64,6 +64,9 @@ class ModelRunner:
         self.view_growth = 128
         self._view: DecodeView | None = None  # the eager decode path's dense history (see DecodeView)
         self._compiled = None
+        # vision-language models: per request, the placeholder positions of its prompt and the
+        # image features that replace them (computed once when the request arrives)
+        self._images: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         if self.compile_decode:
             for pool in paged.pools():
                 torch._dynamo.mark_static_address(pool)
@@ -77,12 +80,59 @@ class ModelRunner:
         """Drop the decode view (the engine calls this when it goes idle)."""
         self._view = None
 
-    def _forward(self, input_ids, attention_mask, position_ids, cache):
+    def _forward(self, input_ids, attention_mask, position_ids, cache, inputs_embeds=None):
+        if inputs_embeds is not None:
+            out = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                             past_key_values=cache, use_cache=True, logits_to_keep=1)
+            return out.logits[:, -1]
         out = self.model(
             input_ids, attention_mask=attention_mask, position_ids=position_ids, past_key_values=cache,
             use_cache=True, logits_to_keep=1,
         )
         return out.logits[:, -1]  # (B, V)
+
+    # -- images (LLaVA-format models)
+    @torch.no_grad()
+    def add_images(self, seq_id: str, prompt_ids: list[int], pixel_values: torch.Tensor) -> None:
+        """Compute a request's image features; each placeholder token of its prompt gets one row."""
+        from seekdeep.errors import GenerationError
+
+        config = getattr(self.model, "config", None)
+        if not hasattr(self.model, "get_image_features") or getattr(config, "image_token_index", None) is None:
+            raise GenerationError("messages", "this model is text-only; it does not accept images")
+        if getattr(config, "cross_attention", None) is not None:
+            raise GenerationError("messages", "images for a gated cross-attention model are not served yet; use a LLaVA "
+                                  "(prefix) model")
+        positions = torch.tensor([i for i, t in enumerate(prompt_ids) if t == config.image_token_index], dtype=torch.long)
+        dtype = next(self.model.parameters()).dtype
+        features = self.model.get_image_features(pixel_values.to(self.device, dtype))  # (N, P, C)
+        features = features.reshape(-1, features.shape[-1])  # (N * P, C)
+        if features.shape[0] != positions.numel():
+            raise GenerationError("messages", f"the prompt holds {positions.numel()} image placeholder tokens but "
+                                  f"{pixel_values.shape[0]} image(s) need {features.shape[0]}")
+        self._images[seq_id] = (positions, features)
+
+    def drop_images(self, seq_id: str) -> None:
+        self._images.pop(seq_id, None)
+
+    def _image_embeds(self, seqs: list[Sequence], computed: list[int], n: int, input_ids: torch.Tensor) -> torch.Tensor | None:
+        """(B, n, C) input embeddings with image features at the placeholder positions of this
+        step's tokens, or None when no row's step touches an image."""
+        rows = []
+        for row, (s, c) in enumerate(zip(seqs, computed)):
+            entry = self._images.get(s.seq_id)
+            if entry is None:
+                continue
+            positions, features = entry
+            inside = (positions >= c) & (positions < c + n)
+            if bool(inside.any()):
+                rows.append((row, positions[inside] - c, features[inside.to(features.device)]))
+        if not rows:
+            return None
+        embeds = self.model.get_input_embeddings()(input_ids.to(self.device))  # (B, n, C)
+        for row, cols, feats in rows:
+            embeds[row, cols.to(self.device)] = feats.to(embeds.dtype)
+        return embeds
 
     @torch.no_grad()
     def execute(self, items: list[tuple[Sequence, int]]) -> torch.Tensor:
@@ -141,7 +191,10 @@ class ModelRunner:
             cache = StepCache(self.paged, slots.to(dev, non_blocking=True), n)
         mask = None if (not static and bool(valid.all())) else valid.to(dev, torch.long)
         args = (input_ids.to(dev, non_blocking=True), mask, position_ids.to(dev, non_blocking=True), cache)
-        if static and self._compiled is not None:
+        embeds = self._image_embeds(seqs, computed, n, input_ids) if self._images else None
+        if embeds is not None:  # a step over image placeholders: eager, with the features spliced in
+            logits = self._forward(*args, inputs_embeds=embeds)
+        elif static and self._compiled is not None:
             try:
                 if dev.type == "cuda":
                     torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed

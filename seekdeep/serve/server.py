@@ -66,6 +66,8 @@ class ServerConfig:
     api_key: str | None = None
     engine: EngineConfig = field(default_factory=EngineConfig)
     max_queue: int = 256
+    max_images: int = 8  # per chat request (vision-language models)
+    max_image_pixels: int = 4096 * 4096  # per decoded image
     route_threshold: int = 256
     embedding_cache_size: int = 1024
     dtype: str | None = None
@@ -75,6 +77,10 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if not self.model_dirs:
             raise ConfigError("model_dirs", "serve needs at least one model directory")
+        for name in ("max_images", "max_image_pixels"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(name, f"must be a positive integer, got {value!r}")
         names = self.model_names or [Path(d).resolve().name for d in self.model_dirs]
         if len(names) != len(self.model_dirs):
             raise ConfigError("model_name", f"got {len(names)} names for {len(self.model_dirs)} model directories; "
@@ -101,6 +107,7 @@ class ServedModel:
     engine: AsyncEngine
     embedding_cache: EmbeddingCache
     created: int = field(default_factory=lambda: int(time.time()))
+    image_processor: Any = None  # set for vision-language models: they accept image_url parts
 
     @property
     def max_model_len(self) -> int:
@@ -124,10 +131,77 @@ def load_served_models(config: ServerConfig) -> list[ServedModel]:
         eos = model.config.eos_token_id if model.config.eos_token_id is not None else tokenizer.eos_token_id
         engine = AsyncEngine(Engine(model, config.engine, eos_token_id=eos), max_waiting=None)
         engine.start()
-        served.append(ServedModel(name, str(path), model, tokenizer, engine, EmbeddingCache(config.embedding_cache_size)))
+        served.append(ServedModel(name, str(path), model, tokenizer, engine, EmbeddingCache(config.embedding_cache_size),
+                                  image_processor=_image_processor_for(model, path)))
         log.info("loaded %s from %s (decode path: %s, %d KV blocks)", name, path,
                  engine.engine.runner.decode_path, engine.engine.allocator.num_usable)
     return served
+
+
+# ----------------------------------------------------------------------------- images (vision-language models)
+
+
+def _image_processor_for(model, path):
+    """The image processor of a LLaVA-format model directory (preprocessor_config.json, or the
+    vision tower's family default); None for a text-only model."""
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) != "llava":
+        return None
+    from seekdeep.multimodal.image_processing import PROCESSOR_NAME, ImageProcessor, ImageProcessorConfig
+
+    if (Path(path) / PROCESSOR_NAME).is_file():
+        return ImageProcessor.from_pretrained(path)
+    vision = config.vision_config
+    size = vision.image_size
+    if vision.model_type == "siglip_vision_model":
+        return ImageProcessor(ImageProcessorConfig.siglip(size))
+    return ImageProcessor(ImageProcessorConfig.clip(size))
+
+
+def _decode_images(messages, config: ServerConfig) -> list:
+    """Every image_url part of the conversation, decoded, in order. Only inline ``data:`` URLs
+    with base64 image bytes are accepted: the server fetches nothing from the network."""
+    from seekdeep.multimodal.image_processing import ImageError, decode_image
+
+    urls = [url for m in messages for url in m.image_urls()]
+    if len(urls) > config.max_images:
+        raise APIError(400, f"messages: {len(urls)} images in one request; the limit is {config.max_images}",
+                       param="messages", code="too_many_images")
+    images = []
+    for i, url in enumerate(urls):
+        where = f"messages: image {i}"
+        if not url.startswith("data:"):
+            raise APIError(400, f"{where}: only inline data: URLs (data:image/png;base64,...) are accepted; this server "
+                           f"has no network access to fetch {url[:60]!r}", param="messages", code="remote_image_url")
+        header, sep, payload = url.partition(",")
+        if not sep or not header.endswith(";base64") or not header[5:].startswith("image/"):
+            raise APIError(400, f"{where}: expected data:image/<type>;base64,<bytes>, got {header[:60]!r}",
+                           param="messages", code="invalid_image")
+        try:
+            data = base64.b64decode(payload, validate=True)
+        except (ValueError, TypeError) as exc:
+            raise APIError(400, f"{where}: invalid base64 ({exc})", param="messages", code="invalid_image") from None
+        try:
+            images.append(decode_image(data, field=where, max_pixels=config.max_image_pixels))
+        except ImageError as exc:
+            raise APIError(400, str(exc), param="messages", code="invalid_image") from None
+    return images
+
+
+def _expand_image_tokens(served: ServedModel, ids: list[int], num_images: int) -> list[int]:
+    """Each image marker of the templated prompt becomes the model's placeholder tokens."""
+    from seekdeep.multimodal.processing import tokens_per_image
+
+    config = served.model.config
+    found = ids.count(config.image_token_index)
+    if found != num_images:
+        raise APIError(400, f"messages: the conversation holds {found} image placeholder(s) for {num_images} image(s); "
+                       "send images as image_url parts and do not write the image token in text", param="messages")
+    per = tokens_per_image(config)
+    out: list[int] = []
+    for t in ids:
+        out.extend([t] * per if t == config.image_token_index else [t])
+    return out
 
 
 # ----------------------------------------------------------------------------- app state
@@ -182,10 +256,12 @@ class _Choice:
 
 
 async def _run_choice(served: ServedModel, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                      choice: _Choice, emit: Callable[[tuple], None] | None, metrics: ServerMetrics, arrival: float) -> None:
+                      choice: _Choice, emit: Callable[[tuple], None] | None, metrics: ServerMetrics, arrival: float,
+                      pixel_values=None) -> None:
     """Drive one choice through the engine; ``emit((index, text, logprobs, finish_reason))``
     per delta when streaming. Leaving early (cancellation, stop string) aborts the request."""
-    gen = served.engine.generate(request_id, prompt_ids, params)
+    images = {} if pixel_values is None else {"pixel_values": pixel_values}
+    gen = served.engine.generate(request_id, prompt_ids, params, **images)
     try:
         async with contextlib.aclosing(gen):
             async for out in gen:
@@ -370,7 +446,7 @@ def create_app(config: ServerConfig, loader: Callable[[ServerConfig], list[Serve
 
     async def run_generation(request: Request, served: ServedModel, prompts: list[list[int]],
                              params: list[list[SamplingParams]], stream: bool, on_stream: Callable,
-                             on_done: Callable) -> Response:
+                             on_done: Callable, pixel_values=None) -> Response:
         """Start every (prompt, choice) and answer either as SSE (``on_stream``) or JSON (``on_done``)."""
         arrival = time.monotonic()
         check_capacity(served, sum(len(p) for p in params))
@@ -385,7 +461,7 @@ def create_app(config: ServerConfig, loader: Callable[[ServerConfig], list[Serve
                 jobs.append((f"{base_id}-{choice.index}", ids, sp, choice))
 
         if not stream:
-            tasks = [asyncio.create_task(_run_choice(served, rid, ids, sp, ch, None, state.metrics, arrival))
+            tasks = [asyncio.create_task(_run_choice(served, rid, ids, sp, ch, None, state.metrics, arrival, pixel_values))
                      for rid, ids, sp, ch in jobs]
             if not await _wait_or_disconnect(request, tasks):
                 return Response(status_code=499)
@@ -402,7 +478,8 @@ def create_app(config: ServerConfig, loader: Callable[[ServerConfig], list[Serve
         events: asyncio.Queue = asyncio.Queue()
 
         async def body():
-            tasks = [asyncio.create_task(_run_choice(served, rid, ids, sp, ch, events.put_nowait, state.metrics, arrival))
+            tasks = [asyncio.create_task(_run_choice(served, rid, ids, sp, ch, events.put_nowait, state.metrics, arrival,
+                                                     pixel_values))
                      for rid, ids, sp, ch in jobs]
             remaining = len(tasks)
             try:
@@ -562,16 +639,23 @@ def create_app(config: ServerConfig, loader: Callable[[ServerConfig], list[Serve
     # ---- /v1/chat/completions
     @app.post("/v1/chat/completions", dependencies=[Depends(require_ready)])
     async def chat_completions(req: ChatCompletionRequest, request: Request):
-        messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in req.messages]
+        images = _decode_images(req.messages, config)
 
         def encode(served: ServedModel) -> list[int]:
+            vision = served.image_processor is not None
+            if images and not vision:
+                raise APIError(400, f"messages: model {served.name!r} is text-only; it does not accept image_url parts",
+                               param="messages", code="images_not_supported")
+            marker = served.tokenizer.convert_ids_to_tokens(served.model.config.image_token_index) if vision else ""
+            messages = [{"role": m.role, "content": m.text(marker), **({"name": m.name} if m.name else {})}
+                        for m in req.messages]
             try:
                 ids = served.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
             except ConfigError as exc:
                 raise APIError(400, f"messages: {exc}", param="messages") from None
             if not ids:
                 raise APIError(400, "messages: the conversation encodes to no tokens", param="messages")
-            return ids
+            return _expand_image_tokens(served, ids, len(images)) if vision else ids
 
         def estimate(m: ServedModel):
             ids = encode(m)
@@ -630,7 +714,8 @@ def create_app(config: ServerConfig, loader: Callable[[ServerConfig], list[Serve
             return {"id": f"chatcmpl-{base_id}", "object": "chat.completion", "created": created, "model": served.name,
                     "choices": out, "usage": usage(choices)}
 
-        return await run_generation(request, served, [ids], [plist], req.stream, on_stream, on_done)
+        pixel_values = served.image_processor([im for im in images])["pixel_values"] if images else None
+        return await run_generation(request, served, [ids], [plist], req.stream, on_stream, on_done, pixel_values)
 
     # ---- /v1/embeddings
     @app.post("/v1/embeddings", dependencies=[Depends(require_ready)])
