@@ -225,14 +225,22 @@ def _masked_group_attention(
     key_valid: torch.Tensor | None,
     sliding_window: int | None,
     bias: torch.Tensor | None,
+    compute_dtype: torch.dtype | None = None,
+    fused: bool = False,
 ) -> torch.Tensor:
     """Attention of query groups over their own gathered keys, with the full token mask.
 
     ``q_groups`` (B, Hkv, G, rep, R, D): R query rows per group; ``tokens`` (B, G, S) key slots
     of each group (may run past ``k_len``: those are masked); ``token_ok`` (B, G, S) slots of
     valid selections; ``q_slots`` (G, R); ``bias`` (B, G, S) added to the logits (the
-    straight-through term). Returns (B, Hkv, G, rep, R, Dv); rows without a key give 0.
+    straight-through term). Returns (B, Hkv, G, rep, R, Dv) in ``q_groups``' dtype; rows without
+    a key give 0. ``compute_dtype``: the gathered tiles are converted to it and the matmuls run
+    in it (fp32 where the host has no fast bf16 matmul, see :mod:`seekdeep.attention.cpu_kernels`).
+    ``fused``: SDPA's fused kernel runs over the gathered tiles instead of the matmuls (it
+    converts bf16 tiles to fp32 itself; ``compute_dtype`` is then not used); needs ``bias`` None.
     """
+    if fused and bias is not None:
+        raise ValueError("the fused gather kernel takes no logit bias (the straight-through term)")
     b, hkv, g, rep, r, d = q_groups.shape
     s = tokens.shape[-1]
     clamped = tokens.clamp(max=k_len - 1)
@@ -242,6 +250,9 @@ def _masked_group_attention(
         v_out = _scratch("v", b * hkv * g * s * v_rows[0].shape[-1], v_rows[0].dtype, q_groups.device)
     kg = _gather_tokens(*k_rows, clamped, k_out)  # (B, Hkv, G, S, D)
     vg = _gather_tokens(*v_rows, clamped, v_out)
+    out_dtype = q_groups.dtype
+    if compute_dtype is not None and compute_dtype != out_dtype and not fused:  # tiles, not the whole cache
+        q_groups, kg, vg = q_groups.to(compute_dtype), kg.to(compute_dtype), vg.to(compute_dtype)
     allowed = (tokens[:, :, None, :] <= q_slots[None, :, :, None]) & token_ok[:, :, None, :]  # (B, G, R, S)
     if key_valid is not None:
         allowed = allowed & key_valid.bool().gather(1, clamped.view(b, -1)).view(b, g, 1, s)
@@ -250,6 +261,13 @@ def _masked_group_attention(
     # Rows with no key attend to everything and are zeroed afterwards: no NaN in backward.
     empty = ~allowed.any(-1)  # (B, G, R)
     allowed = allowed | empty[..., None]
+    if fused:  # (B * Hkv, G, rep * R, D) against (B * Hkv, G, S, D): the groups play SDPA's heads
+        rows_mask = allowed[:, None, :, None].expand(b, hkv, g, rep, r, s).reshape(b * hkv, g, rep * r, s)
+        out = F.scaled_dot_product_attention(
+            q_groups.reshape(b * hkv, g, rep * r, d), kg.view(b * hkv, g, s, d), vg.view(b * hkv, g, s, -1),
+            attn_mask=rows_mask, scale=scale,
+        ).view(b, hkv, g, rep, r, -1)
+        return out.masked_fill(empty[:, None, :, None, :, None], 0.0)
     scores = torch.matmul(q_groups.reshape(b, hkv, g, rep * r, d) * scale, kg.transpose(-1, -2))
     scores = scores.view(b, hkv, g, rep, r, s).float()
     if bias is not None:
@@ -257,7 +275,7 @@ def _masked_group_attention(
     scores = scores.masked_fill(~allowed[:, None, :, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(vg.dtype).view(b, hkv, g, rep * r, s)
     out = torch.matmul(probs, vg).view(b, hkv, g, rep, r, -1)
-    return out.masked_fill(empty[:, None, :, None, :, None], 0.0)
+    return out.masked_fill(empty[:, None, :, None, :, None], 0.0).to(out_dtype)
 
 
 def _selected_tokens(block_indices: torch.Tensor, block_valid: torch.Tensor, block_size: int):
@@ -284,18 +302,33 @@ def gather_block_attention(
     key_valid: torch.Tensor | None = None,
     sliding_window: int | None = None,
     block_bias: torch.Tensor | None = None,
+    compute_dtype: torch.dtype | None = None,
+    fused: bool = False,
 ) -> torch.Tensor:
     """Block-sparse attention by gathering, chunked over query blocks.
 
     ``q`` (B, H, Tq, D) at slots ``q_offset ...``; ``k``/``v`` (B, Hkv, Tk, D);
     ``block_indices``/``block_valid`` (B, Nq, n) from :func:`select_blocks` for the query blocks
     ``q_offset // bs ...`` that the rows touch; ``block_bias`` (B, Nq, n) is added to the
-    logits of every key of a selected block (the straight-through term). Returns (B, H, Tq, Dv).
+    logits of every key of a selected block (the straight-through term). Returns (B, H, Tq, Dv)
+    in ``q``'s dtype; ``compute_dtype`` (default: ``q``'s) is the dtype the kernel computes in;
+    ``fused`` runs SDPA's fused kernel over each chunk's gathered tiles (no ``block_bias``).
 
     Without autograd, padding or a window, query blocks whose every allowed block is selected
     (the first ``n - 1``) run as one dense causal SDPA call, and the rest, which all hold ``n``
     valid blocks with the diagonal last, skip the token mask except on the diagonal block.
     """
+    if fused and block_bias is not None:
+        raise ValueError("the fused gather kernel takes no block_bias (the straight-through term)")
+    if compute_dtype is not None and compute_dtype != q.dtype and not fused:
+        # A prefill gathers each key many times (once per query block selecting it): converting
+        # K / V once costs less than converting every gathered tile.
+        out = gather_block_attention(
+            q.to(compute_dtype), k.to(compute_dtype), v.to(compute_dtype), block_indices, block_valid,
+            q_offset=q_offset, block_size=block_size, scale=scale, key_valid=key_valid,
+            sliding_window=sliding_window, block_bias=block_bias,
+        )
+        return out.to(q.dtype)
     bs = block_size
     b, h, tq, d = q.shape
     hkv, tk, dv = k.shape[1], k.shape[2], v.shape[-1]
@@ -332,7 +365,7 @@ def gather_block_attention(
             )
         if sparse_from < nq:
             _fast_sparse_blocks(q_pad, k, v, block_indices, out, start=sparse_from, first_block=first,
-                                block_size=bs, scale=scale)
+                                block_size=bs, scale=scale, fused=fused)
         return out[:, :, lead:lead + tq]
 
     k_rows, v_rows = _row_view(k, keep_graph), _row_view(v, keep_graph)
@@ -348,16 +381,20 @@ def gather_block_attention(
         outs.append(_masked_group_attention(
             q_groups[:, :, c0:c1], k_rows, v_rows, tokens[:, c0:c1], token_ok[:, c0:c1], q_slots, k_len=tk,
             scale=scale, key_valid=key_valid, sliding_window=window, bias=None if bias is None else bias[:, c0:c1],
+            fused=fused,
         ))
     out = torch.cat(outs, dim=2)  # (B, Hkv, Nq, rep, bs, Dv)
     out = out.permute(0, 1, 3, 2, 4, 5).reshape(b, h, nq * bs, dv)
     return out[:, :, lead:lead + tq]
 
 
-def _fast_sparse_blocks(q_pad, k, v, block_indices, out, *, start, first_block, block_size, scale) -> None:
+def _fast_sparse_blocks(q_pad, k, v, block_indices, out, *, start, first_block, block_size, scale,
+                        fused=False) -> None:
     """Inference kernel for query blocks ``start ...`` (relative) that all hold ``n`` valid
     selected blocks with the diagonal last: reused buffers, in-place ops, and only the diagonal
-    block is masked. Writes into ``out`` (B, H, Nq*bs, Dv)."""
+    block is masked. Writes into ``out`` (B, H, Nq*bs, Dv). ``fused``: SDPA's fused kernel over
+    the gathered tiles (one (rep * bs, S) mask, causal on the diagonal block, serves every
+    chunk) instead of materialised scores."""
     bs = block_size
     b, h, _, d = q_pad.shape
     hkv, tk, dv = k.shape[1], k.shape[2], v.shape[-1]
@@ -379,6 +416,11 @@ def _fast_sparse_blocks(q_pad, k, v, block_indices, out, *, start, first_block, 
     chunk = _chunk_blocks(b, h, bs, s)
     dev, dt = q_pad.device, q_pad.dtype
     scratch = _use_scratch(q_pad, k, v)
+    if fused:
+        # Additive, in the tiles' dtype: SDPA would otherwise convert a bool mask on every call.
+        tile_mask = torch.zeros(bs, s, dtype=dt, device=dev)
+        tile_mask[:, -bs:].masked_fill_(above_diagonal, float("-inf"))
+        tile_mask = tile_mask.repeat(rep, 1)  # (rep * bs, S), rows ordered (rep, bs) as in the tiles
     for c0 in range(start, nq, chunk):
         c1 = min(nq, c0 + chunk)
         m = c1 - c0
@@ -394,6 +436,12 @@ def _fast_sparse_blocks(q_pad, k, v, block_indices, out, *, start, first_block, 
             tokens = (block_indices[:, c0:c1, :, None] * bs + offsets).view(b, m, s).clamp_(max=tk - 1)
             kg = _gather_tokens(k_rows, k_base, tokens, buf("k", b * hkv * m * s * d))  # (B, Hkv, m, S, D)
             vg = _gather_tokens(v_rows, v_base, tokens, buf("v", b * hkv * m * s * dv))
+        if fused:  # the m query blocks play SDPA's heads: (B * Hkv, m, rep * bs, D)
+            qc = q_view[:, :, :, c0:c1].permute(0, 1, 3, 2, 4, 5).reshape(b * hkv, m, rep * bs, d)
+            oc = F.scaled_dot_product_attention(qc, kg.view(b * hkv, m, s, d), vg.view(b * hkv, m, s, dv),
+                                                attn_mask=tile_mask, scale=scale)
+            out_view[:, :, :, c0:c1] = oc.view(b, hkv, m, rep, bs, dv).permute(0, 1, 3, 2, 4, 5)
+            continue
         qc = buf("q", b * hkv * m * rep * bs * d).view(b, hkv, m, rep, bs, d)
         torch.mul(q_view[:, :, :, c0:c1].permute(0, 1, 3, 2, 4, 5), scale, out=qc)
         scores = buf("s", b * hkv * m * rep * bs * s).view(b, hkv, m, rep * bs, s)
@@ -420,11 +468,14 @@ def gather_row_attention(
     key_valid: torch.Tensor | None = None,
     sliding_window: int | None = None,
     row_bias: torch.Tensor | None = None,
+    compute_dtype: torch.dtype | None = None,
+    fused: bool = False,
 ) -> torch.Tensor:
     """Decode kernel: each query row gathers its own selected blocks.
 
     ``q`` (B, H, Tq, D) with Tq small; ``row_indices``/``row_valid``/``row_bias`` (B, Tq, n),
-    the selection of each row's block. Cost O(Tq * n * block_size), independent of Tk.
+    the selection of each row's block. Cost O(Tq * n * block_size), independent of Tk. The
+    gathered tiles are converted to ``compute_dtype`` (default: ``q``'s), never the whole cache.
     """
     b, h, tq, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
@@ -439,7 +490,8 @@ def gather_row_attention(
     window = sliding_window if sliding_window is not None and sliding_window < tk else None
     out = _masked_group_attention(
         q_groups, _row_view(k, keep_graph), _row_view(v, keep_graph), tokens, token_ok, q_slots, k_len=tk,
-        scale=scale, key_valid=key_valid, sliding_window=window, bias=bias,
+        scale=scale, key_valid=key_valid, sliding_window=window, bias=bias, compute_dtype=compute_dtype,
+        fused=fused,
     )  # (B, Hkv, Tq, rep, 1, Dv)
     return out.squeeze(4).transpose(2, 3).reshape(b, h, tq, -1)
 

@@ -23,11 +23,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from seekdeep.attention import block_sparse as bsa
+from seekdeep.attention import cpu_kernels
 from seekdeep.attention.base import AttentionMask, AttentionSpec, repeat_kv
 from seekdeep.attention.dense import sdpa_attention
 from seekdeep.errors import ConfigError
 
-BLOCK_KERNELS = ("auto", "gather", "flex", "flex_eager")
+BLOCK_KERNELS = ("auto", "gather", "gather_fp32", "gather_sdpa", "flex", "flex_eager")
 
 
 def _int_option(options: dict, name: str, default: int) -> int:
@@ -76,10 +77,20 @@ class DynamicSparseAttention(nn.Module):
 
     * ``topk`` is the key budget: each query block attends to ``ceil(topk / block_size)`` key
       blocks, its ``local_blocks`` (1) most recent blocks (its own included) counted in them;
-    * ``block_kernel``: ``auto`` (flex on CUDA, gather elsewhere; dense SDPA when the budget
-      covers every block and no gradient reaches the indexer), ``gather``, ``flex`` (compiled
-      flex_attention) or ``flex_eager`` (uncompiled: a reference that materialises scores);
-      query chunks shorter than a block (decode steps) always use the per-row gather kernel;
+    * ``block_kernel``: ``auto`` (flex on CUDA; on CPU ``gather_sdpa`` when no gradient reaches
+      the indexer, else ``gather`` in the precision that is fast on the host, see
+      :mod:`seekdeep.attention.cpu_kernels`; dense SDPA when the budget covers every block and no
+      gradient reaches the indexer), ``gather`` (batched matmuls in the input dtype),
+      ``gather_fp32`` (bf16 / fp16 inputs computed in fp32 tiles, output in the input dtype; the
+      indexer's projections also run in fp32), ``gather_sdpa`` (SDPA's fused kernel over the
+      gathered tiles; it cannot carry the straight-through term, so it does not train the
+      indexer: ConfigError under autograd), ``flex`` (compiled flex_attention) or ``flex_eager``
+      (uncompiled: a reference that materialises scores); query chunks shorter than a block
+      (decode steps) always use the per-row gather kernel, fused or not as the gather kernel
+      (under the flex kernels: matmuls in ``auto``'s precision);
+    * ``last_kernel`` names the path the latest call took (``dense_sdpa``, ``gather``,
+      ``gather_fp32``, ``gather_sdpa``, ``row_gather``, ``row_gather_fp32``,
+      ``row_gather_sdpa``, ``flex``, ``flex_eager``; token mode: ``dense_sdpa`` or ``masked_sdpa``);
     * padding, sliding windows, GQA and decoding with ``cache_state`` are supported;
       ``local_window`` is token-mode only (ConfigError); the flex kernels cannot train on CPU
       (FlexAttention has no CPU backward: ConfigError);
@@ -122,6 +133,7 @@ class DynamicSparseAttention(nn.Module):
         self.compute_indexer_loss = False
         self.dense_warmup = False
         self.indexer_loss: torch.Tensor | None = None
+        self.last_kernel: str | None = None
         self.reset_parameters()
 
     def _parse_block_options(self, opts: dict) -> None:
@@ -154,6 +166,14 @@ class DynamicSparseAttention(nn.Module):
         self.index_k_norm.reset_parameters()
         if self.index_distance is not None:
             nn.init.zeros_(self.index_distance)  # starts position-free, as without the option
+
+    @staticmethod
+    def _index_linear(layer: nn.Linear, x: torch.Tensor, compute_dtype: torch.dtype | None) -> torch.Tensor:
+        """``layer(x)`` computed in ``compute_dtype`` (fp32 where the host's bf16 matmul is slow),
+        returned in ``x``'s dtype so cached index keys keep one dtype across prefill and decode."""
+        if compute_dtype is None or compute_dtype == x.dtype:
+            return layer(x)
+        return F.linear(x.to(compute_dtype), layer.weight.to(compute_dtype)).to(x.dtype)
 
     def index_scores(self, hidden_states: torch.Tensor, cache_state: dict | None) -> torch.Tensor:
         """Index scores (B, Tq, Tk) for this step's queries against every visible key.
@@ -210,7 +230,9 @@ class DynamicSparseAttention(nn.Module):
         dense = self.dense_warmup or self.topk >= k.shape[2]
         straight_through = scores.requires_grad
         if dense and not straight_through:
+            self.last_kernel = "dense_sdpa"
             return sdpa_attention(q, k, v, mask, scale)
+        self.last_kernel = "masked_sdpa"
 
         if dense:
             selected = allowed.expand(scores.shape[0], 1, -1, -1)  # (B, 1, Tq, Tk)
@@ -300,8 +322,11 @@ class DynamicSparseAttention(nn.Module):
                                index_tail_k=tail.detach(), index_tail_valid=tail_valid)
         return done_keys, done_counts, tail, tail_valid
 
-    def block_selection(self, hidden_states: torch.Tensor, mask: AttentionMask, cache_state: dict | None = None):
+    def block_selection(self, hidden_states: torch.Tensor, mask: AttentionMask, cache_state: dict | None = None,
+                        compute_dtype: torch.dtype | None = None):
         """Score and select key blocks for the query blocks this step touches.
+
+        ``compute_dtype``: the dtype the index projections compute in (default: the input's).
 
         Returns ``q_blocks`` (Nq,), ``scores`` (B, Nq, Nk) (differentiable w.r.t. the indexer),
         ``allowed`` (B, Nq, Nk), ``forced`` (Nq, Nk), ``indices``/``valid`` (B, Nq, n) (see
@@ -316,7 +341,7 @@ class DynamicSparseAttention(nn.Module):
         q_offset, k_len = mask.q_offset, mask.k_len
         if tq != mask.q_len:
             raise ValueError(f"dsa hidden_states has {tq} tokens but the mask has q_len={mask.q_len}")
-        index_k = self.index_k_norm(self.index_k(x))  # (B, Tq, Di)
+        index_k = self.index_k_norm(self._index_linear(self.index_k, x, compute_dtype))  # (B, Tq, Di)
         done_keys, done_counts, tail, tail_valid = self._update_summaries(index_k, mask, cache_state)
         nk, first_block = bsa.num_blocks(k_len, bs), q_offset // bs
         q_blocks = torch.arange(first_block, nk, device=x.device)  # (Nq,)
@@ -339,8 +364,9 @@ class DynamicSparseAttention(nn.Module):
             done_keys, done_counts = torch.cat([done_keys, tail_keys], 1), torch.cat([done_counts, tail_counts], 1)
         rows = (anchors - q_offset).clamp(0, tq - 1)
         x_anchor = x.gather(1, rows[..., None].expand(-1, -1, c))  # (B, Nq, C)
-        index_q = self.index_q(x_anchor).view(b, -1, self.index_heads, self.index_head_dim)
-        weights = self.index_weights(x_anchor) * self.index_heads**-0.5  # (B, Nq, Hi)
+        index_q = self._index_linear(self.index_q, x_anchor, compute_dtype).view(b, -1, self.index_heads,
+                                                                                 self.index_head_dim)
+        weights = self._index_linear(self.index_weights, x_anchor, compute_dtype) * self.index_heads**-0.5  # (B, Nq, Hi)
         scores = bsa.block_index_scores(index_q, weights, done_keys)  # (B, Nq, Nk)
         allowed = bsa.allowed_blocks(q_blocks, done_counts, bs, mask.sliding_window)
         forced = bsa.forced_blocks(q_blocks, nk, self.local_blocks)
@@ -355,10 +381,25 @@ class DynamicSparseAttention(nn.Module):
             cache_state["block_selection_block"] = nk - 1
         return q_blocks, scores, allowed, forced, indices, valid, chosen_here
 
+    def gather_compute_dtype(self, q: torch.Tensor, k: torch.Tensor) -> torch.dtype:
+        """The dtype the gather kernels compute in for this call (see ``block_kernel``)."""
+        kernel, tq = self.block_kernel, q.shape[2]
+        if kernel == "gather_fp32":
+            precision = "fp32"
+        elif kernel in ("auto", "flex", "flex_eager") and q.device.type == "cpu":
+            precision = "auto"  # flex: only its decode rows use a gather kernel
+        else:
+            precision = "native"
+        rows = q.shape[1] // k.shape[1] * min(tq, self.block_size)  # query rows per matmul tile
+        return cpu_kernels.compute_dtype(q.dtype, precision, rows=rows, keys=self.num_selected_blocks * self.block_size,
+                                         head_dim=q.shape[-1])
+
     def _block_forward(self, q, k, v, mask: AttentionMask, scale: float, hidden_states, cache_state):
         bs, tq = self.block_size, q.shape[2]
+        compute = self.gather_compute_dtype(q, k)
+        suffix = "_fp32" if compute != q.dtype and compute == torch.float32 else ""
         q_blocks, scores, allowed, forced, indices, valid, chosen_here = self.block_selection(
-            hidden_states, mask, cache_state
+            hidden_states, mask, cache_state, compute_dtype=compute
         )
         if scores.shape[-1] != bsa.num_blocks(k.shape[2], bs):
             raise ValueError(f"dsa indexer sees {scores.shape[-1]} key blocks but Tk={k.shape[2]} needs "
@@ -370,14 +411,22 @@ class DynamicSparseAttention(nn.Module):
                                           key_valid=mask.key_valid, sliding_window=mask.sliding_window)
             self.indexer_loss = bsa.block_indexer_loss(scores, target, selectable)
         if self.dense_warmup:
+            self.last_kernel = "dense_sdpa"
             return sdpa_attention(q, k, v, mask, scale)
 
         straight_through = scores.requires_grad
         kernel = self.block_kernel
         if kernel == "auto":
             if not straight_through and self.num_selected_blocks >= scores.shape[-1]:
+                self.last_kernel = "dense_sdpa"
                 return sdpa_attention(q, k, v, mask, scale)  # every block selected: dense is exact
-            kernel = "flex" if q.is_cuda else "gather"
+            kernel = "flex" if q.is_cuda else "gather" if straight_through else "gather_sdpa"
+        if kernel == "gather_sdpa" and straight_through:
+            raise ConfigError("attention_options.block_kernel", "'gather_sdpa' cannot carry the indexer's "
+                              "straight-through gradient; accepted for training: auto, gather or gather_fp32")
+        fused = kernel == "gather_sdpa"
+        if fused:
+            suffix = "_sdpa"  # SDPA's kernel picks its own inner precision (fp32 tiles for bf16)
         bias = None
         if straight_through:  # value 0; its gradient trains the indexer through the LM loss
             picked = scores.gather(-1, indices)
@@ -386,15 +435,19 @@ class DynamicSparseAttention(nn.Module):
                     sliding_window=mask.sliding_window)
         if tq < bs:  # decode: each row gathers its own block's selection
             row_block = torch.arange(mask.q_offset, mask.k_len, device=q.device) // bs - mask.q_offset // bs  # (Tq,)
+            self.last_kernel = "row_gather" + suffix
             return bsa.gather_row_attention(
                 q, k, v, indices[:, row_block], valid[:, row_block],
-                row_bias=None if bias is None else bias[:, row_block], **args,
+                row_bias=None if bias is None else bias[:, row_block], compute_dtype=compute, fused=fused, **args,
             )
-        if kernel == "gather":
-            return bsa.gather_block_attention(q, k, v, indices, valid, block_bias=bias, **args)
+        if kernel in ("gather", "gather_fp32", "gather_sdpa"):
+            self.last_kernel = "gather" + suffix
+            return bsa.gather_block_attention(q, k, v, indices, valid, block_bias=bias, compute_dtype=compute,
+                                              fused=fused, **args)
         if q.device.type == "cpu" and torch.is_grad_enabled() and (
             straight_through or any(t.requires_grad for t in (q, k, v))
         ):
             raise ConfigError("attention_options.block_kernel", f"{kernel!r} cannot train on CPU (FlexAttention "
                               "has no CPU backward); accepted for CPU training: gather or auto")
+        self.last_kernel = kernel
         return bsa.flex_block_attention(q, k, v, indices, valid, block_bias=bias, compiled=kernel == "flex", **args)
