@@ -4,6 +4,12 @@ dsa is timed as the backend is called in a model: indexer (index keys, block sum
 queries, scores), block selection and the block-sparse attention. The anchor is
 ``scaled_dot_product_attention`` with ``is_causal=True`` (the flash kernel on CUDA and on CPU).
 
+Every row names the CPU class (``cpu_capability``: AVX2, AVX512, ...; ``cpu_class`` adds +BF16
+where oneDNN has native bf16 kernels; ``capability_caps``: ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA /
+MKL_ENABLE_INSTRUCTIONS when set, i.e. an emulated class) and ``kernel_used``, the path the dsa
+call took (``DynamicSparseAttention.last_kernel``): the sparse path's speed depends on the CPU
+class far more than dense SDPA's does, so a number is never read off the wrong class.
+
 Points: forward; forward + backward (dsa with its straight-through term, so the indexer gets
 gradients too); peak memory of the attention call (CUDA: ``max_memory_allocated`` above the
 inputs; CPU: not measured, no line); decode-step latency with a KV cache of T slots
@@ -32,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_name, emit  # noqa: E402
+from common import cpu_capability_fields, device_name, emit  # noqa: E402
 
 from seekdeep.attention import AttentionMask, AttentionSpec, repeat_kv  # noqa: E402
 from seekdeep.attention.dsa import DynamicSparseAttention  # noqa: E402
@@ -117,6 +123,7 @@ def bench_length(args, t: int, device, dtype, common: dict) -> None:
         err = (candidate().float() - ref).abs().max().item()  # dsa and the gate change the output: for scale only
         d_med, d_min, s_med, s_min = timed_pair(dense, candidate, device, args.repeats)
         d_mem, s_mem = peak_memory(dense, device), peak_memory(candidate, device)
+    point["kernel_used"] = getattr(backend, "last_kernel", name)
     emit(f"{name}_forward", s_med, "s", d_med, "sdpa_causal", device_name(str(device)), **point,
          speedup=round(d_med / s_med, 3), min_s=round(s_min, 6), anchor_min_s=round(d_min, 6), max_abs_diff_vs_dense=err)
     if s_mem is not None:
@@ -137,6 +144,7 @@ def bench_length(args, t: int, device, dtype, common: dict) -> None:
 
         d_med, d_min, s_med, s_min = timed_pair(dense_fb, candidate_fb, device, args.repeats)
         d_mem, s_mem = peak_memory(dense_fb, device), peak_memory(candidate_fb, device)
+        point["kernel_used"] = getattr(backend, "last_kernel", name)
         backend.eval()
         emit(f"{name}_forward_backward", s_med, "s", d_med, "sdpa_causal", device_name(str(device)), **point,
              speedup=round(d_med / s_med, 3), min_s=round(s_min, 6), anchor_min_s=round(d_min, 6))
@@ -204,7 +212,7 @@ def bench_decode(args, t: int, device, dtype, common: dict) -> None:
     d_med, s_med = statistics.median(dense_times) / steps, statistics.median(sparse_times) / steps
     m_med = statistics.median(matmul_times) / steps
     emit("dsa_decode_step", s_med, "s", d_med, "sdpa", device_name(str(device)),
-         **dict(common, context=t, steps=steps), speedup=round(d_med / s_med, 3),
+         **dict(common, context=t, steps=steps, kernel_used=dsa.last_kernel), speedup=round(d_med / s_med, 3),
          dense_matmul_s=round(m_med, 6), speedup_vs_dense_matmul=round(m_med / s_med, 3))
 
 
@@ -224,7 +232,8 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--block-size", type=int, default=64)
     parser.add_argument("--budget", type=int, default=2048, help="dsa topk: keys per query block")
-    parser.add_argument("--kernel", default="auto", help="dsa block_kernel: auto, gather, flex")
+    parser.add_argument("--kernel", default="auto",
+                        help="dsa block_kernel: auto, gather, gather_fp32, gather_sdpa, flex, flex_eager")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
@@ -241,7 +250,7 @@ def main() -> None:
         args.decode_lengths = sorted(set(args.lengths) | {32768, 65536, 131072}) if args.backend == "dsa" else []
     dtype = DTYPES[args.dtype]
     common = dict(dtype=args.dtype, batch=1, heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim,
-                  threads=torch.get_num_threads())
+                  threads=torch.get_num_threads(), **(cpu_capability_fields() if not cuda else {}))
     if args.backend == "dsa":
         common.update(block_size=args.block_size, budget=args.budget, kernel=args.kernel)
     for t in args.lengths:

@@ -27,3 +27,17 @@ def emit(name: str, value: float, unit: str, anchor: float | None, anchor_name: 
         **extra,
     }
     print(json.dumps(record), flush=True)
+
+
+def cpu_capability_fields() -> dict:
+    """The CPU class a CPU number belongs to: ATen's capability (``AVX2``, ``AVX512``, ...), the
+    class the dsa kernel choice reads (capability + ``+BF16`` where oneDNN has native bf16), and
+    any capability caps set in the environment (an emulated class, e.g. AVX2 on an AVX-512 host)."""
+    import os
+
+    from seekdeep.attention.cpu_kernels import cpu_class
+
+    caps = {name: os.environ[name] for name in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+            if name in os.environ}
+    return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_class": cpu_class(),
+            "capability_caps": caps or None}
