@@ -21,8 +21,9 @@ see tests/fl). Flower only moves the bytes, so leaving it out changes no number 
 ``clients * rounds * local_steps`` steps of the same batch size on the pooled data (also
 reported: ``rounds * local_steps`` steps of ``clients * batch_size``, as many updates as the
 global model gets, on the same examples). Local-only:
-each client ``rounds * local_steps`` steps on its own data. All evaluated on the pooled
-held-out text of the clients (the last 20% of every module).
+each client ``rounds * local_steps`` steps on its own data. All evaluated on the same
+held-out text: the first ``--eval-batches`` windows of each iid client's held-out side (the
+last 20% of every module, dealt round-robin), averaged over the clients.
 """
 
 from __future__ import annotations
@@ -198,8 +199,13 @@ def quality(args) -> None:
 
                 clients = build_client_data(cfg, AutoTokenizer.from_pretrained(tokenizer_dir), tmp / f"data-{split}")
 
+                if split == "iid":
+                    # every model is measured on the iid clients' held-out text: each holds a share of every
+                    # package's modules, so their mean is the same mix for both splits
+                    eval_clients = clients
+
                 def pooled_loss(model) -> float:
-                    return float(np.mean(_heldout_losses(model, clients, cfg)))
+                    return float(np.mean(_heldout_losses(model, eval_clients, cfg)))
 
                 if split == "iid":  # the pooled data is the same for both splits: train centralized once
                     torch.manual_seed(seed)
@@ -255,7 +261,10 @@ def main() -> int:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--eval-batches", type=int, default=8)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: the machine is shared; spinning OpenMP threads stall when oversubscribed)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     if args.part == "crypto":
         crypto(args)
     elif args.part == "rounds":

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import replace
@@ -307,7 +308,9 @@ def run_fl(cfg: FLConfig, *, node_faults: dict[int, dict[str, Any]] | None = Non
     app_dir = write_app(out / "app", run_config, cfg.secure)
     node_configs = []
     for i, client in enumerate(clients):
-        node = {"partition-id": i, "num-partitions": cfg.num_clients, "data-dir": str(Path(client["dir"]).resolve())}
+        node = {"partition-id": i, "num-partitions": cfg.num_clients, "data-dir": str(Path(client["dir"]).resolve()),
+                # all sites share this host's cores
+                "torch-threads": max(1, (os.cpu_count() or 1) // cfg.num_clients)}
         if cfg.secure == "paillier":
             node["key-file"] = str((keys / "private.json").resolve())
         node.update((node_faults or {}).get(i, {}))

@@ -6,6 +6,7 @@ Node config (``flower-supernode --node-config``):
   initial model's tokenizer; ``seekdeep fl`` writes them for the local federation);
 - ``key-file``: the clients' shared ``private.json`` (packed Paillier only);
 - ``partition-id``: an integer naming the site in logs and seeding its batches;
+- ``torch-threads`` (optional): intra-op threads, for several sites sharing one host;
 - ``fault`` / ``fault-round`` (tests and drills): a malformed update in that round (``nan``:
   a NaN in the delta, refused by the client's encoder before encryption, or by a plaintext
   server; ``shape``: one ciphertext short; ``key``: another key's fingerprint), to see the
@@ -45,6 +46,8 @@ class _Site:
         self.settings = RunSettings.from_run_config(dict(context.run_config))
         self.cfg = cfg = self.settings.cfg
         node = dict(context.node_config)
+        if "torch-threads" in node:  # several sites on one host: keep them from oversubscribing the cores
+            torch.set_num_threads(max(1, int(node["torch-threads"])))
         if "data-dir" not in node:
             raise ConfigError("node_config", "data-dir is missing; start the SuperNode with --node-config "
                               "\"data-dir=/path/to/site/tokens\"")

@@ -140,6 +140,10 @@ class _SecAggClient(NumPyClient):
         settings = RunSettings.from_run_config(dict(self.context.run_config))
         cfg = settings.cfg
         node = dict(self.context.node_config)
+        if "torch-threads" in node:
+            import torch
+
+            torch.set_num_threads(max(1, int(node["torch-threads"])))
         partition = int(node.get("partition-id", 0))
         data_dir = Path(str(node["data-dir"]))
         model = load_initial_model(settings.init_dir, cfg.method)
