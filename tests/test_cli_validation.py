@@ -47,6 +47,11 @@ ACCEPTS: dict[tuple[str, str], set[str]] = {
     ("profile", "--latency-budget-ms"): {"huge"},
     ("launch", "--max-restarts"): {"0"},
     ("launch", "--gpus-per-worker"): {"0"},
+    **{(cmd, flag): {"0"} for cmd in ("sft", "rl") for flag in ("--seed", "--warmup-steps", "--min-lr-ratio",
+                                                               "--weight-decay")},
+    **{(cmd, flag): {"huge"} for cmd in ("sft", "rl") for flag in ("--max-time", "--grad-clip")},
+    ("rl", "--kl-beta"): {"0"},  # no KL penalty
+    ("rl", "--top-k"): {"0"},  # off
 }
 
 #: positional / path arguments per command: (argument, kind) with kind "model" (a model directory),
@@ -59,6 +64,8 @@ PATH_ARGS: dict[str, list[tuple[str, str]]] = {
     "compress": [("model", "model"), ("--data", "data")],
     "serve": [("models", "model")],
     "profile": [("model", "model")],
+    "sft": [("base", "model"), ("--data", "data")],
+    "rl": [("base", "model"), ("--data", "data")],
 }
 
 
@@ -99,6 +106,8 @@ def _required_args(command: str, model_dir: Path) -> list[str]:
         "compress": [str(model_dir), "--quant", "int8-dynamic"],
         "serve": [str(model_dir)],
         "profile": [str(model_dir)],
+        "sft": [str(model_dir)],
+        "rl": [str(model_dir)],
         "launch": ["--dry-run"],
     }.get(command, [])
     return base
