@@ -21,6 +21,13 @@ class AutoConfig:
 
             config_path = resolve_model_dir(path_or_id) / "config.json"
             return LlavaConfig.from_hf_dict({**read_json(config_path), **overrides}, source=str(config_path))
+        if _multimodal_type(path_or_id) == "clip":
+            from seekdeep.files import read_json
+            from seekdeep.models.loading import resolve_model_dir
+            from seekdeep.multimodal.clip import ClipConfig
+
+            config_path = resolve_model_dir(path_or_id) / "config.json"
+            return ClipConfig.from_dict({**read_json(config_path), **overrides}, source=str(config_path))
         return load_config(path_or_id, **overrides)
 
     @staticmethod
@@ -47,7 +54,8 @@ class AutoModelForCausalLM:
 
 class AutoModel(AutoModelForCausalLM):
     """As :class:`AutoModelForCausalLM`, and a ``model_type: llava`` config.json gives the
-    vision-language model (:class:`seekdeep.multimodal.llava.LlavaForConditionalGeneration`)."""
+    vision-language model (:class:`seekdeep.multimodal.llava.LlavaForConditionalGeneration`),
+    a ``model_type: clip`` one the dual encoder (:class:`seekdeep.multimodal.clip.ClipModel`)."""
 
     @staticmethod
     def from_pretrained(path_or_id: str | os.PathLike, dtype=None, device=None, **overrides: Any):
@@ -55,6 +63,10 @@ class AutoModel(AutoModelForCausalLM):
             from seekdeep.multimodal.llava import LlavaForConditionalGeneration
 
             return LlavaForConditionalGeneration.from_pretrained(path_or_id, dtype=dtype, device=device, **overrides)
+        if _multimodal_type(path_or_id) == "clip":
+            from seekdeep.multimodal.clip import ClipModel
+
+            return ClipModel.from_pretrained(path_or_id, dtype=dtype, device=device, **overrides)
         return load_pretrained(path_or_id, dtype=dtype, device=device, **overrides)
 
     @staticmethod
@@ -63,6 +75,10 @@ class AutoModel(AutoModelForCausalLM):
             from seekdeep.multimodal.llava import LlavaForConditionalGeneration
 
             return LlavaForConditionalGeneration.from_config(config)
+        if getattr(config, "model_type", None) == "clip":
+            from seekdeep.multimodal.clip import ClipModel
+
+            return ClipModel.from_config(config)
         return AutoModelForCausalLM.from_config(config)
 
 
@@ -72,7 +88,7 @@ def _multimodal_type(path_or_id: str | os.PathLike) -> str | None:
     from seekdeep.models.loading import resolve_model_dir
 
     model_type = read_json(resolve_model_dir(path_or_id) / "config.json").get("model_type")
-    return model_type if model_type == "llava" else None
+    return model_type if model_type in ("llava", "clip") else None
 
 
 class AutoModelForSequenceClassification:
