@@ -48,18 +48,18 @@ def record_messages(record: Any, where: str) -> list[dict[str, str]]:
     if "messages" in record:
         messages = record["messages"]
         if not isinstance(messages, list) or not messages:
-            raise DataError(where, f"'messages' must be a non-empty list of {{role, content}} objects")
+            raise DataError(where, "'messages' must be a non-empty list of {{role, content}} objects")
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
                 raise DataError(where, f"message {i} must be {{'role': one of {', '.join(ROLES)}, 'content': str}}, got {m!r}")
     elif "prompt" in record and "completion" in record:
         if not isinstance(record["prompt"], str) or not isinstance(record["completion"], str):
-            raise DataError(where, f"'prompt' and 'completion' must be strings")
+            raise DataError(where, "'prompt' and 'completion' must be strings")
         messages = [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["completion"]}]
     else:
         raise DataError(where, f"expected 'messages' or 'prompt' + 'completion', got keys {sorted(record)}")
     if not any(m["role"] == "assistant" for m in messages):
-        raise DataError(where, f"the conversation has no assistant turn, so there is nothing to train on")
+        raise DataError(where, "the conversation has no assistant turn, so there is nothing to train on")
     return messages
 
 
@@ -68,7 +68,7 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[str, Any]]:
     path = Path(path)
     files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
     if not files:
-        raise DataError(str(path), f"no .jsonl files in this folder")
+        raise DataError(str(path), "no .jsonl files in this folder")
     for file in files:
         with open(file, encoding="utf-8") as f:
             for number, line in enumerate(f, 1):

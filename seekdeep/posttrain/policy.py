@@ -4,7 +4,6 @@ policy, the optimizer, resumable checkpoints and the published final model."""
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import sys
 from pathlib import Path
@@ -30,14 +29,6 @@ def attach(model, method: str, lora: str, base: str) -> None:
 
     attach_method(model, FinetuneConfig(base=base, method=method, lora=lora, merge=method == "lora",
                                         adapter_name=ADAPTER, progress=False))
-
-
-def reference_context(model, method: str, frozen_copy=None):
-    """A context in which ``model`` computes the reference policy: LoRA disabled (no second
-    model in memory), or for full fine-tuning the frozen copy made before training."""
-    if method == "lora":
-        return model.disable_adapters()
-    return contextlib.nullcontext()
 
 
 def frozen_reference(model, method: str):
