@@ -48,7 +48,7 @@ def record_messages(record: Any, where: str) -> list[dict[str, str]]:
     if "messages" in record:
         messages = record["messages"]
         if not isinstance(messages, list) or not messages:
-            raise DataError(where, "'messages' must be a non-empty list of {{role, content}} objects")
+            raise DataError(where, "'messages' must be a non-empty list of {role, content} objects")
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
                 raise DataError(where, f"message {i} must be {{'role': one of {', '.join(ROLES)}, 'content': str}}, got {m!r}")
