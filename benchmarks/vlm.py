@@ -180,6 +180,10 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench-vlm")
     parser.add_argument("--skip-serving", action="store_true")
     parser.add_argument("--serving-repeats", type=int, default=10)
+    parser.add_argument("--train-only", action="store_true",
+                        help="train and write <out>/accuracy.json + seconds.json only (run one process per seed, then --aggregate)")
+    parser.add_argument("--aggregate", nargs="+", default=None, metavar="OUT",
+                        help="report over the --train-only outputs of several processes instead of training")
     args = parser.parse_args()
     if len(args.seeds) < 3:
         print("note: fewer than 3 seeds; the spread is not meaningful", file=sys.stderr)
@@ -193,6 +197,15 @@ def main() -> None:
             for qtype, value in by_type.items():
                 acc.setdefault(model, {}).setdefault(split, {}).setdefault(qtype, []).append(value)
 
+    if args.aggregate:
+        for run in args.aggregate:
+            for model, splits in json.loads((Path(run) / "accuracy.json").read_text()).items():
+                for split, by_type in splits.items():
+                    for qtype, values in by_type.items():
+                        acc.setdefault(model, {}).setdefault(split, {}).setdefault(qtype, []).extend(values)
+            for model, secs in json.loads((Path(run) / "seconds.json").read_text()).items():
+                seconds.setdefault(model, []).extend(secs)
+        args.seeds = []
     for seed in args.seeds:
         base = VLMTrainConfig(seed=seed, eval_samples=args.eval_samples, progress=False, overwrite=True,
                               **({"steps": args.steps} if args.steps else {}))
@@ -206,6 +219,12 @@ def main() -> None:
         record("concat_fusion", concat)
         seconds.setdefault("concat_fusion", []).append(secs)
 
+    if args.train_only:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "accuracy.json").write_text(json.dumps(acc, indent=1))
+        (out / "seconds.json").write_text(json.dumps(seconds))
+        return
+    steps = args.steps or VLMTrainConfig().steps
     for model in ("prefix", "cross_attention", "concat_fusion"):
         for split in ("heldout", "test"):
             for qtype in (*QUESTION_TYPES, "all"):
@@ -217,10 +236,12 @@ def main() -> None:
                      concat_fusion=round(statistics.mean(acc["concat_fusion"][split][qtype]), 4))
     for model, secs in seconds.items():
         emit(f"vlm_train_seconds_{model}", statistics.mean(secs), "s", statistics.mean(seconds["prefix"]), "prefix VLM train time", device,
-             steps=base.steps, batch_size=base.batch_size, **_spread(secs))
-    (out / "accuracy.json").write_text(json.dumps(acc, indent=1))
+             steps=steps, batch_size=VLMTrainConfig().batch_size, **_spread(secs))
+    if not args.aggregate:
+        (out / "accuracy.json").write_text(json.dumps(acc, indent=1))
     if not args.skip_serving:
-        serving_latency(out / f"prefix-seed{args.seeds[0]}" / "final", args.serving_repeats, device)
+        first = Path(args.aggregate[0]) if args.aggregate else out
+        serving_latency(next(first.glob("prefix-seed*")) / "final", args.serving_repeats, device)
 
 
 if __name__ == "__main__":

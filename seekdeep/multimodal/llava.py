@@ -108,12 +108,12 @@ class LlavaForConditionalGeneration(nn.Module):
         return self.language_model.model.embed_tokens
 
     @torch.no_grad()
-    def init_weights(self, std: float | None = None) -> None:
+    def init_weights(self, std: float | None = None, position_init: str = "normal") -> None:
         """Random initialisation for training from scratch (the LM's own rules for the LM; the
-        cross-attention gates stay at 0)."""
+        cross-attention gates stay at 0). ``position_init``: see VisionTransformer.init_weights."""
         std = std if std is not None else self.config.text_config.initializer_range
         self.language_model.init_weights(std)
-        self.vision_tower.init_weights(std)
+        self.vision_tower.init_weights(std, position_init)
         for module in [self.multi_modal_projector, self.resampler, self.cross_attention_layers]:
             if module is None:
                 continue

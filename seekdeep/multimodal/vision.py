@@ -171,7 +171,12 @@ class VisionTransformer(nn.Module):
         return VisionOutput(last, pooled, tuple(states) if output_hidden_states else None)
 
     @torch.no_grad()
-    def init_weights(self, std: float = 0.02) -> None:
+    def init_weights(self, std: float = 0.02, position_init: str = "normal") -> None:
+        """Random initialisation for training from scratch. ``position_init='sincos'`` starts the
+        patch position embeddings as fixed 2-D sine-cosine codes of (row, column) (as MAE does),
+        so where a patch lies is linearly readable from the first step."""
+        if position_init not in ("normal", "sincos"):
+            raise ConfigError("position_init", f"unsupported {position_init!r}; accepted: normal, sincos")
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)):
                 nn.init.normal_(module.weight, std=std)
@@ -185,6 +190,13 @@ class VisionTransformer(nn.Module):
             nn.init.normal_(self.embeddings.class_embedding, std=std)
         if self.head is not None:
             nn.init.normal_(self.head.probe, std=std)
+        if position_init == "sincos":
+            grid = self.config.image_size // self.config.patch_size
+            table = sincos_2d(grid, self.config.hidden_size)  # (P, C)
+            weight = self.embeddings.position_embedding.weight
+            weight[int(self.config.has_class_token) :] = table.to(weight.dtype)
+            if self.config.has_class_token:
+                weight[0].zero_()
 
     # -- Hugging Face layout
     @classmethod
@@ -212,6 +224,21 @@ class VisionTransformer(nn.Module):
         atomic_write(out / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
         arch = "CLIPVisionModel" if self.config.model_type == "clip_vision_model" else "SiglipVisionModel"
         write_json_atomic(out / "config.json", {**self.config.to_hf_dict(), "architectures": [arch], "dtype": str(self.dtype).removeprefix("torch.")})
+
+
+def sincos_2d(grid: int, dim: int) -> torch.Tensor:
+    """(grid * grid, dim) fixed codes: half the channels encode the row, half the column, each
+    as sines and cosines at geometrically spaced frequencies (raster order, as the patches)."""
+    quarter = dim // 4
+    freqs = 1.0 / (100.0 ** (torch.arange(quarter, dtype=torch.float32) / max(quarter, 1)))  # (dim/4,)
+    coords = torch.arange(grid, dtype=torch.float32)
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")  # (grid, grid)
+    parts = []
+    for axis in (rows, cols):
+        angle = axis.reshape(-1, 1) * freqs  # (P, dim/4)
+        parts += [angle.sin(), angle.cos()]
+    table = torch.cat(parts, dim=1)  # (P, 4 * quarter)
+    return torch.nn.functional.pad(table, (0, dim - table.shape[1]))
 
 
 def vision_key_from_hf(key: str) -> str | None:

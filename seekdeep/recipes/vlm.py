@@ -44,6 +44,7 @@ class VLMTrainConfig:
     text_layers: int = 2
     attention_backend: str = "sdpa"
     init_std: float = 0.08  # 0.02 (large-model habit) leaves a 64-wide model's image path too weak to learn from
+    position_init: str = "sincos"  # the ViT's patch positions start as 2-D sine-cosine codes (or: normal)
     num_latents: int = 0
     media_attention: str = "previous"
     eval_samples: int = 400
@@ -114,7 +115,9 @@ def build_model(cfg: VLMTrainConfig, tokenizer):
         xattn = CrossAttentionConfig(every_n_layers=1, num_heads=4, media_attention=cfg.media_attention, num_latents=cfg.num_latents)
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
                          image_seq_length=vision.num_patches, vision_feature_layer=-1, cross_attention=xattn)
-    return LlavaForConditionalGeneration.from_config(config)
+    model = LlavaForConditionalGeneration(config)
+    model.init_weights(position_init=cfg.position_init)
+    return model
 
 
 def prompt_text(sample: VQASample) -> str:
@@ -263,7 +266,7 @@ def train_vlm(cfg: VLMTrainConfig) -> dict[str, Any]:
         results[name] = accuracy_by_type(split, predictions)
         if name == "heldout":
             plot_samples(split[:12], predictions[:12], out / "samples.png", f"seekdeep vlm ({cfg.fusion}), held-out colour-shape combinations")
-    prior_train = data.take(4000)
+    prior_train = data.take(min(4000, max(200, cfg.steps * cfg.batch_size)))  # (a prefix of) what it trained on
     results["question_only_prior"] = {name: question_only_prior(prior_train, split) for name, split in (("test", test), ("heldout", heldout))}
 
     def write_final(tmp: Path) -> None:

@@ -16,8 +16,16 @@ TINY = ["--steps", "4", "--batch-size", "4", "--eval-samples", "8", "--eval-ever
         "--vision-layers", "1", "--text-layers", "1", "--warmup", "1", "--no-progress"]
 
 
-@pytest.mark.parametrize("fusion", ["prefix", "cross_attention"])
-def test_vlm_command_trains_saves_and_resumes(tmp_path, fusion):
+def test_gated_variant_trains_and_saves(tmp_path):
+    out = tmp_path / "run"
+    assert main(["vlm", str(out), "--fusion", "cross_attention", "--num-latents", "4", *TINY]) == 0
+    model = seekdeep.AutoModel.from_pretrained(out / "final")
+    assert model.config.cross_attention.num_latents == 4
+    assert json.loads((out / "summary.json").read_text())["config"]["fusion"] == "cross_attention"
+
+
+def test_vlm_command_trains_saves_and_resumes(tmp_path):
+    fusion = "prefix"
     out = tmp_path / "run"
     assert main(["vlm", str(out), "--fusion", fusion, "--checkpoint-every", "2", *TINY]) == 0
     summary = json.loads((out / "summary.json").read_text())
