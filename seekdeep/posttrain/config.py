@@ -113,7 +113,7 @@ class RLConfig(_Serialisable):
     data: str | None = None  # grpo: JSONL of {"prompt"[, "header", "module"]}; dpo: {"prompt", "chosen", "rejected"}
     method: str = "lora"
     lora: str = "r=16,alpha=32,targets=all-linear"
-    steps: int = 30
+    steps: int = 20
     batch_size: int = 4  # grpo: prompts per step; dpo: pairs per step
     group_size: int = 4  # grpo: completions sampled per prompt (>= 2: the advantage is relative to the group)
     grad_accum: int = 1
