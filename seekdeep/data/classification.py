@@ -171,3 +171,30 @@ def evaluate_classifier(model, batches: ClassificationBatches, policy=None) -> d
     finally:
         model.train(was_training)
     return {"loss": loss_sum / max(count, 1), "accuracy": correct / max(count, 1), "examples": count}
+
+
+def load_classification_data(path, tokenizer, max_length: int, batch_size: int, seed: int = 0,
+                             text_field: str = "text", label_field: str = "label", heldout_fraction: float = 0.1):
+    """(train batches, held-out batches, info) for ``seekdeep finetune --task classification``."""
+    data = read_labelled_jsonl(path, text_field, label_field)
+    train, held = split_heldout(data, heldout_fraction, seed)
+    train_batches = ClassificationBatches(train, tokenizer, max_length, batch_size, seed)
+    held_batches = ClassificationBatches(held, tokenizer, max_length, batch_size, seed, shuffle=False)
+    info = {"data": str(path), "task": "classification", "labels": data.id2label, "train_examples": len(train),
+            "heldout_examples": len(held), "heldout_rule": f"seeded shuffle, last {heldout_fraction:.0%}",
+            "truncated_examples": train_batches.truncated + held_batches.truncated}
+    return train_batches, held_batches, info
+
+
+class HeldoutAccuracy:
+    """Drop-in for the recipes' ``evaluate(model, batches, max_batches, policy) -> loss``: the
+    held-out cross-entropy over every held-out example (``max_batches`` is not used: the split
+    is small and accuracy should count all of it), each call's accuracy kept in ``accuracies``."""
+
+    def __init__(self):
+        self.accuracies: list[float] = []
+
+    def __call__(self, model, batches: ClassificationBatches, max_batches=None, policy=None) -> float:
+        result = evaluate_classifier(model, batches, policy)
+        self.accuracies.append(result["accuracy"])
+        return result["loss"]

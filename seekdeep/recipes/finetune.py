@@ -34,6 +34,7 @@ from seekdeep.recipes.train import MAX_BATCH, MAX_SEQ_LEN
 from seekdeep.validate import MAX_SEED, check_device, check_float, check_int
 
 METHODS = ("lora", "bottleneck", "prompt", "full")
+TASKS = ("lm", "classification")
 DEFAULT_LR = {"lora": 3e-3, "bottleneck": 2e-3, "prompt": 3e-2, "full": 1e-3}
 #: the budget of the base model trained when none is given and runs/train/final is missing; with
 #: the default steps below, a bare ``seekdeep finetune`` stays within a few minutes on 2 CPU cores
@@ -74,6 +75,10 @@ class FinetuneConfig:
     device: str | None = None
     seed: int = 0
     progress: bool = True
+    task: str = "lm"  # "lm" (next-token loss) or "classification" (--data FILE.jsonl of {text, label})
+    text_field: str = "text"  # classification: the JSONL field with the text
+    label_field: str = "label"  # classification: the JSONL field with the label (string or integer)
+    grad_flow: bool = False  # record per-layer gradient / update norms (grad_flow.json / .png)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -93,6 +98,14 @@ class FinetuneConfig:
         check_float("max_time", self.max_time, 0, lo_open=True, optional=True)
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ConfigError("precision", f"unknown {self.precision!r}; accepted: fp32, bf16, fp16")
+        if self.task not in TASKS:
+            raise ConfigError("task", f"unknown {self.task!r}; accepted: {', '.join(TASKS)}")
+        if self.task == "classification":
+            if self.data is None or not str(self.data).endswith(".jsonl"):
+                raise ConfigError("data", "--task classification needs --data FILE.jsonl (one {text, label} object "
+                                  f"per line), got {self.data!r}")
+            if self.method not in ("lora", "full"):
+                raise ConfigError("method", f"--task classification trains lora or full, not {self.method!r}")
         if self.data is not None and self.package is not None:
             raise ConfigError("package", "give --data or --package, not both")
         if self.merge and self.method != "lora":
@@ -245,8 +258,13 @@ def attach_method(model, cfg: FinetuneConfig) -> None:
     else:
         config = cfg.adapter_config()
         config.base_model_name_or_path = cfg.base
+        if cfg.task == "classification":  # the new head trains in full, saved with the adapter (peft's SEQ_CLS)
+            config.modules_to_save = [*(config.modules_to_save or []), "score"]
+            excluded = config.exclude_modules
+            config.exclude_modules = (["score"] if excluded is None else [*excluded, "score"]
+                                      if isinstance(excluded, list) else f"(?:{excluded})|score")
         model.add_adapter(cfg.adapter_name, config)
-        if cfg.merge:
+        if cfg.merge or cfg.task == "classification":  # a classifier is published merged
             _check_mergeable(model, cfg.adapter_name)
     _freeze_backends(model)
 
@@ -285,11 +303,20 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     base_dir = Path(cfg.base) if cfg.base else default_base(cfg.progress)
     if cfg.base is None:
         cfg = FinetuneConfig(**{**asdict(cfg), "base": str(base_dir)})
-    model = AutoModel.from_pretrained(base_dir, device=device)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    train_path, heldout_path, data_info = prepare_finetune_data(cfg, tokenizer)
-    windows = TokenWindows(train_path, cfg.seq_len, cfg.batch_size, seed=cfg.seed)
-    heldout = TokenWindows(heldout_path, cfg.seq_len, cfg.batch_size, seed=cfg.seed, shuffle=False)
+    if cfg.task == "classification":  # labelled JSONL, a score head on the base's trunk, held-out accuracy
+        from seekdeep.auto import AutoModelForSequenceClassification
+        from seekdeep.data.classification import HeldoutAccuracy, load_classification_data
+
+        windows, heldout, data_info = load_classification_data(cfg.data, tokenizer, cfg.seq_len, cfg.batch_size,
+                                                               cfg.seed, cfg.text_field, cfg.label_field)
+        model = AutoModelForSequenceClassification.from_pretrained(base_dir, device=device, id2label=data_info["labels"])
+        evaluate = HeldoutAccuracy()  # same call as the LM evaluation; keeps each accuracy
+    else:
+        model = AutoModel.from_pretrained(base_dir, device=device)
+        train_path, heldout_path, data_info = prepare_finetune_data(cfg, tokenizer)
+        windows = TokenWindows(train_path, cfg.seq_len, cfg.batch_size, seed=cfg.seed)
+        heldout = TokenWindows(heldout_path, cfg.seq_len, cfg.batch_size, seed=cfg.seed, shuffle=False)
 
     loss_before = evaluate(model, heldout, cfg.eval_batches, policy)
     torch.manual_seed(cfg.seed)
@@ -299,6 +326,11 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                                   eps=1e-8, fused=device.type == "cuda")
     scheduler = make_scheduler(optimizer, min(cfg.warmup_steps, cfg.steps), cfg.steps, cfg.min_lr_ratio)
     scaler = policy.make_scaler()
+    flow = None
+    if cfg.grad_flow:
+        from seekdeep.explain.gradflow import GradientFlowRecorder
+
+        flow = GradientFlowRecorder(model, optimizer, log_dir=out / "tensorboard")
     artifact = model if cfg.method == "full" else _AdapterArtifact(model, cfg.adapter_name)
     start_step = 0
     if resume_path is not None:
@@ -324,7 +356,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             for _ in range(cfg.grad_accum):
                 batch = windows.next_batch().to(device)
                 with policy.autocast():
-                    loss = model(batch, labels=batch).loss
+                    loss = (model(**batch) if cfg.task == "classification" else model(batch, labels=batch)).loss
                 total_loss += float(loss.detach()) / cfg.grad_accum
                 scaler.scale(loss / cfg.grad_accum).backward()
             scaler.unscale_(optimizer)
@@ -369,15 +401,21 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     else:
         publish_dir(out / "adapter", lambda tmp: model.save_adapter(tmp, adapter_name=cfg.adapter_name))
         artefacts["adapter_dir"] = str(out / "adapter")
-        if cfg.merge:
+        if cfg.merge or cfg.task == "classification":
             model.merge_and_unload()
-            publish_dir(out / "merged", lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
-            artefacts["merged_dir"] = str(out / "merged")
+            name = "final" if cfg.task == "classification" else "merged"
+            publish_dir(out / name, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+            artefacts["model_dir" if cfg.task == "classification" else "merged_dir"] = str(out / name)
+    if flow is not None:
+        flow.close()
+        artefacts.update({f"grad_flow_{kind}": path for kind, path in flow.save(out).items()})
     plot_losses(metrics.path, out / "loss.png", f"seekdeep finetune: {cfg.method}")
     summary = {
         "method": cfg.method, "base": str(base_dir), **data_info, "steps": step, "stopped_early": stopped_early,
         "loss_before": loss_before, "loss_after": loss_after,
         "ppl_before": math.exp(loss_before), "ppl_after": math.exp(loss_after),
+        **({"accuracy_before": evaluate.accuracies[0], "accuracy_after": evaluate.accuracies[-1]}
+           if cfg.task == "classification" else {}),
         "trainable_parameters": trainable, "total_parameters": total, "trainable_percent": 100 * trainable / total,
         "train_seconds": time.perf_counter() - started, **artefacts, "loss_curve": str(out / "loss.png"),
         "config": asdict(cfg),
@@ -393,6 +431,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     cfg = FinetuneConfig(**{f.name: getattr(args, f.name) for f in fields(FinetuneConfig)})
     s = finetune(cfg)
     where = s.get("data") or f"held-out package {s.get('package')!r}"
+    if "accuracy_after" in s:
+        print(f"\nheld-out accuracy on {where}: {s['accuracy_before']:.3f} before -> {s['accuracy_after']:.3f} after "
+              f"{s['steps']} steps ({s['method']}, {s['train_seconds']:.0f}s)\nsaved: {s['model_dir']}")
+        return 0
     print(f"\nheld-out perplexity on {where}: {s['ppl_before']:.2f} before -> {s['ppl_after']:.2f} after "
           f"{s['steps']} steps ({s['method']}, {s['trainable_percent']:.3f}% of parameters trained, {s['train_seconds']:.0f}s)")
     print(f"saved: {s.get('adapter_dir') or s.get('model_dir')}" + (f" and {s['merged_dir']}" if s.get("merged_dir") else ""))
@@ -412,6 +454,9 @@ _HELP = {
     "lr": f"learning rate (default per method: {DEFAULT_LR})",
     "resume": "'auto' (latest checkpoint in --output-dir) or a checkpoint directory",
     "merge": "LoRA: also save the model with the adapter merged in (output-dir/merged)",
+    "task": "lm (default: next-token loss) or classification (--data FILE.jsonl with text + label fields; "
+            "a score head on the base; held-out accuracy; the classifier is saved to output-dir/final)",
+    "grad_flow": "record per-layer gradient and update norms (output-dir/grad_flow.json, grad_flow.png)",
 }
 
 

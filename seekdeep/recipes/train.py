@@ -79,10 +79,13 @@ class TrainConfig:
     sample_tokens: int = 96
     progress: bool = True
     parallel: str | None = None  # under torchrun: a layout such as "dp_shard=2" or "dp_shard=2,tp=2"
+    grad_flow: bool = False  # record per-layer gradient / update norms (grad_flow.json / .png; not with parallel)
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
             raise ConfigError("preset", f"unknown preset {self.preset!r}; accepted: {', '.join(PRESETS)}")
+        if self.grad_flow and self.parallel:
+            raise ConfigError("grad_flow", "is recorded on one process only; accepted: --grad-flow without --parallel")
         for name in ("grad_accum", "steps", "eval_interval", "eval_batches", "checkpoint_interval", "keep_last",
                      "sample_tokens"):
             check_int(name, getattr(self, name))
@@ -346,6 +349,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             param_groups(part, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, foreach=False))
     scheduler = make_scheduler(optimizer, min(cfg.warmup_steps, cfg.steps), cfg.steps, cfg.min_lr_ratio)
     scaler = policy.make_scaler()
+    flow = None
+    if cfg.grad_flow:
+        from seekdeep.explain.gradflow import GradientFlowRecorder
+
+        flow = GradientFlowRecorder(model, optimizer, log_dir=out / "tensorboard")
     start_step = 0
     if resume_path is not None:
         from seekdeep.parallel.checkpoint import is_distributed_checkpoint, load_distributed_checkpoint
@@ -485,6 +493,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "sample": sample,
         "config": asdict(cfg),
     }
+    if flow is not None:
+        flow.close()
+        summary["grad_flow"] = flow.save(out)
     if main_rank:
         write_json_atomic(out / "summary.json", summary)
     if run is not None:
