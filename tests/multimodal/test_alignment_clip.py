@@ -10,6 +10,15 @@ from seekdeep.multimodal.clip import ClipConfig, ClipModel
 transformers = pytest.importorskip("transformers")
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # the 2-core box is shared: more threads than cores made tiny ops ~40x slower (see the rl tests)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_hf_clip(eos_token_id=9):
     torch.manual_seed(0)
     text = dict(vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,

@@ -12,6 +12,15 @@ from seekdeep.multimodal.alignment import (LearnableTemperature, ModalityPredict
 from seekdeep.multimodal.retrieval import bidirectional_metrics, chance_metrics, labels_to_positives, ranked_positives, retrieval_metrics, zero_shot_accuracy
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # the 2-core box is shared: more threads than cores made tiny ops ~40x slower (see the rl tests)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def test_info_nce_hand_case_and_init_is_ln_batch():
     eye = torch.eye(2)
     # logits = I: each row's CE = log(1 + e^-1)
@@ -81,9 +90,9 @@ def test_missing_modality_predictor_learns_a_mapping_and_hub_keys():
     x = torch.randn(64, 8)
     target = x @ torch.randn(8, 8)
     pred = ModalityPredictor(8)
-    opt = torch.optim.Adam(pred.parameters(), lr=1e-2)
+    opt = torch.optim.Adam(pred.parameters(), lr=2e-2)
     first = pred.loss(x, target).item()
-    for _ in range(150):
+    for _ in range(60):
         opt.zero_grad()
         loss = pred.loss(x, target)
         loss.backward()
@@ -109,8 +118,8 @@ def test_retrieval_hand_case_with_ties_and_multi_positives():
     # a constant scorer gets the worst rank, not a lucky one
     flat = retrieval_metrics(np.zeros((2, 4)), pos)
     assert flat["R@1"] == 0.0 and flat["median_rank"] == 3.5  # ranks 3 (two positives) and 4
-    both = bidirectional_metrics(scores[:, :2], np.array([[1, 0], [0, 1]], dtype=bool), ks=(1,))
-    assert both["text_to_image"]["R@1"] == 0.5 and both["image_to_text"]["R@1"] == 1.0
+    both = bidirectional_metrics(np.array([[0.9, 0.95], [0.2, 0.1]]), np.eye(2, dtype=bool), ks=(1,))
+    assert both["text_to_image"]["R@1"] == 0.0 and both["image_to_text"]["R@1"] == 0.5
     with pytest.raises(ConfigError, match="positives"):
         retrieval_metrics(scores, np.zeros((2, 4), dtype=bool))
 
