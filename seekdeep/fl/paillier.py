@@ -43,7 +43,7 @@ class UpdateRejected(ValueError):
 
 
 #: the reasons an update is refused, each named in the round's log
-REJECT_REASONS = ("wrong-key", "wrong-keys", "wrong-shape", "non-finite", "out-of-range", "bad-ciphertext",
+REJECT_REASONS = ("wrong-key", "wrong-keys", "wrong-shape", "non-finite", "out-of-range", "bad-ciphertext", "client-error",
                   "bad-metadata")
 
 
