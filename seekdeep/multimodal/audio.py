@@ -192,13 +192,22 @@ class AudioEncoder(nn.Module):
     def hidden(self, waveform: torch.Tensor, num_samples: torch.Tensor | None = None) -> torch.Tensor:
         """(N, hidden_size) pooled states before the projection."""
         self.check_waveform(waveform)
-        mel = (self.features(waveform) - self.feature_mean[:, None]) / self.feature_std[:, None]  # (N, M, T)
+        frames = None if num_samples is None else self.features.frames(num_samples.to(waveform.device))
+        return self.encode_features(self.features(waveform), frames)
+
+    def encode_features(self, mel: torch.Tensor, num_frames: torch.Tensor | None = None) -> torch.Tensor:
+        """From log-mel features (N, n_mels, T) (precomputed once for a data set): (N, hidden_size)."""
+        if mel.dim() != 3 or mel.shape[1] != self.config.n_mels:
+            raise ConfigError("audio", f"expected log-mel features (clips, {self.config.n_mels}, frames), got {tuple(mel.shape)}")
+        mel = (mel - self.feature_mean[:, None]) / self.feature_std[:, None]  # (N, M, T)
         x = self.stem(mel).transpose(1, 2)  # (N, T', C)
         t = x.shape[1]
-        if num_samples is None:
+        if t > self.config.max_frames:
+            raise ConfigError("audio", f"{t} frames after the stem; accepted: at most max_frames={self.config.max_frames}")
+        if num_frames is None:
             valid = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
         else:
-            frames = (self.features.frames(num_samples.to(x.device)) + 1) // 2  # after the stride-2 conv
+            frames = (num_frames.to(x.device) + 1) // 2  # after the stride-2 conv
             valid = torch.arange(t, device=x.device)[None] < frames[:, None]  # (N, T')
             # frames past a clip's end saw padding through the convs: zeroing keeps them out
             x = x * valid[..., None]
