@@ -15,6 +15,11 @@
 5. Tokens/s of the GRPO sampler (one batched call over prompts x group) vs ``model.generate``
    called one prompt at a time for the same completions.
 
+No TRL anchor: trl 1.16.0 installs here without another torch (datasets 5.2.0, pyarrow 26.0.1,
+dill 0.4.1, multiprocess, xxhash), but ``datasets.Dataset.from_list`` fails in this stack
+(``PicklingError: Can't pickle <class 'MonthDayNano'>`` while fingerprinting; also with pyarrow
+21.0.0), so GRPOTrainer never gets a dataset.
+
 Prints one JSON line per result (anchor: the SFT model for quality, one-at-a-time generate for
 speed). Runs in ~15-25 min on 2 shared cores at the defaults.
 
@@ -32,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.append(str(Path(__file__).resolve().parent))  # appended: benchmarks/peft.py must not shadow peft
 from common import cpu_capability_fields, device_name, emit  # noqa: E402
 
 
