@@ -39,13 +39,19 @@ def _source(prompt: RLPrompt, completion: str) -> str:
     return prompt.task.assemble(completion) if prompt.task else completion
 
 
+def _parse(source: str) -> ast.Module:
+    with warnings.catch_warnings():  # sampled code is full of "invalid escape sequence" and the like
+        warnings.simplefilter("ignore", SyntaxWarning)
+        return ast.parse(source)
+
+
 def parse_reward(prompt: RLPrompt, completion: str) -> float:
     """1.0 when the completion is a non-empty body that parses under the header (or, for a
     free-form prompt, parses as a module), else 0.0."""
     if not completion.strip():
         return 0.0
     try:
-        ast.parse(_source(prompt, completion))
+        _parse(_source(prompt, completion))
     except (SyntaxError, ValueError):
         return 0.0
     return 1.0
@@ -76,7 +82,7 @@ class DoctestReward:
             return None
         source = task.assemble(completion)
         try:
-            tree = ast.parse(source)
+            tree = _parse(source)
         except (SyntaxError, ValueError):
             self.events["doctest_unparsable"] += 1
             return 0.0
