@@ -15,8 +15,10 @@ later steps of that block reuse the choice kept in the cache).
 Kernels (same result, different trade-offs):
 
 * :func:`gather_block_attention` (CPU): chunks of query blocks, one batched gather of the
-  selected key / value blocks per chunk, batched matmuls. Memory is bounded by the chunk size.
-  Differentiable (the straight-through term rides on the logits).
+  selected key / value blocks per chunk, batched matmuls (or SDPA's fused kernel over the
+  gathered tiles, ``fused``). Memory is bounded by the chunk size. Under autograd it runs the
+  recomputing kernel of :mod:`seekdeep.attention.sparse_train` (the straight-through term rides
+  on the logits and gets its gradient).
 * :func:`flex_block_attention` (CUDA): the selection becomes a ``BlockMask`` built straight from
   block indices (``BlockMask.from_kv_blocks``, no dense mask); a compiled ``flex_attention``
   does forward and backward. Lengths are padded to buckets so few shapes get compiled.
@@ -320,6 +322,15 @@ def gather_block_attention(
     """
     if fused and block_bias is not None:
         raise ValueError("the fused gather kernel takes no block_bias (the straight-through term)")
+    if not fused and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, block_bias)):
+        # Training: autograd through this loop would keep every chunk's scores for the backward.
+        from seekdeep.attention.sparse_train import gathered_block_attention_train
+
+        return gathered_block_attention_train(
+            q, k, v, block_indices, block_valid, q_offset=q_offset, block_size=block_size, scale=scale,
+            key_valid=key_valid, sliding_window=sliding_window, block_bias=block_bias, compute_dtype=compute_dtype,
+            chunk_elements=CHUNK_ELEMENTS,
+        )
     if compute_dtype is not None and compute_dtype != q.dtype and not fused:
         # A prefill gathers each key many times (once per query block selecting it): converting
         # K / V once costs less than converting every gathered tile.

@@ -11,11 +11,14 @@ lacks a fast low-precision matmul, and return the requested dtype.
 Decision (:func:`compute_dtype`), cached per (CPU class, dtype, shape bucket):
 
 * fp32 / fp64 inputs compute in their own dtype;
-* bf16 / fp16 on a host where oneDNN has no kernel for that dtype
-  (``torch.ops.mkldnn._is_mkldnn_bf16_supported()`` / ``..._fp16_...`` False, e.g. every AVX2-only
-  CPU): fp32, no measurement needed;
-* otherwise a one-time probe times the kernel's inner loop (two batched matmuls and a softmax
-  on a tile of the bucket's shape) both ways and keeps the faster.
+* bf16 / fp16 tiles of at least ``MIN_GEMM_ROWS`` query rows on a host where oneDNN has no
+  kernel for that dtype (``torch.ops.mkldnn._is_mkldnn_bf16_supported()`` / ``..._fp16_...``
+  False, e.g. every AVX2-only CPU): fp32, no measurement needed;
+* otherwise (a host with native kernels, or a decode step's one or two rows per head, where the
+  matmul is bound by reading the tiles and converting them can cost more than it saves: measured
+  on an emulated AVX2 host, 84 ms native vs 224 ms fp32 per 16K decode step under load) a one-time
+  probe times the kernel's inner loop (two batched matmuls and a softmax on a tile of the
+  bucket's shape) both ways and keeps the faster.
 
 The kernels also take ``native`` or ``fp32`` by name (``block_kernel`` ``gather`` /
 ``gather_fp32``), so every path can be forced and tested on any host.
@@ -32,6 +35,9 @@ import torch
 COMPUTE_CHOICES = ("native", "fp32")
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
+#: query rows per tile from which a matmul without a native low-precision kernel is compute
+#: bound (a GEMM, not a GEMV): the capability alone then decides.
+MIN_GEMM_ROWS = 16
 _LOCK = threading.Lock()
 #: (cpu class, dtype, bucket) -> "native" | "fp32"; probed once per key and process.
 _CHOICES: dict[tuple, str] = {}
@@ -106,8 +112,8 @@ def choose_precision(dtype: torch.dtype, rows: int, keys: int, head_dim: int) ->
     (see the module docstring). Cached per (CPU class, dtype, shape bucket)."""
     if dtype not in _LOW_PRECISION:
         return "native"
-    if not _onednn_supports(dtype):
-        return "fp32"  # no native kernel on this CPU class: the generic loop is never the faster
+    if not _onednn_supports(dtype) and rows >= MIN_GEMM_ROWS:
+        return "fp32"  # no native kernel on this CPU class: the generic GEMM loop is never the faster
     key = (cpu_class(), dtype, shape_bucket(rows, keys, head_dim))
     with _LOCK:
         choice = _CHOICES.get(key)

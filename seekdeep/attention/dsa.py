@@ -86,8 +86,8 @@ class DynamicSparseAttention(nn.Module):
       gathered tiles; it cannot carry the straight-through term, so it does not train the
       indexer: ConfigError under autograd), ``flex`` (compiled flex_attention) or ``flex_eager``
       (uncompiled: a reference that materialises scores); query chunks shorter than a block
-      (decode steps) always use the per-row gather kernel, fused or not as the gather kernel
-      (under the flex kernels: matmuls in ``auto``'s precision);
+      (decode steps) always use the per-row gather kernel: fused only under ``gather_sdpa``,
+      else matmuls in the kernel's precision (``auto``'s choice under auto and the flex kernels);
     * ``last_kernel`` names the path the latest call took (``dense_sdpa``, ``gather``,
       ``gather_fp32``, ``gather_sdpa``, ``row_gather``, ``row_gather_fp32``,
       ``row_gather_sdpa``, ``flex``, ``flex_eager``; token mode: ``dense_sdpa`` or ``masked_sdpa``);
@@ -425,6 +425,7 @@ class DynamicSparseAttention(nn.Module):
             raise ConfigError("attention_options.block_kernel", "'gather_sdpa' cannot carry the indexer's "
                               "straight-through gradient; accepted for training: auto, gather or gather_fp32")
         fused = kernel == "gather_sdpa"
+        precision_suffix = suffix
         if fused:
             suffix = "_sdpa"  # SDPA's kernel picks its own inner precision (fp32 tiles for bf16)
         bias = None
@@ -435,10 +436,13 @@ class DynamicSparseAttention(nn.Module):
                     sliding_window=mask.sliding_window)
         if tq < bs:  # decode: each row gathers its own block's selection
             row_block = torch.arange(mask.q_offset, mask.k_len, device=q.device) // bs - mask.q_offset // bs  # (Tq,)
-            self.last_kernel = "row_gather" + suffix
+            # SDPA's CPU kernel is slow for a query row or two (measured ~10x the matmuls at 16K):
+            # the fused row kernel only when asked for by name.
+            fused_rows = self.block_kernel == "gather_sdpa"
+            self.last_kernel = "row_gather" + ("_sdpa" if fused_rows else precision_suffix)
             return bsa.gather_row_attention(
                 q, k, v, indices[:, row_block], valid[:, row_block],
-                row_bias=None if bias is None else bias[:, row_block], compute_dtype=compute, fused=fused, **args,
+                row_bias=None if bias is None else bias[:, row_block], compute_dtype=compute, fused=fused_rows, **args,
             )
         if kernel in ("gather", "gather_fp32", "gather_sdpa"):
             self.last_kernel = "gather" + suffix

@@ -73,9 +73,9 @@ def test_bf16_decode_rows_match_full_sequence(kernel):
             out = dsa(q[:, :, end - 1:end], k[:, :, :end], v[:, :, :end], mask=AttentionMask(1, end), scale=SCALE,
                       hidden_states=x[:, end - 1:end], cache_state=state)
             torch.testing.assert_close(out.float(), full[:, :, end - 1:end].float(), atol=3e-2, rtol=0)
-    assert dsa.last_kernel.startswith("row_gather")
-    assert dsa.last_kernel.endswith({"gather": "gather", "gather_fp32": "_fp32", "gather_sdpa": "_sdpa",
-                                     "auto": "_sdpa"}[kernel])
+    precision = "_fp32" if cpu_kernels.choose_precision(torch.bfloat16, 2, 8, D) == "fp32" else ""
+    assert dsa.last_kernel == {"gather": "row_gather", "gather_fp32": "row_gather_fp32", "gather_sdpa": "row_gather_sdpa",
+                               "auto": "row_gather" + precision}[kernel]
 
 
 @pytest.mark.parametrize("kernel", ["gather", "gather_fp32", "auto"])
@@ -114,14 +114,14 @@ def test_auto_precision_rule_and_probe_cache():
     with pytest.raises(ValueError, match="accepted"):
         cpu_kernels.compute_dtype(torch.bfloat16, "fp8", rows=64, keys=2048, head_dim=128)
     assert cpu_kernels.shape_bucket(48, 2000, 64) == cpu_kernels.shape_bucket(64, 2048, 64) == (64, 2048, 64)
-    choice = cpu_kernels.choose_precision(torch.bfloat16, 8, 32, 16)
+    choice = cpu_kernels.choose_precision(torch.bfloat16, 2, 32, 16)  # decode-like rows: always measured
     assert choice in cpu_kernels.COMPUTE_CHOICES
-    if "+BF16" in cpu_kernels.cpu_class():  # measured once, then read from the cache
-        key = (cpu_kernels.cpu_class(), torch.bfloat16, (8, 32, 16))
-        assert cpu_kernels.probed_choices()[key] == choice
-        assert cpu_kernels.choose_precision(torch.bfloat16, 7, 30, 16) == choice
-    else:  # no native bf16 kernel: fp32 without a probe
-        assert choice == "fp32" and not cpu_kernels.probed_choices()
+    key = (cpu_kernels.cpu_class(), torch.bfloat16, (2, 32, 16))
+    assert cpu_kernels.probed_choices()[key] == choice  # measured once, then read from the cache
+    assert cpu_kernels.choose_precision(torch.bfloat16, 2, 30, 16) == choice
+    gemm = cpu_kernels.choose_precision(torch.bfloat16, 64, 32, 16)
+    if "+BF16" not in cpu_kernels.cpu_class():  # no native bf16 GEMM: fp32 without a probe
+        assert gemm == "fp32" and (cpu_kernels.cpu_class(), torch.bfloat16, (64, 32, 16)) not in cpu_kernels.probed_choices()
 
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="ATen's AVX2 capability is x86 only")
@@ -132,14 +132,14 @@ def test_emulated_avx2_host_computes_bf16_in_fp32():
         "import torch\n"
         "from seekdeep.attention import AttentionMask, AttentionSpec, cpu_kernels\n"
         "from seekdeep.attention.dsa import DynamicSparseAttention\n"
-        "spec = AttentionSpec(32, 4, 2, 8, 8, {'block_size': 4, 'topk': 8})\n"
+        "spec = AttentionSpec(32, 4, 2, 8, 8, {'block_size': 16, 'topk': 32})\n"  # 32 query rows per tile
         "dsa = DynamicSparseAttention(spec).to(torch.bfloat16)\n"
-        "q, k, v, x = (torch.randn(1, 4, 24, 8), torch.randn(1, 2, 24, 8), torch.randn(1, 2, 24, 8), torch.randn(1, 24, 32))\n"
+        "q, k, v, x = (torch.randn(1, 4, 80, 8), torch.randn(1, 2, 80, 8), torch.randn(1, 2, 80, 8), torch.randn(1, 80, 32))\n"
         "q, k, v, x = (z.bfloat16() for z in (q, k, v, x))\n"
         "with torch.no_grad():\n"
-        "    dsa(q, k, v, mask=AttentionMask(24, 24), scale=0.35, hidden_states=x)\n"
+        "    dsa(q, k, v, mask=AttentionMask(80, 80), scale=0.35, hidden_states=x)\n"
         "infer = dsa.last_kernel\n"
-        "dsa(q.requires_grad_(), k, v, mask=AttentionMask(24, 24), scale=0.35, hidden_states=x).sum().backward()\n"
+        "dsa(q.requires_grad_(), k, v, mask=AttentionMask(80, 80), scale=0.35, hidden_states=x).sum().backward()\n"
         "print(cpu_kernels.cpu_class(), cpu_kernels.choose_precision(torch.bfloat16, 64, 2048, 128), infer, "
         "dsa.last_kernel, len(cpu_kernels.probed_choices()))\n"
     )
@@ -147,3 +147,23 @@ def test_emulated_avx2_host_computes_bf16_in_fp32():
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["AVX2", "fp32", "gather_sdpa", "gather_fp32", "0"]
+
+
+def test_training_kernel_chunks_agree(monkeypatch):
+    """The recomputing training kernel gives the same output and gradients whether a chunk
+    holds every query block or one (tiny CHUNK_ELEMENTS), with GQA, padding and an offset-free call."""
+    from seekdeep.attention import block_sparse as bsa
+
+    t = 30
+    q, k, v, x = inputs(t, torch.float32)
+    mask = AttentionMask(t, t, key_valid=torch.stack([torch.arange(t) >= p for p in (0, 5)]))
+    results = []
+    for chunk in (bsa.CHUNK_ELEMENTS, 1):
+        monkeypatch.setattr(bsa, "CHUNK_ELEMENTS", chunk)
+        dsa = make("gather", torch.float32, topk=8).train()
+        leaves = [z.clone().requires_grad_() for z in (q, k, v)]
+        out = dsa(*leaves, mask=mask, scale=SCALE, hidden_states=x)
+        (out * torch.linspace(-1, 1, D)).sum().backward()
+        results.append([out.detach()] + [z.grad for z in leaves] + [dsa.index_q.weight.grad])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
