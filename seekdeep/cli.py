@@ -16,7 +16,7 @@ from seekdeep.errors import ConfigError, SeekdeepError
 PLUGGED_COMMANDS: list[str] = ["seekdeep.recipes.finetune", "seekdeep.recipes.distill", "seekdeep.recipes.compress",
                                "seekdeep.serve.cli", "seekdeep.profiler.cli", "seekdeep.parallel.launch",
                                "seekdeep.explain.cli", "seekdeep.recipes.fl", "seekdeep.recipes.vlm",
-                               "seekdeep.recipes.sft", "seekdeep.recipes.rl"]
+                               "seekdeep.recipes.sft", "seekdeep.recipes.rl", "seekdeep.recipes.align"]
 
 DEFAULT_MODEL_DIR = Path(os.environ.get("SEEKDEEP_HOME", Path.home() / ".cache" / "seekdeep")) / "default-model"
 

@@ -6,7 +6,7 @@
   synthesised *spoken* digit per image. espeak-ng is not required: each digit word is a fixed
   pattern of two vowel-like syllables (formant pairs on a harmonic source), an optional
   fricative onset and a pitch contour, rendered with per-sample voice variation (pitch,
-  vocal-tract length, speed, onset, loudness, breath noise). It is a stand-in for speech with
+  vocal-tract length, speed, onset, loudness) and room noise at -4 .. 10 dB SNR. It is a stand-in for speech with
   the right structure (class in the spectral envelope over time, nuisance in pitch and timing),
   not speech.
 - **scenes**: two coloured shapes in a spatial relation, drawn with the VLM data's renderer,
@@ -114,8 +114,11 @@ def synth_spoken_digit(label: int, rng: np.random.Generator, sample_rate: int = 
     if fricative:  # a hiss before the vowel: high-passed noise
         hiss = np.diff(rng.standard_normal(n + 1)) * np.exp(-((t - onset) / 0.04) ** 2) * 0.6
         signal = signal / (np.abs(signal).max() + 1e-9) + hiss
+    # room noise at a per-clip SNR of -4 .. 10 dB: the clip alone is an unreliable witness of
+    # its digit, so fusing it with the image pays (a clean synthetic word is trivially separable)
+    snr = rng.uniform(-4.0, 10.0)
+    signal += rng.standard_normal(n) * np.sqrt(np.mean(signal**2) / 10 ** (snr / 10))
     signal = signal / (np.abs(signal).max() + 1e-9) * rng.uniform(0.4, 0.9)
-    signal += 0.01 * rng.standard_normal(n)  # breath / room noise
     return np.clip(signal, -1, 1).astype(np.float32)
 
 

@@ -218,3 +218,33 @@ class AudioEncoder(nn.Module):
 
     def forward(self, waveform: torch.Tensor, num_samples: torch.Tensor | None = None) -> torch.Tensor:
         return self.projection(self.hidden(waveform, num_samples))
+
+
+def save_audio_encoder(encoder: AudioEncoder, directory) -> None:
+    """``directory/model.safetensors`` + ``config.json`` (``model_type: seekdeep_audio``)."""
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from seekdeep.files import atomic_write, write_json_atomic
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in encoder.state_dict().items()}
+    atomic_write(out / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    write_json_atomic(out / "config.json", {"model_type": "seekdeep_audio", **encoder.config.to_dict()})
+
+
+def load_audio_encoder(directory) -> AudioEncoder:
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from seekdeep.files import read_json
+
+    d = read_json(Path(directory) / "config.json")
+    if d.pop("model_type", None) != "seekdeep_audio":
+        raise ConfigError("model_type", f"{directory}/config.json is not a seekdeep audio encoder (model_type seekdeep_audio)")
+    encoder = AudioEncoder(AudioConfig.from_dict(d))
+    encoder.load_state_dict(load_file(str(Path(directory) / "model.safetensors")))
+    return encoder.eval()

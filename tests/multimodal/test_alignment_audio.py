@@ -95,7 +95,7 @@ def test_synthesised_digits_are_deterministic_and_class_separable():
     feats = (feats - feats[:200].mean(0)) / feats[:200].std(0)
     centroids = torch.stack([feats[:200][labels[:200] == c].mean(0) for c in range(10)])
     pred = torch.cdist(feats[200:], centroids).argmin(1)
-    assert (pred == labels[200:]).float().mean() > 0.7  # nearest centroid on pooled log-mel
+    assert (pred == labels[200:]).float().mean() > 0.4  # nearest centroid on pooled log-mel (chance 0.1; room noise at -4..10 dB)
 
 
 def test_tokenizer_and_scene_captions_repeat():

@@ -1,0 +1,286 @@
+"""``seekdeep align``: text, image and audio encoders aligned in one embedding space on the
+embedded digits data, then a fusion model probed under noise.
+
+1. Alignment (ImageBind-style hub): a CLIP dual encoder (causal text tower + the VLM's ViT) and
+   an audio encoder; text~image and audio~image InfoNCE (or SigLIP) with a learnable, clamped
+   temperature; audio and text are never trained together.
+2. Retrieval on the test split (multi-positive: every caption/clip of the same digit counts):
+   text<->image and, zero-shot through the hub, audio<->text; R@1/5/10, median rank, mAP@10,
+   zero-shot classification through "the digit seven" prompts; next to chance and the same
+   model before training (the untrained-projection baseline).
+3. Fusion: an image + audio digit classifier (``--fusion`` concat / sum / gmu / unified) trained
+   with corruption augmentation and modality dropout; noise-response curves, accuracy with a
+   modality removed, and the modality-contribution dashboard (dashboard.html / .png).
+
+Writes checkpoints, metrics.jsonl, retrieval.json, dashboard.*, final/ (HF CLIP layout +
+vocab.json + preprocessor_config.json, audio/ and fusion/ subfolders) and summary.json last."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from seekdeep.errors import ConfigError
+from seekdeep.validate import MAX_SEED, check_float, check_int
+
+LOSSES = ("infonce", "siglip")
+FUSION_CHOICES = ("concat", "sum", "gmu", "unified")
+
+
+@dataclass
+class AlignConfig:
+    output_dir: str = "runs/align"
+    steps: int = 300
+    batch_size: int = 64
+    lr: float = 3e-3
+    loss: str = "infonce"
+    hidden_size: int = 32
+    layers: int = 1
+    projection_dim: int = 32
+    image_size: int = 16
+    fusion: str = "gmu"
+    fusion_steps: int = 200
+    checkpoint_every: int = 100
+    seed: int = 0
+    overwrite: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "hidden_size", "layers", "projection_dim", "fusion_steps", "checkpoint_every"):
+            check_int(name, getattr(self, name), hi=1_000_000)
+        check_int("image_size", self.image_size, lo=8, hi=224)
+        if self.image_size % 4:
+            raise ConfigError("image_size", f"got {self.image_size}; accepted: a multiple of the patch size 4")
+        check_int("seed", self.seed, lo=0, hi=MAX_SEED)
+        check_float("lr", self.lr, 0.0, 1.0, lo_open=True)
+        if self.batch_size < 2:
+            raise ConfigError("batch_size", f"got {self.batch_size}; accepted: >= 2 (contrastive losses need negatives)")
+        if self.hidden_size % 4:
+            raise ConfigError("hidden_size", f"got {self.hidden_size}; accepted: a multiple of the 4 attention heads")
+        if self.loss not in LOSSES:
+            raise ConfigError("loss", f"unknown {self.loss!r}; accepted: {', '.join(LOSSES)}")
+        if self.fusion not in FUSION_CHOICES:
+            raise ConfigError("fusion", f"unknown {self.fusion!r}; accepted: {', '.join(FUSION_CHOICES)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "AlignConfig":
+        return cls(**d)
+
+
+class AlignedEncoders(torch.nn.Module):
+    """CLIP (text + image) and the audio encoder, one embedding space; image is the hub."""
+
+    def __init__(self, clip, audio):
+        super().__init__()
+        self.clip, self.audio = clip, audio
+        self.logit_bias = torch.nn.Parameter(torch.tensor(-10.0))  # SigLIP only
+
+    def embed(self, batch, mel: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = self.clip(input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values)
+        return {"text": out.text_embeds, "image": out.image_embeds, "audio": F.normalize(self.audio.projection(self.audio.encode_features(mel)), dim=-1)}
+
+    def scale(self) -> torch.Tensor:
+        from seekdeep.multimodal.alignment import MAX_LOGIT_SCALE
+
+        return self.clip.logit_scale.clamp(0.0, MAX_LOGIT_SCALE).exp()
+
+
+def build_aligned(cfg: AlignConfig, vocab_size: int, mel_mean: torch.Tensor, mel_std: torch.Tensor, tokenizer) -> AlignedEncoders:
+    from seekdeep.multimodal.audio import AudioConfig, AudioEncoder
+    from seekdeep.multimodal.clip import ClipConfig, ClipModel, ClipTextConfig
+    from seekdeep.multimodal.config import VisionConfig
+
+    h = cfg.hidden_size
+    text = ClipTextConfig(vocab_size=vocab_size, hidden_size=h, intermediate_size=2 * h, num_hidden_layers=cfg.layers, num_attention_heads=4,
+                          max_position_embeddings=16, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                          eos_token_id=tokenizer.eos_token_id)
+    vision = VisionConfig(hidden_size=h, intermediate_size=2 * h, num_hidden_layers=cfg.layers, num_attention_heads=4, image_size=cfg.image_size,
+                          patch_size=4)
+    clip = ClipModel(ClipConfig(text_config=text, vision_config=vision, projection_dim=cfg.projection_dim))
+    clip.init_weights()
+    clip.vision_model.init_weights(position_init="sincos")
+    audio = AudioEncoder(AudioConfig(hidden_size=h, num_layers=cfg.layers, num_heads=4, intermediate_size=2 * h, projection_dim=cfg.projection_dim))
+    with torch.no_grad():
+        audio.feature_mean.copy_(mel_mean)
+        audio.feature_std.copy_(mel_std)
+    return AlignedEncoders(clip, audio)
+
+
+def alignment_loss(model: AlignedEncoders, emb: dict[str, torch.Tensor], labels: torch.Tensor, loss: str) -> dict[str, torch.Tensor]:
+    from seekdeep.multimodal.alignment import hub_binding_loss, siglip_loss
+
+    positives = labels[:, None] == labels[None, :]  # same digit: multi-positive
+    if loss == "infonce":
+        return hub_binding_loss(emb, model.scale(), hub="image", positives=positives)
+    return {f"{m}~image": siglip_loss(emb[m], emb["image"], model.scale(), model.logit_bias, positives) for m in ("text", "audio")}
+
+
+@torch.no_grad()
+def evaluate_retrieval(model: AlignedEncoders, batch, mel: torch.Tensor, tokenizer) -> dict[str, Any]:
+    from seekdeep.multimodal.align_data import DIGIT_WORDS, PROMPT
+    from seekdeep.multimodal.retrieval import bidirectional_metrics, chance_metrics, labels_to_positives, zero_shot_accuracy
+
+    model.eval()
+    emb = model.embed(batch, mel)
+    pos = labels_to_positives(batch.labels.numpy(), batch.labels.numpy())
+    prompts = tokenizer([PROMPT.format(w) for w in DIGIT_WORDS])
+    class_text = model.clip(input_ids=prompts["input_ids"], attention_mask=prompts["attention_mask"]).text_embeds
+    out = {
+        "text_image": bidirectional_metrics(emb["text"] @ emb["image"].t(), pos, names=("text_to_image", "image_to_text")),
+        "audio_text_zero_shot": bidirectional_metrics(emb["audio"] @ emb["text"].t(), pos, names=("audio_to_text", "text_to_audio")),
+        "audio_image": bidirectional_metrics(emb["audio"] @ emb["image"].t(), pos, names=("audio_to_image", "image_to_audio")),
+        "zero_shot_classification": {"image": zero_shot_accuracy(emb["image"], class_text, batch.labels),
+                                     "audio_via_hub": zero_shot_accuracy(emb["audio"], class_text, batch.labels)},
+        "chance": chance_metrics(pos),
+    }
+    model.train()
+    return out
+
+
+def fit_alignment(model: AlignedEncoders, cfg: AlignConfig, train, train_mel: torch.Tensor, on_step=None) -> None:
+    """AdamW on the hub losses; ``on_step(step, record, optimizer)`` after each step."""
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
+    g = torch.Generator().manual_seed(cfg.seed)
+    model.train()
+    for step in range(1, cfg.steps + 1):
+        idx = torch.randint(len(train), (cfg.batch_size,), generator=g)
+        batch = train.subset(idx)
+        losses = alignment_loss(model, model.embed(batch, train_mel[idx]), batch.labels, cfg.loss)
+        loss = sum(losses.values())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():  # open_clip's clamp after the step
+            model.clip.logit_scale.clamp_(0.0, math.log(100.0))
+        record = {"step": step, "loss": loss.item(), **{k: v.item() for k, v in losses.items()}, "temperature": float(1 / model.scale().detach())}
+        if on_step is not None:
+            on_step(step, record, opt)
+    model.eval()
+
+
+def train_align(cfg: AlignConfig) -> dict[str, Any]:
+    from seekdeep.files import write_json_atomic
+    from seekdeep.multimodal.align_data import WordTokenizer, caption_words, image_processor, load_digits_aligned
+    from seekdeep.multimodal.audio import save_audio_encoder
+    from seekdeep.multimodal.dashboard import contribution_report, write_dashboard
+    from seekdeep.multimodal.fusion import FusionConfig, build_image_audio_model, count_parameters
+    from seekdeep.multimodal.robustness import Featurizer, FusionData, noise_curves, normalised_auc, removal_effects, train_fusion
+    from seekdeep.recipes.train import MetricsLog
+    from seekdeep.train import prepare_run_dir, publish_dir, save_checkpoint
+
+    out = prepare_run_dir(cfg.output_dir, command="align", overwrite=cfg.overwrite, resumable=False)
+    started = time.time()
+    torch.manual_seed(cfg.seed)
+    tokenizer = WordTokenizer(caption_words())
+    train = load_digits_aligned("train", seed=cfg.seed, image_size=cfg.image_size, tokenizer=tokenizer)
+    test = load_digits_aligned("test", seed=cfg.seed, image_size=cfg.image_size, tokenizer=tokenizer)
+    featurize = Featurizer()
+    train_mel, test_mel = featurize(train.audio), featurize(test.audio)
+    mel_mean, mel_std = train_mel.mean(dim=(0, 2)), train_mel.std(dim=(0, 2)).clamp_min(1e-3)
+    model = build_aligned(cfg, len(tokenizer), mel_mean, mel_std, tokenizer)
+    untrained = evaluate_retrieval(model, test, test_mel, tokenizer)
+
+    log = MetricsLog(out / "metrics.jsonl", None, use_tensorboard=False)
+    bar = tqdm(total=cfg.steps, desc=f"align ({cfg.loss})", disable=not cfg.progress, dynamic_ncols=True)
+
+    def on_step(step, record, opt):
+        log.write(record)
+        bar.update(1)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", T=f"{record['temperature']:.3f}")
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            save_checkpoint(out, step, model, opt, extra={"config": cfg.to_dict()})
+
+    fit_alignment(model, cfg, train, train_mel, on_step)
+    bar.close()
+    log.close()
+    trained = evaluate_retrieval(model, test, test_mel, tokenizer)
+    retrieval = {"trained": trained, "untrained": untrained}
+    write_json_atomic(out / "retrieval.json", retrieval)
+
+    # -- fusion under noise
+    fusion_cfg = FusionConfig(fusion=cfg.fusion, hidden_size=cfg.hidden_size, num_layers=cfg.layers)
+    fusion = build_image_audio_model(fusion_cfg, cfg.image_size, tuple(train_mel.shape[1:]), mel_mean, mel_std, tower_layers=cfg.layers)
+    fbar = tqdm(total=cfg.fusion_steps, desc=f"fusion ({cfg.fusion})", disable=not cfg.progress, dynamic_ncols=True)
+    train_fusion(fusion, FusionData(train.pixel_values, train.audio, train.labels), featurize, steps=cfg.fusion_steps, batch_size=cfg.batch_size,
+                 lr=cfg.lr, seed=cfg.seed, progress=lambda s, l: (fbar.update(1), fbar.set_postfix(loss=f"{l:.3f}")))
+    fbar.close()
+    test_data = FusionData(test.pixel_values, test.audio, test.labels)
+    curves = noise_curves(fusion, test_data, featurize, seed=cfg.seed)
+    removal = removal_effects(fusion, test_data, featurize)
+    report = contribution_report(fusion, test_data, featurize)
+    write_dashboard(out, curves, removal, report, title=f"seekdeep align: {cfg.fusion} fusion of image + audio digits")
+
+    def write_final(tmp):
+        model.clip.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        image_processor(cfg.image_size).save_pretrained(tmp)
+        save_audio_encoder(model.audio, tmp / "audio")
+        (tmp / "fusion").mkdir()
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in fusion.state_dict().items()}, str(tmp / "fusion" / "model.safetensors"))
+        write_json_atomic(tmp / "fusion" / "config.json", {**fusion_cfg.to_dict(), "image_size": cfg.image_size})
+
+    final = publish_dir(out / "final", write_final)
+    summary = {
+        "command": "align", "config": cfg.to_dict(), "final": str(final), "seconds": round(time.time() - started, 1),
+        "temperature": float(1 / model.scale().detach()), "retrieval": retrieval,
+        "fusion": {"fusion": cfg.fusion, "parameters": count_parameters(fusion), "removal": removal,
+                   "normalised_auc": {k: normalised_auc(v) for k, v in curves.items()}, "curves": curves},
+    }
+    write_json_atomic(out / "summary.json", summary)
+    return summary
+
+
+def format_table(retrieval: dict[str, Any]) -> str:
+    lines = [f"{'direction':<16}{'model':<11}{'R@1':>7}{'R@5':>7}{'R@10':>7}{'medR':>7}{'mAP@10':>8}"]
+    for group in ("text_image", "audio_text_zero_shot"):
+        for direction in retrieval["trained"][group]:
+            for name in ("trained", "untrained"):
+                m = retrieval[name][group][direction]
+                lines.append(f"{direction:<16}{name:<11}{m['R@1']:>7.3f}{m['R@5']:>7.3f}{m['R@10']:>7.3f}{m['median_rank']:>7.1f}{m['mAP@10']:>8.3f}")
+    c = retrieval["trained"]["chance"]
+    lines.append(f"{'any':<16}{'chance':<11}{c['R@1']:>7.3f}{c['R@5']:>7.3f}{c['R@10']:>7.3f}{c['median_rank']:>7.1f}{c['mAP@10']:>8.3f}")
+    return "\n".join(lines)
+
+
+_HELP = {
+    "output_dir": "run directory (checkpoints, metrics.jsonl, retrieval.json, dashboard.html/png, final/, summary.json)",
+    "loss": "infonce (symmetric, learnable clamped temperature) or siglip (pairwise sigmoid)",
+    "fusion": "image + audio fusion probed under noise: concat, sum, gmu (per-sample alpha) or unified (one shared trunk)",
+    "layers": "transformer blocks per tower (the unified fusion trunk has this many, shared)",
+}
+
+
+def cmd_align(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
+    given = {f.name: getattr(args, f.name) for f in fields(AlignConfig)}
+    cfg = AlignConfig(**{k: v for k, v in given.items() if v is not None})
+    summary = train_align(cfg)
+    print(format_table(summary["retrieval"]))
+    zs = summary["retrieval"]["trained"]["zero_shot_classification"]
+    print(f"zero-shot classification: image {zs['image']:.3f}, audio (through the image hub) {zs['audio_via_hub']:.3f}")
+    f = summary["fusion"]
+    print(f"fusion {f['fusion']}: clean accuracy {f['removal']['clean']:.3f}; normalised AUC "
+          + ", ".join(f"{k} {v:.3f}" for k, v in f["normalised_auc"].items()))
+    print(f"dashboard: {cfg.output_dir}/dashboard.html\nmodel: {summary['final']}")
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add ``seekdeep align`` (see the module docstring)."""
+    from seekdeep.cli import add_recipe_command
+
+    add_recipe_command(subparsers, "align", "align text, image and audio encoders on the embedded digits data, probe fusion under noise",
+                       AlignConfig, "output_dir", _HELP, cmd_align)

@@ -1,0 +1,65 @@
+"""`seekdeep align` end to end (a few steps): artefacts, HF-layout CLIP that loads through
+AutoModel and transformers, audio encoder round trip, standalone dashboard, run-dir rules."""
+
+import json
+
+import pytest
+import torch
+
+from seekdeep.recipes.align import AlignConfig, train_align
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.slow
+def test_align_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    cfg = AlignConfig(output_dir=str(out), steps=4, fusion_steps=3, batch_size=16, checkpoint_every=2, progress=False)
+    summary = train_align(cfg)
+    for name in ("summary.json", "retrieval.json", "metrics.jsonl", "dashboard.html", "dashboard.png", "final/config.json",
+                 "final/model.safetensors", "final/vocab.json", "final/preprocessor_config.json", "final/audio/model.safetensors",
+                 "final/fusion/model.safetensors"):
+        assert (out / name).exists(), name
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3, 4] and all(0.01 <= r["temperature"] <= 1 for r in lines)
+    assert "text~image" in lines[0] and "audio~image" in lines[0] and not any("audio~text" in k for k in lines[0])
+    # InfoNCE at init with label positives: about ln(batch) minus the positives' share, never 0
+    assert 0.5 < lines[0]["text~image"] < 2 * torch.log(torch.tensor(16.0)).item()
+    trained = summary["retrieval"]["trained"]
+    for group in ("text_image", "audio_text_zero_shot"):
+        for metrics in trained[group].values():
+            assert 0 <= metrics["mAP@10"] <= 1 and metrics["median_rank"] >= 1
+    page = (out / "dashboard.html").read_text()
+    assert "<script" not in page and "http" not in page and "alpha_image" in page and "data:image/png;base64," in page
+    assert sorted(summary["fusion"]["normalised_auc"]) == ["audio_snr", "image_gaussian", "image_occlusion"]
+
+    from seekdeep import AutoModel
+    from seekdeep.multimodal.align_data import WordTokenizer
+    from seekdeep.multimodal.audio import load_audio_encoder
+    from seekdeep.multimodal.clip import ClipModel
+
+    model = AutoModel.from_pretrained(out / "final")
+    assert isinstance(model, ClipModel)
+    tok = WordTokenizer.from_pretrained(out / "final")
+    ids = tok(["the digit seven", "a handwritten two"])
+    pixels = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        ours = model(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"], pixel_values=pixels)
+    transformers = pytest.importorskip("transformers")
+    ref = transformers.CLIPModel.from_pretrained(out / "final").eval()
+    with torch.no_grad():
+        want = ref(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"], pixel_values=pixels)
+    torch.testing.assert_close(ours.logits_per_text, want.logits_per_text, atol=1e-4, rtol=1e-4)
+    audio = load_audio_encoder(out / "final" / "audio")
+    assert audio(torch.randn(2, 4000) * 0.1).shape == (2, cfg.projection_dim)
+
+    from seekdeep.train.rundir import RunDirectoryError
+
+    with pytest.raises(RunDirectoryError):
+        train_align(cfg)
