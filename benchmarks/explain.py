@@ -9,9 +9,11 @@ Snippets that already hold any of the three words are skipped.
 Per seed (default 3 seeds; data, model initialisation and the random baseline all follow it):
 
 1. the default model layout (``seekdeep.cli.make_default_model``: tokenizer trained on the
-   standard library, tiny llama, dsa attention with top-64 keys) is fine-tuned as a sequence
-   classifier with ``seekdeep finetune --task classification --method full`` until its held-out
-   accuracy is >= 95% (the run is refused otherwise);
+   standard library, tiny llama) with dense attention is fine-tuned as a sequence classifier with
+   ``seekdeep finetune --task classification --method full``; the run is refused unless its
+   held-out accuracy is >= 95%. (With ``dsa`` the recipe keeps the base's indexer as it is —
+   random here — and the classifier stalled at ~84%: a last token whose top-64 keys miss the
+   keyword cannot see it. That is what the selection view of part 5 measures.)
 2. on fresh test inputs (not trained on) of each length, every method explains the predicted
    class's log-odds: ``shap`` (ours: SHAPExplainer, default settings), ``shap_default`` (shap's
    own Partition explainer at its defaults — ``shap.Explainer(f, shap.maskers.Text(tokenizer))``
@@ -25,8 +27,10 @@ Per seed (default 3 seeds; data, model initialisation and the random baseline al
    better); seconds, model calls and model rows per explanation;
 4. the model-randomisation check: the same inputs explained (our default method) on a
    re-initialised model — the hit rate must fall to chance (mean 1 / number of units);
-5. the dsa selection view on the trained classifier: the dense attention mass covered by the
-   keys each layer kept, per layer and length.
+5. the dsa selection view on the default trained model (``runs/train/final`` from ``seekdeep
+   train``, or ``--dsa-model``, else ``seekdeep train --steps DSA_STEPS`` is run into
+   ``OUT/dsa-train``): the dense attention mass covered by the keys each layer kept, per layer
+   and input length, on the same test inputs.
 
 Output: one JSON line per result (mean over seeds, ``spread`` = standard deviation, ``seeds``),
 anchors measured in the same run. Usage:
@@ -37,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import random
 import statistics
 import sys
@@ -54,6 +59,10 @@ DECOY = " zero"
 LENGTHS = (20, 50, 160)
 METHODS = ("shap", "shap_default", "ig", "gradxinput", "ablation", "attention", "rollout", "random")
 FRACTIONS = (0.05, 0.1, 0.2, 0.5)
+#: attributions are scored on inputs of this class only: its keyword is the evidence for it. A model
+#: that has learned "month present -> 1, else 0" gives a week input the same output as an empty one
+#: (measured: log-odds 6.62 vs 6.61), so no attribution of it is right or wrong.
+SCORED_LABEL = 1
 
 
 # ----------------------------------------------------------------------------- the task
@@ -75,7 +84,8 @@ def _plant(text: str, words: list[str], rng: random.Random) -> tuple[str, dict[s
     return text, spans
 
 
-def make_examples(tokenizer, length: int, count: int, rng: random.Random, files: list[Path]) -> list[dict]:
+def make_examples(tokenizer, length: int, count: int, rng: random.Random, files: list[Path],
+                  labels: tuple[int, ...] = (0, 1)) -> list[dict]:
     """``count`` labelled inputs of about ``length`` tokens (see the module docstring)."""
     banned = [w.strip() for w in (*LABEL_WORDS.values(), DECOY)]
     planted_tokens = sum(len(tokenizer.encode(w)) for w in (LABEL_WORDS[0], DECOY))
@@ -89,7 +99,7 @@ def make_examples(tokenizer, length: int, count: int, rng: random.Random, files:
         snippet = tokenizer.decode(ids[start:start + length - planted_tokens]).strip()
         if any(b in snippet for b in banned) or len(snippet) < 10 or "\ufffd" in snippet:
             continue
-        label = rng.randrange(2)
+        label = labels[rng.randrange(len(labels))]
         order = [LABEL_WORDS[label], DECOY]
         rng.shuffle(order)
         try:
@@ -104,10 +114,19 @@ def make_examples(tokenizer, length: int, count: int, rng: random.Random, files:
 # ----------------------------------------------------------------------------- the classifier
 
 
-def train_classifier(seed: int, base_dir: Path, tokenizer, out: Path, n_train: int, steps: int, files) -> tuple[Path, dict]:
+def train_classifier(seed: int, base_dir: Path, tokenizer, out: Path, n_train: int, steps: int, files,
+                     min_accuracy: float = 0.95) -> tuple[Path, dict]:
     """Fine-tune the base as a classifier with the recipe; refuse a model under 95% held-out accuracy."""
     from seekdeep.recipes.finetune import FinetuneConfig, finetune
 
+    final = out / f"seed{seed}" / "final"
+    done = out / f"seed{seed}" / "summary.json"
+    if done.is_file():  # a finished run with the same settings is reused
+        summary = json.loads(done.read_text())
+        same = summary["config"]["steps"] == steps and summary.get("train_examples", 0) + summary.get(
+            "heldout_examples", 0) == n_train // len(LENGTHS) * len(LENGTHS)
+        if same and (final / "config.json").is_file() and summary["accuracy_after"] >= min_accuracy:
+            return final, summary
     rng = random.Random(1000 + seed)
     examples = [e for length in LENGTHS for e in make_examples(tokenizer, length, n_train // len(LENGTHS), rng, files)]
     rng.shuffle(examples)
@@ -119,8 +138,8 @@ def train_classifier(seed: int, base_dir: Path, tokenizer, out: Path, n_train: i
                                       steps=steps, lr=3e-3, batch_size=16, seq_len=256, warmup_steps=10,
                                       eval_interval=steps, checkpoint_interval=steps, keep_last=1,
                                       output_dir=str(out / f"seed{seed}"), overwrite=True, progress=False, seed=seed))
-    if summary["accuracy_after"] < 0.95:
-        raise SystemExit(f"seed {seed}: held-out accuracy {summary['accuracy_after']:.3f} < 0.95 after {steps} steps; "
+    if summary["accuracy_after"] < min_accuracy:
+        raise SystemExit(f"seed {seed}: held-out accuracy {summary['accuracy_after']:.3f} < {min_accuracy} after {steps} steps; "
                          "raise --steps (attributions are only scored on a model that solved the task)")
     return Path(summary["model_dir"]), summary
 
@@ -215,10 +234,17 @@ def evaluate_seed(model, tokenizer, tests: list[dict], seed: int, progress: bool
             for m in ("shap", "ig", "gradxinput", "ablation", "attention", "rollout")}
     anchor = ShapDefault(model, tokenizer)
     scorer = Scorer(model, tokenizer)
+    # shap's first explanation in a process compiles its numba kernels (~10 s here): not part of
+    # either method's time, so both run once before anything is timed
+    warm = tests[0]["text"]
+    ours["shap"].explain(warm)
+    anchor.explain(warm, 1)
     rng = np.random.default_rng(seed)
     results: dict = {}
     for ex in tqdm(tests, desc=f"seed {seed}", disable=not progress):
         length = ex["length"]
+        if ex["label"] != SCORED_LABEL:
+            continue
         prepared = scorer.prepare(ex["text"])
         if prepared.target != ex["label"]:
             results.setdefault((length, "misclassified"), []).append(1)
@@ -239,8 +265,8 @@ def evaluate_seed(model, tokenizer, tests: list[dict], seed: int, progress: bool
                 values, calls, rows = np.asarray(exp.values[0], dtype=float), exp.model_calls, exp.model_rows
             seconds = time.perf_counter() - start
             ranked = list(np.argsort(-values, kind="stable"))
-            record = {"top1": float(ranked[0] == planted), "top3": float(planted in ranked[:3]), "seconds": seconds,
-                      "calls": calls, "rows": rows, **faithfulness(scorer, prepared, values)}
+            record = {"label": ex["label"], "top1": float(ranked[0] == planted), "top3": float(planted in ranked[:3]),
+                      "seconds": seconds, "calls": calls, "rows": rows, **faithfulness(scorer, prepared, values)}
             if method == "shap":
                 record["truncated"] = float(exp.truncated[0])
             results.setdefault((length, method), []).append(record)
@@ -252,11 +278,13 @@ def evaluate_seed(model, tokenizer, tests: list[dict], seed: int, progress: bool
     shap_random = make_explainer(random_model, tokenizer, "shap", progress=False)
     randomised: dict = {}
     for ex in tests:
+        if ex["label"] != SCORED_LABEL:
+            continue
         exp = shap_random.explain(ex["text"])
         units = exp.prepared[0].units
         values = np.asarray(exp.values[0], dtype=float)
         randomised.setdefault(ex["length"], []).append(
-            (float(int(np.argmax(values)) == _unit_of_span(units, ex["planted"])), 1.0 / len(units)))
+            (float(int(np.argmax(values)) == _unit_of_span(units, ex["planted"])), 1.0 / len(units), ex["label"]))
     return {"results": results, "randomised": randomised}
 
 
@@ -273,6 +301,38 @@ def dsa_coverage(model_dir: Path, tests: list[dict]) -> dict[int, list[list[floa
 
 
 # ----------------------------------------------------------------------------- report
+
+
+def scored_only(result: dict, tests: list[dict], model_dir: Path) -> dict:
+    """Keep the records of SCORED_LABEL inputs. Records written before they carried their label
+    (raw.pkl of an earlier run that explained both classes) are matched to their test inputs in
+    order, the misclassified ones (which have no record) found by asking the saved model."""
+    from seekdeep.explain.cli import load_model_and_tokenizer
+    from seekdeep.explain.target import Scorer
+
+    out = {"results": {}, "randomised": {}}
+    scorer = None
+    for (length, method), records in result["results"].items():
+        if method == "misclassified":
+            continue
+        if records and "label" in records[0]:
+            out["results"][(length, method)] = [r for r in records if r["label"] == SCORED_LABEL]
+            continue
+        pool = [t for t in tests if t["length"] == length]
+        if result["results"].get((length, "misclassified")):
+            if scorer is None:
+                scorer = Scorer(*load_model_and_tokenizer(str(model_dir)))
+            pool = [t for t in pool if scorer.prepare(t["text"]).target == t["label"]]
+        if len(pool) != len(records):
+            raise SystemExit(f"raw results of length {length} do not match their test inputs")
+        out["results"][(length, method)] = [r for r, t in zip(records, pool) if t["label"] == SCORED_LABEL]
+    for length, pairs in result["randomised"].items():
+        if pairs and len(pairs[0]) == 3:
+            out["randomised"][length] = [(h, c) for h, c, label in pairs if label == SCORED_LABEL]
+        else:
+            pool = [t for t in tests if t["length"] == length]
+            out["randomised"][length] = [(h, c) for (h, c), t in zip(pairs, pool) if t["label"] == SCORED_LABEL]
+    return out
 
 
 def _mean_spread(per_seed: list[float]) -> tuple[float, float]:
@@ -347,6 +407,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dsa-steps", type=int, default=100)
     parser.add_argument("--out", default="runs/bench-explain")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--min-accuracy", type=float, default=0.95, help="refuse a classifier below this (smoke runs: 0)")
+    parser.add_argument("--from-raw", action="store_true", help="report from OUT/raw.pkl of an earlier run")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     from seekdeep.cli import make_default_model
@@ -359,6 +421,31 @@ def main(argv: list[str] | None = None) -> int:
         # the default layout (stdlib tokenizer, tiny llama) with dense attention: with dsa and its indexer
         # frozen at random (finetune keeps backends as pre-trained) the classifier stalled at ~84%
         make_default_model(base_dir, backend="sdpa")
+    from seekdeep.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_pretrained(base_dir)
+    files = default_corpus().train_files
+    device = f"cpu ({torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads)"
+    seed_results, accuracies, coverage, seed_tests = [], [], [], []
+    raw = out / "raw.pkl"
+    if args.from_raw:
+        with open(raw, "rb") as f:
+            seed_results, accuracies, seed_tests = pickle.load(f)
+    for seed in range(len(seed_results), args.seeds):
+        started = time.perf_counter()
+        model_dir, summary = train_classifier(seed, base_dir, tokenizer, out, args.train, args.steps, files,
+                                              args.min_accuracy)
+        accuracies.append(summary["accuracy_after"])
+        model, _ = load_model_and_tokenizer(str(model_dir))
+        rng = random.Random(2000 + seed)
+        tests = [e for length in LENGTHS
+                 for e in make_examples(tokenizer, length, args.n, rng, files, labels=(SCORED_LABEL,))]
+        seed_results.append(evaluate_seed(model, tokenizer, tests, seed, args.progress))
+        seed_tests.append(tests)
+        with open(raw, "wb") as f:  # a later failure can be reported with --from-raw
+            pickle.dump((seed_results, accuracies, seed_tests), f)
+        print(f"seed {seed}: accuracy {summary['accuracy_after']:.3f}, {time.perf_counter() - started:.0f}s",
+              file=sys.stderr)
     dsa_dir = Path(args.dsa_model) if args.dsa_model else Path("runs/train/final")
     if not (dsa_dir / "config.json").is_file():
         from seekdeep.recipes.train import TrainConfig, train
@@ -370,23 +457,8 @@ def main(argv: list[str] | None = None) -> int:
             train(TrainConfig(steps=args.dsa_steps, output_dir=str(dsa_dir.parent), overwrite=True,
                               progress=args.progress, eval_interval=args.dsa_steps,
                               checkpoint_interval=args.dsa_steps, sample_tokens=8))
-    from seekdeep.tokenizer import Tokenizer
-
-    tokenizer = Tokenizer.from_pretrained(base_dir)
-    files = default_corpus().train_files
-    device = f"cpu ({torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads)"
-    seed_results, accuracies, coverage = [], [], []
-    for seed in range(args.seeds):
-        started = time.perf_counter()
-        model_dir, summary = train_classifier(seed, base_dir, tokenizer, out, args.train, args.steps, files)
-        accuracies.append(summary["accuracy_after"])
-        model, _ = load_model_and_tokenizer(str(model_dir))
-        rng = random.Random(2000 + seed)
-        tests = [e for length in LENGTHS for e in make_examples(tokenizer, length, args.n, rng, files)]
-        seed_results.append(evaluate_seed(model, tokenizer, tests, seed, args.progress))
-        coverage.append(dsa_coverage(dsa_dir, tests))
-        print(f"seed {seed}: accuracy {summary['accuracy_after']:.3f}, {time.perf_counter() - started:.0f}s",
-              file=sys.stderr)
+    coverage = [dsa_coverage(dsa_dir, tests) for tests in seed_tests]
+    seed_results = [scored_only(r, t, out / f"seed{k}" / "final") for k, (r, t) in enumerate(zip(seed_results, seed_tests))]
     report(seed_results, accuracies, coverage, str(dsa_dir), device, out)
     return 0
 

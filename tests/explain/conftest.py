@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
+import os
 
-from keyword_models import build_keyword_classifier, build_keyword_lm, build_tokenizer
+# shap compiles its numba kernels in every new process (10-15 s here, several minutes on a loaded
+# 2-core machine); for the <= 20-unit inputs of these tests the same kernels run as plain Python
+# in milliseconds. Set before shap (and numba) are first imported; a caller may override it.
+os.environ.setdefault("NUMBA_DISABLE_JIT", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from keyword_models import build_keyword_classifier, build_keyword_lm, build_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="session")
