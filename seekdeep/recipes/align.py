@@ -48,6 +48,7 @@ class AlignConfig:
     init_std: float = 0.3  # at 0.02 or 0.08 the 32-wide towers start collapsed (image cos ~0.999) and the loss sits at ln(batch) for 150+ steps
     fusion: str = "gmu"
     fusion_steps: int = 200
+    max_samples: int = 2000  # per split (digits has 1,438 train / 359 test): smaller for a quick run
     checkpoint_every: int = 100
     seed: int = 0
     overwrite: bool = False
@@ -57,6 +58,7 @@ class AlignConfig:
         for name in ("steps", "batch_size", "hidden_size", "layers", "projection_dim", "fusion_steps", "checkpoint_every"):
             check_int(name, getattr(self, name), hi=1_000_000)
         check_int("image_size", self.image_size, lo=8, hi=224)
+        check_int("max_samples", self.max_samples, lo=20, hi=1_000_000)
         if self.image_size % 4:
             raise ConfigError("image_size", f"got {self.image_size}; accepted: a multiple of the patch size 4")
         check_int("seed", self.seed, lo=0, hi=MAX_SEED)
@@ -184,8 +186,8 @@ def train_align(cfg: AlignConfig) -> dict[str, Any]:
     started = time.time()
     torch.manual_seed(cfg.seed)
     tokenizer = WordTokenizer(caption_words())
-    train = load_digits_aligned("train", seed=cfg.seed, image_size=cfg.image_size, tokenizer=tokenizer)
-    test = load_digits_aligned("test", seed=cfg.seed, image_size=cfg.image_size, tokenizer=tokenizer)
+    train = load_digits_aligned("train", seed=cfg.seed, image_size=cfg.image_size, tokenizer=tokenizer, limit=cfg.max_samples)
+    test = load_digits_aligned("test", seed=cfg.seed, image_size=cfg.image_size, tokenizer=tokenizer, limit=cfg.max_samples)
     featurize = Featurizer()
     train_mel, test_mel = featurize(train.audio), featurize(test.audio)
     mel_mean, mel_std = train_mel.mean(dim=(0, 2)), train_mel.std(dim=(0, 2)).clamp_min(1e-3)

@@ -20,7 +20,7 @@ def _one_thread():
 @pytest.mark.slow
 def test_align_end_to_end(tmp_path):
     out = tmp_path / "run"
-    cfg = AlignConfig(output_dir=str(out), steps=4, fusion_steps=3, batch_size=16, checkpoint_every=2, progress=False)
+    cfg = AlignConfig(output_dir=str(out), steps=4, fusion_steps=3, batch_size=16, checkpoint_every=2, max_samples=100, progress=False)
     summary = train_align(cfg)
     for name in ("summary.json", "retrieval.json", "metrics.jsonl", "dashboard.html", "dashboard.png", "final/config.json",
                  "final/model.safetensors", "final/vocab.json", "final/preprocessor_config.json", "final/audio/model.safetensors",
