@@ -134,12 +134,13 @@ class LlavaForConditionalGeneration(nn.Module):
             selected = [h[:, 1:] for h in selected]  # drop the class token
         return self.multi_modal_projector(torch.cat(selected, dim=-1))
 
-    def _check_placeholders(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, past_len: int) -> torch.Tensor:
+    def _check_placeholders(self, input_ids: torch.Tensor, image_features: torch.Tensor | None, past_len: int) -> torch.Tensor:
+        """(B, T) placeholder mask; their count must match the images (not checked in decode steps)."""
         is_image = input_ids == self.config.image_token_index
         n_tokens = int(is_image.sum())
-        n_images = 0 if pixel_values is None else pixel_values.shape[0]
+        n_images = 0 if image_features is None else image_features.shape[0]
         per_image = 1 if self.config.cross_attention is not None else self.config.tokens_per_image
-        if past_len and pixel_values is None:
+        if past_len and image_features is None:
             return is_image  # a decode step: a generated placeholder id is plain text
         if n_tokens != n_images * per_image:
             what = "one marker token" if per_image == 1 else f"{per_image} placeholder tokens"
@@ -179,8 +180,7 @@ class LlavaForConditionalGeneration(nn.Module):
             past_key_values = KVCache(len(self.language_model.model.layers))
         if image_features is None and pixel_values is not None:
             image_features = self.get_image_features(pixel_values)
-        counted = image_features if image_features is not None else None
-        is_image = self._check_placeholders(input_ids, counted, past_len)
+        is_image = self._check_placeholders(input_ids, image_features, past_len)
         embeds = self.get_input_embeddings()(input_ids)  # (B, T, C)
         lm_kwargs = dict(attention_mask=attention_mask, position_ids=position_ids, past_key_values=past_key_values,
                          use_cache=use_cache, labels=labels, logits_to_keep=logits_to_keep)
