@@ -188,6 +188,9 @@ class LlavaForConditionalGeneration(nn.Module):
             if image_features is not None:
                 embeds = embeds.masked_scatter(is_image[..., None], image_features.to(embeds.dtype))
             return self.language_model(inputs_embeds=embeds, **lm_kwargs)
+        if self.training and self.language_model.gradient_checkpointing and image_features is not None:
+            # the blocks read the media from the model while it runs; a recompute in backward would not see it
+            raise ConfigError("gradient_checkpointing", "is not supported with cross_attention fusion; turn it off or use prefix fusion")
         media = self._media_for(input_ids, is_image, image_features, past_key_values)
         self._media = media
         try:

@@ -134,3 +134,11 @@ def test_mixed_batch_equals_each_sample_alone(xattn):
         assert torch.equal(model(input_ids=torch.tensor([text_only])).logits, model.language_model(torch.tensor([text_only])).logits)
     with pytest.raises(ImagePlaceholderError):
         model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"][:2])
+
+
+def test_gradient_checkpointing_is_refused_for_the_gated_path():
+    model = _model(CrossAttentionConfig())
+    model.train()
+    model.language_model.gradient_checkpointing = True
+    with pytest.raises(ConfigError, match="gradient_checkpointing"):
+        model(input_ids=torch.tensor([[1, IMAGE, 5]]), pixel_values=torch.randn(1, 3, 16, 16))
