@@ -408,7 +408,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/bench-explain")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--min-accuracy", type=float, default=0.95, help="refuse a classifier below this (smoke runs: 0)")
-    parser.add_argument("--from-raw", action="store_true", help="report from OUT/raw.pkl of an earlier run")
+    parser.add_argument("--from-raw", action="store_true", help="report from the raw results of earlier runs in OUT")
+    parser.add_argument("--first-seed", type=int, default=0, help="run seeds FIRST_SEED..SEEDS-1 (parallel runs)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     from seekdeep.cli import make_default_model
@@ -427,11 +428,21 @@ def main(argv: list[str] | None = None) -> int:
     files = default_corpus().train_files
     device = f"cpu ({torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads)"
     seed_results, accuracies, coverage, seed_tests = [], [], [], []
-    raw = out / "raw.pkl"
-    if args.from_raw:
-        with open(raw, "rb") as f:
-            seed_results, accuracies, seed_tests = pickle.load(f)
-    for seed in range(len(seed_results), args.seeds):
+    if args.from_raw:  # every seed's raw results of earlier runs (raw.pkl: several seeds; raw-seedK.pkl: one)
+        found = {}
+        if (out / "raw.pkl").is_file():
+            with open(out / "raw.pkl", "rb") as f:
+                results, accs, tests_ = pickle.load(f)
+            found.update({k: (r, a, t) for k, (r, a, t) in enumerate(zip(results, accs, tests_))})
+        for path in sorted(out.glob("raw-seed*.pkl")):
+            with open(path, "rb") as f:
+                found[int(path.stem.removeprefix("raw-seed"))] = pickle.load(f)
+        for k in sorted(found)[:args.seeds]:
+            seed_results.append(found[k][0])
+            accuracies.append(found[k][1])
+            seed_tests.append(found[k][2])
+        print(f"raw results of seeds {sorted(found)[:args.seeds]}", file=sys.stderr)
+    for seed in ([] if args.from_raw else range(args.first_seed, args.seeds)):
         started = time.perf_counter()
         model_dir, summary = train_classifier(seed, base_dir, tokenizer, out, args.train, args.steps, files,
                                               args.min_accuracy)
@@ -442,8 +453,8 @@ def main(argv: list[str] | None = None) -> int:
                  for e in make_examples(tokenizer, length, args.n, rng, files, labels=(SCORED_LABEL,))]
         seed_results.append(evaluate_seed(model, tokenizer, tests, seed, args.progress))
         seed_tests.append(tests)
-        with open(raw, "wb") as f:  # a later failure can be reported with --from-raw
-            pickle.dump((seed_results, accuracies, seed_tests), f)
+        with open(out / f"raw-seed{seed}.pkl", "wb") as f:  # report later with --from-raw
+            pickle.dump((seed_results[-1], accuracies[-1], tests), f)
         print(f"seed {seed}: accuracy {summary['accuracy_after']:.3f}, {time.perf_counter() - started:.0f}s",
               file=sys.stderr)
     dsa_dir = Path(args.dsa_model) if args.dsa_model else Path("runs/train/final")
@@ -457,6 +468,8 @@ def main(argv: list[str] | None = None) -> int:
             train(TrainConfig(steps=args.dsa_steps, output_dir=str(dsa_dir.parent), overwrite=True,
                               progress=args.progress, eval_interval=args.dsa_steps,
                               checkpoint_interval=args.dsa_steps, sample_tokens=8))
+    if not args.from_raw and args.first_seed > 0:
+        return 0  # a partial run: report all seeds together with --from-raw
     coverage = [dsa_coverage(dsa_dir, tests) for tests in seed_tests]
     seed_results = [scored_only(r, t, out / f"seed{k}" / "final") for k, (r, t) in enumerate(zip(seed_results, seed_tests))]
     report(seed_results, accuracies, coverage, str(dsa_dir), device, out)
