@@ -289,7 +289,7 @@ class MelStem(nn.Module):
 
 
 def build_image_audio_model(config: FusionConfig, image_size: int, mel_shape: tuple[int, int], mel_mean: torch.Tensor,
-                            mel_std: torch.Tensor, patch_size: int = 4, tower_layers: int = 1) -> nn.Module:
+                            mel_std: torch.Tensor, patch_size: int = 4, tower_layers: int = 1, init_std: float = 0.3) -> nn.Module:
     """Separate towers (a tiny ViT of :mod:`seekdeep.multimodal.vision` + the audio encoder,
     ``tower_layers`` blocks each) with a concat / sum / gmu head, or the unified trunk with the
     same width and ``config.num_layers`` blocks shared by both modalities."""
@@ -305,7 +305,7 @@ def build_image_audio_model(config: FusionConfig, image_size: int, mel_shape: tu
         return UnifiedClassifier(config, {m: stems[m] for m in config.modalities}, {m: lengths[m] for m in config.modalities})
     vit = VisionTransformer(VisionConfig(hidden_size=h, intermediate_size=2 * h, num_hidden_layers=tower_layers, num_attention_heads=config.num_heads,
                                          image_size=image_size, patch_size=patch_size))
-    vit.init_weights(position_init="sincos")
+    vit.init_weights(std=init_std, position_init="sincos")  # at 0.02 a 32-wide ViT starts collapsed (pooled cos ~0.999)
     audio = AudioEncoder(AudioConfig(n_mels=n_mels, hidden_size=h, num_layers=tower_layers, num_heads=config.num_heads, intermediate_size=2 * h,
                                      projection_dim=h))
     with torch.no_grad():
