@@ -55,6 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import emit  # noqa: E402
 
 LABEL_WORDS = {1: " month", 0: " week"}
+LABEL_NAMES = {1: "month", 0: "week"}  # the label names in the training JSONL
 DECOY = " zero"
 LENGTHS = (20, 50, 160)
 METHODS = ("shap", "shap_default", "ig", "gradxinput", "ablation", "attention", "rollout", "random")
@@ -132,7 +133,7 @@ def train_classifier(seed: int, base_dir: Path, tokenizer, out: Path, n_train: i
     rng.shuffle(examples)
     data = out / f"seed{seed}-train.jsonl"
     data.parent.mkdir(parents=True, exist_ok=True)
-    data.write_text("".join(json.dumps({"text": e["text"], "label": ["week", "month"][e["label"]]}) + "\n"
+    data.write_text("".join(json.dumps({"text": e["text"], "label": LABEL_NAMES[e["label"]]}) + "\n"
                             for e in examples))
     summary = finetune(FinetuneConfig(task="classification", base=str(base_dir), data=str(data), method="full",
                                       steps=steps, lr=3e-3, batch_size=16, seq_len=256, warmup_steps=10,
@@ -246,7 +247,7 @@ def evaluate_seed(model, tokenizer, tests: list[dict], seed: int, progress: bool
         if ex["label"] != SCORED_LABEL:
             continue
         prepared = scorer.prepare(ex["text"])
-        if prepared.target != ex["label"]:
+        if model.id2label[prepared.target] != LABEL_NAMES[ex["label"]]:  # the JSONL's labels are names
             results.setdefault((length, "misclassified"), []).append(1)
             continue
         units = prepared.units
@@ -322,7 +323,8 @@ def scored_only(result: dict, tests: list[dict], model_dir: Path) -> dict:
         if result["results"].get((length, "misclassified")):
             if scorer is None:
                 scorer = Scorer(*load_model_and_tokenizer(str(model_dir)))
-            pool = [t for t in pool if scorer.prepare(t["text"]).target == t["label"]]
+            names = scorer.model.id2label
+            pool = [t for t in pool if names[scorer.prepare(t["text"]).target] == LABEL_NAMES[t["label"]]]
         if len(pool) != len(records):
             raise SystemExit(f"raw results of length {length} do not match their test inputs")
         out["results"][(length, method)] = [r for r, t in zip(records, pool) if t["label"] == SCORED_LABEL]

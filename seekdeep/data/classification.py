@@ -32,8 +32,9 @@ class LabelledTexts:
 
 
 def read_labelled_jsonl(path, text_field: str = "text", label_field: str = "label") -> LabelledTexts:
-    """Read ``path``; labels keep their first-seen order unless they are all integers (then
-    class i is label i, and every class from 0 to the largest must occur)."""
+    """Read ``path``; string labels become classes in sorted order (so the class of a label does
+    not depend on which line comes first); integer labels are their own class (every class from
+    0 to the largest must occur)."""
     path = Path(path)
     if path.suffix != ".jsonl" or not path.is_file():
         raise DataError(path, "classification data must be a .jsonl file with one {text, label} object per line")
@@ -66,7 +67,7 @@ def read_labelled_jsonl(path, text_field: str = "text", label_field: str = "labe
         id2label = {i: str(i) for i in range(classes)}
         labels = list(raw)
     else:
-        names = list(dict.fromkeys(str(x) for x in raw))
+        names = sorted({str(x) for x in raw})
         id2label = dict(enumerate(names))
         index = {name: i for i, name in id2label.items()}
         labels = [index[str(x)] for x in raw]
