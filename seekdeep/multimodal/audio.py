@@ -12,11 +12,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from seekdeep.errors import ConfigError, SeekdeepError
-from seekdeep.validate import check_float, check_int
+from seekdeep.validate import check_int
 
 
 class AudioError(SeekdeepError, ValueError):
