@@ -60,10 +60,22 @@ DECOY = " zero"
 LENGTHS = (20, 50, 160)
 METHODS = ("shap", "shap_default", "ig", "gradxinput", "ablation", "attention", "rollout", "random")
 FRACTIONS = (0.05, 0.1, 0.2, 0.5)
-#: attributions are scored on inputs of this class only: its keyword is the evidence for it. A model
-#: that has learned "month present -> 1, else 0" gives a week input the same output as an empty one
-#: (measured: log-odds 6.62 vs 6.61), so no attribution of it is right or wrong.
+#: attributions are scored on inputs of one class per model: the class the model does NOT predict
+#: for an empty input, whose keyword is then the evidence. A model that has learned "month present
+#: -> month, else week" gives a week input the same output as an empty one (measured: log-odds 6.62
+#: vs 6.61), so no attribution of a week input is right or wrong; which class a seed's model treats
+#: as the default is its own (seed 2: month). SCORED_LABEL is the fallback for raw results of runs
+#: that always scored label 1.
 SCORED_LABEL = 1
+
+
+def evidence_label(model, tokenizer) -> int:
+    """The label (key of LABEL_NAMES) that the model does not predict for an input with no token
+    of the text (the pad token alone)."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([[tokenizer.pad_token_id]])).logits[0]
+    default = model.id2label[int(logits.argmax())]
+    return next(k for k, name in LABEL_NAMES.items() if name != default)
 
 
 # ----------------------------------------------------------------------------- the task
@@ -221,7 +233,7 @@ def faithfulness(scorer, prepared, values: np.ndarray) -> dict:
             "sufficiency": float(np.mean(p_full - e[1::2]))}
 
 
-def evaluate_seed(model, tokenizer, tests: list[dict], seed: int, progress: bool) -> dict:
+def evaluate_seed(model, tokenizer, tests: list[dict], seed: int, progress: bool, scored: int = SCORED_LABEL) -> dict:
     """Per (length, method): lists of hit / faithfulness / cost numbers; plus the randomised
     model's hit rate and the dsa coverage per layer."""
     import copy
@@ -244,7 +256,7 @@ def evaluate_seed(model, tokenizer, tests: list[dict], seed: int, progress: bool
     results: dict = {}
     for ex in tqdm(tests, desc=f"seed {seed}", disable=not progress):
         length = ex["length"]
-        if ex["label"] != SCORED_LABEL:
+        if ex["label"] != scored:
             continue
         prepared = scorer.prepare(ex["text"])
         if model.id2label[prepared.target] != LABEL_NAMES[ex["label"]]:  # the JSONL's labels are names
@@ -279,14 +291,14 @@ def evaluate_seed(model, tokenizer, tests: list[dict], seed: int, progress: bool
     shap_random = make_explainer(random_model, tokenizer, "shap", progress=False)
     randomised: dict = {}
     for ex in tests:
-        if ex["label"] != SCORED_LABEL:
+        if ex["label"] != scored:
             continue
         exp = shap_random.explain(ex["text"])
         units = exp.prepared[0].units
         values = np.asarray(exp.values[0], dtype=float)
         randomised.setdefault(ex["length"], []).append(
             (float(int(np.argmax(values)) == _unit_of_span(units, ex["planted"])), 1.0 / len(units), ex["label"]))
-    return {"results": results, "randomised": randomised}
+    return {"results": results, "randomised": randomised, "scored": scored}
 
 
 def dsa_coverage(model_dir: Path, tests: list[dict]) -> dict[int, list[list[float | None]]]:
@@ -311,13 +323,14 @@ def scored_only(result: dict, tests: list[dict], model_dir: Path) -> dict:
     from seekdeep.explain.cli import load_model_and_tokenizer
     from seekdeep.explain.target import Scorer
 
+    scored = result.get("scored", SCORED_LABEL)
     out = {"results": {}, "randomised": {}}
     scorer = None
     for (length, method), records in result["results"].items():
         if method == "misclassified":
             continue
         if records and "label" in records[0]:
-            out["results"][(length, method)] = [r for r in records if r["label"] == SCORED_LABEL]
+            out["results"][(length, method)] = [r for r in records if r["label"] == scored]
             continue
         pool = [t for t in tests if t["length"] == length]
         if result["results"].get((length, "misclassified")):
@@ -327,13 +340,13 @@ def scored_only(result: dict, tests: list[dict], model_dir: Path) -> dict:
             pool = [t for t in pool if names[scorer.prepare(t["text"]).target] == LABEL_NAMES[t["label"]]]
         if len(pool) != len(records):
             raise SystemExit(f"raw results of length {length} do not match their test inputs")
-        out["results"][(length, method)] = [r for r, t in zip(records, pool) if t["label"] == SCORED_LABEL]
+        out["results"][(length, method)] = [r for r, t in zip(records, pool) if t["label"] == scored]
     for length, pairs in result["randomised"].items():
         if pairs and len(pairs[0]) == 3:
-            out["randomised"][length] = [(h, c) for h, c, label in pairs if label == SCORED_LABEL]
+            out["randomised"][length] = [(h, c) for h, c, label in pairs if label == scored]
         else:
             pool = [t for t in tests if t["length"] == length]
-            out["randomised"][length] = [(h, c) for (h, c), t in zip(pairs, pool) if t["label"] == SCORED_LABEL]
+            out["randomised"][length] = [(h, c) for (h, c), t in zip(pairs, pool) if t["label"] == scored]
     return out
 
 
@@ -451,9 +464,9 @@ def main(argv: list[str] | None = None) -> int:
         accuracies.append(summary["accuracy_after"])
         model, _ = load_model_and_tokenizer(str(model_dir))
         rng = random.Random(2000 + seed)
-        tests = [e for length in LENGTHS
-                 for e in make_examples(tokenizer, length, args.n, rng, files, labels=(SCORED_LABEL,))]
-        seed_results.append(evaluate_seed(model, tokenizer, tests, seed, args.progress))
+        scored = evidence_label(model, tokenizer)
+        tests = [e for length in LENGTHS for e in make_examples(tokenizer, length, args.n, rng, files, labels=(scored,))]
+        seed_results.append(evaluate_seed(model, tokenizer, tests, seed, args.progress, scored))
         seed_tests.append(tests)
         with open(out / f"raw-seed{seed}.pkl", "wb") as f:  # report later with --from-raw
             pickle.dump((seed_results[-1], accuracies[-1], tests), f)
