@@ -77,10 +77,8 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if not self.model_dirs:
             raise ConfigError("model_dirs", "serve needs at least one model directory")
-        for name in ("max_images", "max_image_pixels"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(name, f"must be a positive integer, got {value!r}")
+        check_int("max_images", self.max_images, 1, 1024)
+        check_int("max_image_pixels", self.max_image_pixels, 1, 1 << 30)  # decoded pixels; past it a decompression bomb
         names = self.model_names or [Path(d).resolve().name for d in self.model_dirs]
         if len(names) != len(self.model_dirs):
             raise ConfigError("model_name", f"got {len(names)} names for {len(self.model_dirs)} model directories; "
