@@ -12,6 +12,8 @@ from seekdeep.errors import ConfigError
 #: or allocate; catches a mistyped value before any work starts.
 MAX_COUNT = 10**9
 MAX_SEED = 2**32 - 1  # numpy's and most launchers' seed range
+MAX_SEQ_LEN = 1 << 20  # tokens per training window
+MAX_BATCH = 1 << 16
 
 
 def check_int(name: str, value: Any, lo: int = 1, hi: int | None = MAX_COUNT, *, optional: bool = False) -> None:

@@ -53,6 +53,9 @@ ACCEPTS: dict[tuple[str, str], set[str]] = {
     ("rl", "--kl-beta"): {"0"},  # no KL penalty
     ("rl", "--top-k"): {"0"},  # off
     ("align", "--seed"): {"0"},
+    ("fl", "--seed"): {"0"},
+    **{("vlm", flag): {"0"} for flag in ("--warmup", "--weight-decay", "--num-latents", "--seed")},
+    ("fl", "--proximal-mu"): {"0"},  # FedAvg's local loss
 }
 
 #: positional / path arguments per command: (argument, kind) with kind "model" (a model directory),
@@ -65,6 +68,8 @@ PATH_ARGS: dict[str, list[tuple[str, str]]] = {
     "compress": [("model", "model"), ("--data", "data")],
     "serve": [("models", "model")],
     "profile": [("model", "model")],
+    "explain": [("model", "model")],
+    "fl": [("--base", "model")],
     "sft": [("base", "model"), ("--data", "data")],
     "rl": [("base", "model"), ("--data", "data")],
 }
@@ -107,6 +112,7 @@ def _required_args(command: str, model_dir: Path) -> list[str]:
         "compress": [str(model_dir), "--quant", "int8-dynamic"],
         "serve": [str(model_dir)],
         "profile": [str(model_dir)],
+        "explain": [str(model_dir), "--text", "def f(x): return x"],
         "sft": [str(model_dir)],
         "rl": [str(model_dir)],
         "launch": ["--dry-run"],
@@ -241,7 +247,7 @@ def test_every_command_is_covered():
     assert not [m for m in missing if m not in NO_PATH_COMMANDS], f"add {missing} to PATH_ARGS or NO_PATH_COMMANDS"
 
 
-NO_PATH_COMMANDS: set[str] = {"align"}  # align trains on embedded data only
+NO_PATH_COMMANDS: set[str] = {"align", "vlm"}  # they train on embedded data only
 
 
 def test_launch_refuses_bad_settings_before_torchrun(sandbox, capsys):

@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from seekdeep.errors import ConfigError
+from seekdeep.files import check_model_path
+from seekdeep.validate import check_int
 
 METHODS = ("shap", "ig", "gradxinput", "ablation", "attention", "rollout")
 GRANULARITIES = ("word", "token")
@@ -54,9 +56,10 @@ class ExplainConfig:
             self.max_evals = str(self.max_evals)
         if self.max_evals != "auto" and not (str(self.max_evals).isdigit() and int(self.max_evals) >= 4):
             raise ConfigError("max_evals", f"got {self.max_evals!r}; accepted: 'auto' or an int >= 4")
-        _positive_int(self.batch_size, "batch_size")
-        _positive_int(self.max_new_tokens, "max_new_tokens")
-        _positive_int(self.steps, "steps", 2)
+        check_int("batch_size", self.batch_size, 1, 1 << 16)
+        check_int("max_new_tokens", self.max_new_tokens, 1, 1 << 16)
+        check_int("steps", self.steps, 2, 1 << 16)
+        check_model_path("model", self.model)
 
     @property
     def max_evals_value(self) -> int | str:

@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from seekdeep.errors import ConfigError
+from seekdeep.files import check_model_path
+from seekdeep.validate import MAX_BATCH, MAX_SEED, MAX_SEQ_LEN, check_float, check_int
 
 METHODS = ("lora", "full")
 STRATEGIES = ("fedavg", "fedprox")
@@ -13,15 +15,12 @@ SECURE = ("paillier", "secaggplus", "none")
 SPLITS = ("package", "iid")
 
 
+MAX_CLIENTS = 1024  # each client is a SuperNode process here
+
+
 def _require_int(value: Any, name: str, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(name, f"must be an integer >= {minimum}, got {value!r}")
-
-
-def _require_positive(value: Any, name: str, allow_zero: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
-    if not ok:
-        raise ConfigError(name, f"must be a number {'>=' if allow_zero else '>'} 0, got {value!r}")
 
 
 @dataclass
@@ -59,23 +58,27 @@ class FLConfig:
         for name, choices in (("method", METHODS), ("strategy", STRATEGIES), ("secure", SECURE), ("split", SPLITS)):
             if getattr(self, name) not in choices:
                 raise ConfigError(name, f"unknown {getattr(self, name)!r}; accepted: {', '.join(choices)}")
-        for name, minimum in (("num_clients", 1), ("rounds", 1), ("local_steps", 1), ("batch_size", 1),
-                              ("seq_len", 8), ("eval_batches", 1), ("seed", 0)):
-            _require_int(getattr(self, name), name, minimum)
+        check_int("num_clients", self.num_clients, 1, MAX_CLIENTS)
+        check_int("rounds", self.rounds, 1, 10**5)
+        check_int("local_steps", self.local_steps)
+        check_int("batch_size", self.batch_size, 1, MAX_BATCH)
+        check_int("seq_len", self.seq_len, 8, MAX_SEQ_LEN)
+        check_int("eval_batches", self.eval_batches)
+        check_int("seed", self.seed, 0, MAX_SEED)
         _require_int(self.quant_bits, "quant_bits", 2)
         if self.quant_bits > 32:
             raise ConfigError("quant_bits", f"must be <= 32, got {self.quant_bits}")
         if self.key_bits not in (1024, 2048, 3072, 4096):
             raise ConfigError("key_bits", f"must be 1024, 2048, 3072 or 4096, got {self.key_bits!r}")
         if self.min_clients is not None:
-            _require_int(self.min_clients, "min_clients", 1)
+            check_int("min_clients", self.min_clients, 1, MAX_CLIENTS)
             if self.min_clients > self.num_clients:
                 raise ConfigError("min_clients", f"{self.min_clients} exceeds num_clients={self.num_clients}")
-        _require_positive(self.proximal_mu, "proximal_mu", allow_zero=True)
-        _require_positive(self.clip, "clip")
-        _require_positive(self.round_timeout, "round_timeout")
-        if self.lr is not None:
-            _require_positive(self.lr, "lr")
+        check_float("proximal_mu", self.proximal_mu, 0, 1e3)  # 0: FedAvg's local loss
+        check_float("clip", self.clip, 0, 1e3, lo_open=True)
+        check_float("round_timeout", self.round_timeout, 0, 7 * 86400, lo_open=True)
+        check_float("lr", self.lr, 0, 10, lo_open=True, optional=True)
+        check_model_path("base", self.base)
         if self.resume not in (None, "auto"):
             raise ConfigError("resume", f"accepted: 'auto' (continue the run in --output-dir), got {self.resume!r}")
         if self.secure == "secaggplus" and self.num_clients < 3:

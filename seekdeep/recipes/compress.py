@@ -35,8 +35,7 @@ import torch
 
 from seekdeep.errors import ConfigError
 from seekdeep.files import check_data_path, check_model_path
-from seekdeep.recipes.train import MAX_BATCH, MAX_SEQ_LEN
-from seekdeep.validate import MAX_SEED, check_device, check_float, check_int
+from seekdeep.validate import MAX_BATCH, MAX_SEED, MAX_SEQ_LEN, check_device, check_float, check_int
 
 #: --quant choices -> QuantConfig keyword arguments
 QUANT_SCHEMES: dict[str, dict[str, Any]] = {

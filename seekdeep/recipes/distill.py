@@ -29,8 +29,7 @@ from tqdm import tqdm
 
 from seekdeep.errors import CheckpointError, ConfigError
 from seekdeep.files import check_data_path, check_model_path
-from seekdeep.recipes.train import MAX_BATCH, MAX_SEQ_LEN
-from seekdeep.validate import MAX_SEED, check_device, check_float, check_int
+from seekdeep.validate import MAX_BATCH, MAX_SEED, MAX_SEQ_LEN, check_device, check_float, check_int
 
 #: what ``seekdeep train`` writes by default: the teacher when none is given
 DEFAULT_TEACHER = Path("runs/train/final")

@@ -429,5 +429,5 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("fl", help="federated training on Flower with packed Paillier secure aggregation "
                                    "(a local federation on 127.0.0.1 by default)")
     add_dataclass_flags(parser, FLConfig, HELP)
-    parser.set_defaults(func=cmd_fl)
+    parser.set_defaults(func=cmd_fl, config_cls=FLConfig)
     return parser

@@ -29,11 +29,9 @@ from tqdm import tqdm
 
 from seekdeep.errors import CheckpointError, ConfigError
 from seekdeep.files import check_data_path
-from seekdeep.validate import MAX_SEED, check_device, check_float, check_int
+from seekdeep.validate import MAX_BATCH, MAX_SEED, MAX_SEQ_LEN, check_device, check_float, check_int
 
 PRESETS = ("tiny", "small", "base", "125m")
-MAX_SEQ_LEN = 1 << 20  # tokens per training window
-MAX_BATCH = 1 << 16
 MAX_VOCAB = 1 << 20
 
 

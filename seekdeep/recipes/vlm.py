@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from seekdeep.errors import ConfigError
+from seekdeep.validate import MAX_BATCH, MAX_SEED, check_float, check_int
 from seekdeep.multimodal.data import ANSWERS, QUESTION_TYPES, SpatialVQA, VQASample, vocabulary
 
 FUSIONS = ("prefix", "cross_attention")
@@ -58,17 +59,20 @@ class VLMTrainConfig:
     def __post_init__(self) -> None:
         if self.fusion not in FUSIONS:
             raise ConfigError("fusion", f"unknown {self.fusion!r}; accepted: {', '.join(FUSIONS)}")
-        for name in ("steps", "batch_size", "image_size", "patch_size", "hidden_size", "vision_layers", "text_layers", "eval_samples",
-                     "eval_every", "checkpoint_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ConfigError(name, f"must be a positive integer, got {value!r}")
+        for name in ("steps", "eval_samples", "eval_every", "checkpoint_every"):
+            check_int(name, getattr(self, name))
+        check_int("batch_size", self.batch_size, 1, MAX_BATCH)
+        for name in ("image_size", "patch_size", "hidden_size"):
+            check_int(name, getattr(self, name), 1, 1 << 14)
+        for name in ("vision_layers", "text_layers"):
+            check_int(name, getattr(self, name), 1, 1024)
         if self.image_size % self.patch_size:
             raise ConfigError("patch_size", f"{self.patch_size} must divide image_size={self.image_size}")
-        if not self.init_std > 0:
-            raise ConfigError("init_std", f"must be > 0, got {self.init_std!r}")
-        if not self.lr > 0:
-            raise ConfigError("lr", f"must be > 0, got {self.lr!r}")
+        check_float("init_std", self.init_std, 0, 10, lo_open=True)
+        check_float("lr", self.lr, 0, 10, lo_open=True)
+        check_float("weight_decay", self.weight_decay, 0, 10)
+        check_int("seed", self.seed, 0, MAX_SEED)
+        check_int("num_latents", self.num_latents, 0, 1 << 14)
         if not isinstance(self.warmup, int) or not 0 <= self.warmup < self.steps:
             raise ConfigError("warmup", f"must be an integer in [0, steps={self.steps}), got {self.warmup!r}")
 
