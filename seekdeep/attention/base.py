@@ -41,13 +41,17 @@ class AttentionMask:
     """Which keys each query may see, without materialising a dense mask up front.
 
     ``key_valid`` (B, Tk) marks real tokens (False for left padding); ``q_offset`` is the
-    slot of the first query; ``sliding_window`` limits how far back a query may look.
+    slot of the first query; ``sliding_window`` limits how far back a query may look;
+    ``document_ids`` (B, Tk), for rows that pack several sequences, lets a query see only the
+    keys of its own document (a block-diagonal causal mask; only backends that attend through
+    :meth:`to_bool` honour it, and the model refuses the others).
     """
 
     q_len: int
     k_len: int
     key_valid: torch.Tensor | None = None
     sliding_window: int | None = None
+    document_ids: torch.Tensor | None = None
 
     @property
     def q_offset(self) -> int:
@@ -58,6 +62,7 @@ class AttentionMask:
         """True when ``is_causal=True`` of SDPA expresses the mask exactly."""
         return (
             self.key_valid is None
+            and self.document_ids is None
             and self.q_len == self.k_len
             and (self.sliding_window is None or self.sliding_window >= self.k_len)
         )
@@ -67,6 +72,7 @@ class AttentionMask:
         """True when one query (a decode step) may attend to every key: no mask is needed."""
         return (
             self.key_valid is None
+            and self.document_ids is None
             and self.q_len == 1
             and (self.sliding_window is None or self.sliding_window >= self.k_len)
         )
@@ -81,6 +87,10 @@ class AttentionMask:
         allowed = allowed[None, None]  # (1, 1, Tq, Tk)
         if self.key_valid is not None:
             allowed = allowed & self.key_valid.to(device=device, dtype=torch.bool)[:, None, None, :]
+        if self.document_ids is not None:
+            docs = self.document_ids.to(device)
+            same = docs[:, self.q_offset:, None] == docs[:, None, :]  # (B, Tq, Tk)
+            allowed = allowed & same[:, None]
         return allowed
 
 

@@ -74,6 +74,7 @@ class Decoder(nn.Module):
         cache: KVCache | None,
         inputs_embeds: torch.Tensor | None = None,
         sliding_windows: list[int | None] | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
         batch, q_len = hidden.shape[:2]
@@ -82,18 +83,45 @@ class Decoder(nn.Module):
             raise ValueError(
                 f"attention_mask: expected {past_len + q_len} columns (cached + new tokens), got {attention_mask.shape[-1]}"
             )
+        if document_ids is not None:
+            self._check_packed(document_ids, batch, q_len, cache)
+            if position_ids is None:
+                position_ids = positions_in_documents(document_ids)
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask, past_len, q_len, batch, hidden.device)
         cos, sin = self.rotary_emb(position_ids, hidden.dtype)
         key_valid = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.bool()
         for idx, layer in enumerate(self.layers):
             window = sliding_windows[idx] if sliding_windows else None
-            mask = AttentionMask(q_len, past_len + q_len, key_valid, window)
+            mask = AttentionMask(q_len, past_len + q_len, key_valid, window, document_ids)
             if self.gradient_checkpointing and self.training and cache is None:
                 hidden = checkpoint(layer, hidden, cos, sin, mask, None, idx, use_reentrant=False)
             else:
                 hidden = layer(hidden, cos, sin, mask, cache, idx)
         return self.norm(hidden)
+
+    def _check_packed(self, document_ids: torch.Tensor, batch: int, q_len: int, cache) -> None:
+        from seekdeep.attention.dense import EagerAttention, SDPAAttention
+        from seekdeep.attention.gated import GatedAttention
+        from seekdeep.errors import ConfigError
+
+        if tuple(document_ids.shape) != (batch, q_len):
+            raise ValueError(f"document_ids: expected shape {(batch, q_len)} like input_ids, got {tuple(document_ids.shape)}")
+        if cache is not None:
+            raise ValueError("document_ids: packed rows are for training / scoring, not for a KV-cached forward")
+        for name, module in self.named_modules():
+            # only backends that attend through AttentionMask.to_bool see the block-diagonal mask
+            if name.endswith(".inner") and not isinstance(module, (EagerAttention, SDPAAttention, GatedAttention)):
+                raise ConfigError("attention_backend", f"packed sequences (document_ids) need a dense backend "
+                                  f"(eager, sdpa, gated); {name} is {type(module).__name__}")
+
+
+def positions_in_documents(document_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) document ids of packed rows -> (B, T) positions counted from each document's start."""
+    slots = torch.arange(document_ids.shape[1], device=document_ids.device).expand_as(document_ids)
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    return torch.where(starts, slots, 0).cummax(1).values.neg().add(slots)  # slot - slot of the document's start
 
 
 class CausalLM(AdapterMixin, nn.Module):
@@ -173,6 +201,7 @@ class CausalLM(AdapterMixin, nn.Module):
         labels: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         logits_to_keep: int = 0,
+        document_ids: torch.Tensor | None = None,
     ) -> CausalLMOutput:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("input_ids / inputs_embeds: pass exactly one of them")
@@ -181,7 +210,7 @@ class CausalLM(AdapterMixin, nn.Module):
         if use_cache and past_key_values is None:
             past_key_values = KVCache(len(self.model.layers))
         hidden = self.model(
-            input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, self.sliding_windows()
+            input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, self.sliding_windows(), document_ids
         )
         logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         loss = None

@@ -6,11 +6,12 @@ each turn's tokens are the difference, so the ids a model is trained on are exac
 it sees at inference (``add_generation_prompt`` opens the assistant turn; the model writes the
 content and the eos that closes it). The assistant header is not trained; content + eos are.
 
-Packing: seekdeep's attention masks are causal + a per-key validity row (``AttentionMask``);
-none of the backends takes a block-diagonal mask, so packing several conversations in one row
-would let them attend to each other. Batches are therefore padded, not packed, and the padding
-is kept small by grouping examples of similar length (a batch holds neighbours in length from
-a shuffled pool of ``pool_batches`` batches).
+Batches are either padded, with the padding kept small by grouping examples of similar
+length (a batch holds neighbours in length from a shuffled pool of ``pool_batches`` batches),
+or packed (``pack=True``): conversations laid end to end in rows of ``seq_len`` tokens with a
+document id per token, which the model turns into a block-diagonal causal mask and positions
+restarting per conversation (``document_ids``; dense attention backends only), so no
+conversation sees another and each is trained exactly as it would be alone.
 """
 
 from __future__ import annotations
@@ -147,21 +148,65 @@ def pad_batch(examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch
     return ids, mask, labels
 
 
-class ChatBatches:
-    """Endless shuffled, length-grouped batches of examples; ``state_dict`` / ``load_state_dict``
-    resume at the same batch of the same epoch."""
+def pack_rows(lengths: list[int], order: list[int], seq_len: int) -> list[list[int]]:
+    """Examples (indices into ``lengths``, in ``order``) laid end to end into rows of at most
+    ``seq_len`` tokens: each goes into the first row with room for it (first fit)."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        for r, free in enumerate(room):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(seq_len - lengths[i])
+    return rows
 
-    def __init__(self, examples: list[Example], batch_size: int, pad_id: int, seed: int = 0, pool_batches: int = 16):
+
+def pack_batch(rows: list[list[Example]], pad_id: int) -> tuple[torch.Tensor, ...]:
+    """Packed (input_ids, attention_mask, labels, document_ids), each (B, T): the examples of a
+    row end to end, right-padded; document ids count 0, 1, ... within the row (-1 on padding).
+    Each example's first label is dropped: it would be predicted from the previous example."""
+    width = max(sum(len(e) for e in row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    docs = torch.full((len(rows), width), -1, dtype=torch.long)
+    for r, row in enumerate(rows):
+        start = 0
+        for d, e in enumerate(row):
+            end = start + len(e)
+            ids[r, start:end] = torch.tensor(e.input_ids)
+            labels[r, start + 1:end] = torch.tensor(e.labels[1:], dtype=torch.long)
+            mask[r, start:end] = 1
+            docs[r, start:end] = d
+            start = end
+    return ids, mask, labels, docs
+
+
+class ChatBatches:
+    """Endless shuffled batches of examples, length-grouped and padded, or (``pack_len``) packed
+    into rows of that many tokens; ``state_dict`` / ``load_state_dict`` resume at the same batch
+    of the same epoch. A batch is (input_ids, attention_mask, labels), + document_ids when packed."""
+
+    def __init__(self, examples: list[Example], batch_size: int, pad_id: int, seed: int = 0, pool_batches: int = 16,
+                 pack_len: int | None = None):
         if not examples:
             raise DataError("examples", "no examples to train on (all were dropped or the data is empty)")
         self.examples, self.batch_size, self.pad_id, self.seed, self.pool = examples, batch_size, pad_id, seed, pool_batches
+        self.pack_len = pack_len
         self.epoch, self.position = 0, 0
         self._plan = self._epoch_plan(0)
 
-    def _epoch_plan(self, epoch: int) -> list[list[int]]:
+    def _epoch_plan(self, epoch: int) -> list[list]:
         rng = random.Random(self.seed * 1_000_003 + epoch)
         order = list(range(len(self.examples)))
         rng.shuffle(order)
+        if self.pack_len is not None:  # a batch: batch_size rows, each a list of example indices
+            rows = pack_rows([len(e) for e in self.examples], order, self.pack_len)
+            return [rows[i:i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
         batches = []
         chunk = self.batch_size * self.pool
         for start in range(0, len(order), chunk):
@@ -170,12 +215,14 @@ class ChatBatches:
         rng.shuffle(batches)
         return batches
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def next_batch(self) -> tuple[torch.Tensor, ...]:
         if self.position >= len(self._plan):
             self.epoch, self.position = self.epoch + 1, 0
             self._plan = self._epoch_plan(self.epoch)
         batch = self._plan[self.position]
         self.position += 1
+        if self.pack_len is not None:
+            return pack_batch([[self.examples[i] for i in row] for row in batch], self.pad_id)
         return pad_batch([self.examples[i] for i in batch], self.pad_id)
 
     def state_dict(self) -> dict[str, int]:

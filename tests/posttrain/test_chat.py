@@ -71,3 +71,60 @@ def test_padding_masks_and_batches_resume(tokenizer):
     assert max(widths) <= 8
     with pytest.raises(DataError, match="data changed"):
         ChatBatches(examples[:-1], 4, 0, seed=3).load_state_dict(b.state_dict())
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+def test_packed_rows_train_each_conversation_as_alone(tokenizer, base, chat_jsonl, backend):
+    """Packed rows (block-diagonal causal mask, positions restarting per conversation) give
+    every conversation the logits and loss it gets alone: no cross-example attention."""
+    import torch.nn.functional as F
+
+    from seekdeep.auto import AutoModel
+    from seekdeep.posttrain.chat import pack_batch, pack_rows, read_jsonl, render_records
+
+    model = AutoModel.from_pretrained(base, attention_backend=backend).eval()
+    records = [(where, record_messages(r, where)) for where, r in read_jsonl(chat_jsonl)][:7]
+    examples, _ = render_records(tokenizer, records, 256)
+    rows = pack_rows([len(e) for e in examples], list(range(len(examples))), seq_len=3 * max(len(e) for e in examples))
+    assert len(rows) < len(examples)  # some rows really hold several conversations
+    ids, mask, labels, docs = pack_batch([[examples[i] for i in row] for row in rows], tokenizer.pad_token_id)
+    with torch.no_grad():
+        packed = model(ids, attention_mask=mask, document_ids=docs)
+        loss = model(ids, attention_mask=mask, labels=labels, document_ids=docs).loss
+        total, count = 0.0, 0
+        for r, row in enumerate(rows):
+            start = 0
+            for i in row:
+                e = examples[i]
+                alone = model(torch.tensor([e.input_ids])).logits[0]  # (T, V)
+                torch.testing.assert_close(packed.logits[r, start:start + len(e)], alone, atol=1e-5, rtol=1e-4)
+                target = torch.tensor(e.labels[1:])
+                total += float(F.cross_entropy(alone[:-1], target, ignore_index=IGNORE_INDEX, reduction="sum"))
+                count += int((target != IGNORE_INDEX).sum())
+                start += len(e)
+    assert float(loss) == pytest.approx(total / count, rel=1e-5)
+    # without the document ids the later conversations of a row see the earlier ones
+    with torch.no_grad():
+        leaky = model(ids, attention_mask=mask).logits
+    assert not torch.allclose(leaky[mask.bool()], packed.logits[mask.bool()], atol=1e-3)
+
+
+def test_packing_refuses_sparse_backends_and_resumes(tokenizer, base):
+    from seekdeep.auto import AutoModel
+    from seekdeep.posttrain.chat import Example
+
+    sparse = AutoModel.from_pretrained(base, attention_backend="dsa", attention_options={"topk": 4})
+    ids = torch.ones((1, 6), dtype=torch.long)
+    with pytest.raises(ConfigError, match="attention_backend"):
+        sparse(ids, document_ids=torch.tensor([[0, 0, 0, 1, 1, 1]]))
+    examples = [Example(list(range(1, n + 1)), [IGNORE_INDEX] + list(range(2, n + 1))) for n in range(2, 30)]
+    a = ChatBatches(examples, 2, 0, seed=1, pack_len=40)
+    batch = a.next_batch()
+    assert len(batch) == 4 and batch[0].shape[1] <= 40 and int(batch[3].max()) >= 1
+    first = [a.next_batch()[0] for _ in range(6)]
+    b = ChatBatches(examples, 2, 0, seed=1, pack_len=40)
+    for _ in range(3):
+        b.next_batch()
+    c = ChatBatches(examples, 2, 0, seed=1, pack_len=40)
+    c.load_state_dict(b.state_dict())
+    assert all(torch.equal(x, c.next_batch()[0]) for x in first[2:])
