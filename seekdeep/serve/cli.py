@@ -23,6 +23,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len,
         compile_decode={"auto": None, "on": True, "off": False}[args.compile_decode],
+        prefix_caching=not args.no_prefix_cache,
     )
     config = ServerConfig(
         model_dirs=[str(Path(p)) for p in args.models],
@@ -89,6 +90,8 @@ def register(subparsers) -> None:
     serve.add_argument("--embedding-cache-size", type=int, default=1024, help="cached embeddings (0 disables)")
     serve.add_argument("--compile-decode", choices=("auto", "on", "off"), default="auto",
                        help="torch.compile + CUDA graphs for decode (auto: on when CUDA is used)")
+    serve.add_argument("--no-prefix-cache", action="store_true",
+                       help="do not share the KV blocks of common prompt prefixes between requests")
     serve.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16 or auto")
     serve.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, ...")
     serve.add_argument("--shutdown-timeout", type=float, default=30.0,

@@ -11,6 +11,7 @@ token ids (text stop strings are the detokenizing layer's job, which calls ``abo
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import queue
 import threading
@@ -35,7 +36,9 @@ class EngineConfig:
     """``num_blocks`` overrides ``kv_cache_memory`` (bytes for keys, values and per-token
     backend state of every layer). ``max_model_len`` defaults to the model's
     ``max_position_embeddings``. ``static_decode`` / ``compile_decode``: see
-    :class:`~seekdeep.serve.runner.ModelRunner` (None = on when CUDA is used)."""
+    :class:`~seekdeep.serve.runner.ModelRunner` (None = on when CUDA is used).
+    ``prefix_caching``: share the KV blocks of common prompt prefixes between requests (see
+    :class:`~seekdeep.serve.kv_cache.BlockAllocator`)."""
 
     block_size: int = 16
     num_blocks: int | None = None
@@ -46,6 +49,7 @@ class EngineConfig:
     static_decode: bool | None = None
     compile_decode: bool | None = None
     compile_backend: str = "inductor"
+    prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.kv_cache_memory, str):
@@ -56,6 +60,8 @@ class EngineConfig:
         check_int("max_num_batched_tokens", self.max_num_batched_tokens, 1, 1 << 24)
         check_int("max_model_len", self.max_model_len, 1, 1 << 24, optional=True)
         check_int("num_blocks", self.num_blocks, 2, 1 << 28, optional=True)  # >= 2: block 0 is reserved
+        if not isinstance(self.prefix_caching, bool):
+            raise ConfigError("prefix_caching", f"must be True or False, got {self.prefix_caching!r}")
 
 
 @dataclass
@@ -100,7 +106,7 @@ class Engine:
 
         specs = probe_layer_specs(model, self.device)
         num_blocks = config.num_blocks or PagedKVCache.blocks_that_fit(specs, config.kv_cache_memory, config.block_size)
-        self.allocator = BlockAllocator(num_blocks, config.block_size)
+        self.allocator = BlockAllocator(num_blocks, config.block_size, prefix_caching=config.prefix_caching)
         self.kv_cache = PagedKVCache(specs, num_blocks, config.block_size, self.device)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len), self.allocator
@@ -111,6 +117,9 @@ class Engine:
         )
         self._requests: dict[str, _Request] = {}
         self.num_preemptions = 0
+        # the dataclass repr of the config names the attention backend and its options
+        self._model_salt = hashlib.blake2b(repr((type(model).__qualname__, model.config, next(model.parameters()).dtype))
+                                           .encode(), digest_size=16).digest()
         self.num_steps = 0
 
     # -- requests
@@ -149,10 +158,37 @@ class Engine:
             raise GenerationError("request_id", f"{request_id!r} is already running")
         if pixel_values is not None:
             self.runner.add_images(request_id, prompt_ids, pixel_values)
-        seq = Sequence(request_id, prompt_ids, params.max_tokens)
+        seq = Sequence(request_id, prompt_ids, params.max_tokens, cache_salt=self._cache_salt(pixel_values))
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids)
         self._requests[request_id] = _Request(seq, params, RequestSampler(params, self.device), stop_ids, time.monotonic())
         self.scheduler.add(seq)
+
+    def _cache_salt(self, pixel_values: torch.Tensor | None) -> bytes:
+        """What a request's keys and values depend on besides its tokens: the model (class,
+        config with its attention backend and options, dtype), the adapter state (active,
+        disabled, merged) and, for image requests, the image pixels (placeholder tokens are the
+        same for every image). Recomputed per request so that switching adapters on a served
+        model never reuses blocks computed under the other adapter."""
+        h = hashlib.blake2b(self._model_salt, digest_size=16)
+        peft = self.model.__dict__.get("_peft")
+        if peft is not None and peft["configs"]:
+            merged = sorted({n for _, layer in self.model._tuner_layers() for n in getattr(layer, "merged", [])})
+            applied = [] if peft["disabled"] else list(peft["active"])
+            if applied or merged:  # adapters present but off: the base model's blocks are valid
+                h.update(repr((applied, merged)).encode())
+        if pixel_values is not None:
+            h.update(pixel_values.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        return h.digest()
+
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached prefix not in use (call after changing the model's weights in
+        place); returns the number of blocks dropped."""
+        return self.allocator.reset_prefix_cache()
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        """Prompt tokens served from the prefix cache / prompt tokens looked up, since start."""
+        return self.scheduler.prefix_hit_rate
 
     def abort(self, request_id: str) -> bool:
         """Drop a request (queued or running) and free its blocks; False if it is unknown."""

@@ -17,10 +17,21 @@ are always contiguous and left padding is the only padding.
 Per-token backend state (the DSA indexer's ``index_k``, (B, T, Di)) is paged the same way:
 before the forward each layer's ``backend_state`` receives the gathered past, after it the
 new tail is scattered back.
+
+Prefix caching (:class:`BlockAllocator`): a full block's slots hold keys, values *and* the
+per-token backend state of its tokens, all of which depend only on the tokens up to the
+block's end (attention is causal; the DSA indexer's ``index_k`` of a token is a projection of
+that token's hidden state). A block registered under its chained content hash is therefore
+shared as a whole, index state included, by every request whose prompt starts with the same
+tokens under the same model. Backends whose state summarises *groups* of tokens (DSA block
+mode) are refused by :func:`probe_layer_specs`, so nothing unshareable is ever paged.
 """
 
 from __future__ import annotations
 
+import hashlib
+from array import array
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -32,18 +43,45 @@ class NoFreeBlocksError(RuntimeError):
     """The allocator cannot satisfy a request; the scheduler preempts and retries."""
 
 
-class BlockAllocator:
-    """Free list of KV-cache blocks ``1 .. num_blocks - 1`` (block 0 is the null block)."""
+def hash_block(parent: bytes, tokens, salt: bytes = b"") -> bytes:
+    """Content hash of one full KV block, chained over every block before it.
 
-    def __init__(self, num_blocks: int, block_size: int):
+    ``parent`` is the previous block's hash (``salt`` for the first block: the model, adapter,
+    backend and image identity the keys and values depend on), so equal hashes mean equal
+    token prefixes under the same model. 128-bit BLAKE2b: a collision would silently serve
+    another prompt's keys, which Python's 64-bit ``hash`` makes too likely at scale."""
+    h = hashlib.blake2b(parent, digest_size=16)
+    h.update(salt)
+    h.update(array("q", tokens).tobytes())
+    return h.digest()
+
+
+class BlockAllocator:
+    """KV-cache blocks ``1 .. num_blocks - 1`` (block 0 is the null block), reference counted.
+
+    With ``prefix_caching`` a full block can be *registered* under the hash of its contents
+    (:func:`hash_block`); a later request whose prompt starts with the same tokens takes a
+    reference to it (:meth:`acquire`) instead of recomputing it. A block whose last reference
+    goes stays registered but free, in LRU order; it is evicted (unregistered and handed out)
+    only when no never-registered block is free. Shared blocks are never written: a request
+    writes only into blocks past its cached prefix, which it holds alone.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = False):
         if num_blocks < 2:
             raise ConfigError("num_blocks", f"need at least 2 (one is the null block), got {num_blocks}")
         if block_size < 1:
             raise ConfigError("block_size", f"must be >= 1, got {block_size}")
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.prefix_caching = prefix_caching
         # LIFO: a just-freed (cache-warm) block is handed out first.
         self._free = list(range(num_blocks - 1, 0, -1))
+        self._refs = [0] * num_blocks
+        self._cached: dict[bytes, int] = {}  # content hash -> block
+        self._hash_of: dict[int, bytes] = {}  # block -> its content hash
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # registered, unreferenced; oldest first
+        self.num_evictions = 0
 
     @property
     def num_usable(self) -> int:
@@ -51,29 +89,103 @@ class BlockAllocator:
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Blocks an allocation can take: never-registered free ones plus evictable cached ones."""
+        return len(self._free) + len(self._evictable)
 
     @property
     def num_used(self) -> int:
+        """Blocks referenced by at least one request."""
         return self.num_usable - self.num_free
 
     @property
+    def num_cached(self) -> int:
+        """Registered blocks (referenced or not)."""
+        return len(self._cached)
+
+    @property
     def usage(self) -> float:
-        """Fraction of usable blocks held by requests (0.0 .. 1.0)."""
+        """Fraction of usable blocks held by requests (0.0 .. 1.0); cached free blocks count as free."""
         return self.num_used / self.num_usable
+
+    def refcount(self, block: int) -> int:
+        return self._refs[block]
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
     def allocate(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise NoFreeBlocksError(f"asked for {n} blocks, {len(self._free)} free")
-        taken = self._free[-n:] if n else []
-        del self._free[len(self._free) - n :]
+        if n > self.num_free:
+            raise NoFreeBlocksError(f"asked for {n} blocks, {self.num_free} free")
+        take = min(n, len(self._free))
+        taken = self._free[len(self._free) - take :][::-1] if take else []
+        del self._free[len(self._free) - take :]
+        while len(taken) < n:  # evict the least recently used cached blocks
+            block, _ = self._evictable.popitem(last=False)
+            del self._cached[self._hash_of.pop(block)]
+            self.num_evictions += 1
+            taken.append(block)
+        for block in taken:
+            self._refs[block] = 1
         return taken
 
     def free(self, blocks: list[int]) -> None:
-        self._free.extend(reversed(blocks))
+        """Drop one reference to each block. Freed in reverse so a sequence's tail, the part
+        least likely to be shared, is evicted before its head."""
+        for block in reversed(blocks):
+            refs = self._refs[block] - 1
+            if refs < 0:
+                raise RuntimeError(f"block {block} freed more often than it was allocated")
+            self._refs[block] = refs
+            if refs == 0:
+                if block in self._hash_of:
+                    self._evictable[block] = None
+                else:
+                    self._free.append(block)
+
+    # -- prefix caching
+    def lookup(self, block_hash: bytes) -> int | None:
+        """The registered block holding these contents, or None."""
+        return self._cached.get(block_hash)
+
+    def acquire(self, block: int) -> None:
+        """Take one more reference to a registered block (a prefix-cache hit)."""
+        if self._refs[block] == 0:
+            del self._evictable[block]
+        self._refs[block] += 1
+
+    def register(self, block: int, block_hash: bytes) -> bool:
+        """Make a full, computed block findable by its contents. False when caching is off,
+        the block is already registered, or another block already holds the same contents
+        (this one then stays private and is recycled when freed)."""
+        if not self.prefix_caching or block in self._hash_of or block_hash in self._cached:
+            return False
+        self._cached[block_hash] = block
+        self._hash_of[block] = block_hash
+        return True
+
+    def reset_prefix_cache(self) -> int:
+        """Unregister every unreferenced cached block (e.g. after the model's weights changed);
+        returns how many were dropped. Blocks still in use stay registered until freed."""
+        dropped = 0
+        while self._evictable:
+            block, _ = self._evictable.popitem(last=False)
+            del self._cached[self._hash_of.pop(block)]
+            self._free.append(block)
+            dropped += 1
+        return dropped
+
+    def check(self) -> None:
+        """Raise AssertionError unless every usable block is exactly one of: free, evictable,
+        referenced (tests call this after soaks and cancellations)."""
+        free, evictable = set(self._free), set(self._evictable)
+        assert len(free) == len(self._free) and not (free & evictable), "a block is on a free list twice"
+        for block in range(1, self.num_blocks):
+            refs = self._refs[block]
+            assert refs >= 0, f"block {block} has {refs} references"
+            assert (refs == 0) == (block in free or block in evictable), f"block {block}: {refs} refs, listed free: " \
+                f"{block in free or block in evictable}"
+            assert (block in evictable) <= (block in self._hash_of), f"evictable block {block} is not registered"
+        assert all(self._cached[h] == b for b, h in self._hash_of.items()), "hash tables disagree"
 
 
 @dataclass

@@ -29,6 +29,14 @@ class ServerMetrics:
         self.routed = Counter("seekdeep_routed_requests", "Requests sent to 'auto' and the model chosen", ["model"], registry=r)
         self.embedding_cache_hits = Counter("seekdeep_embedding_cache_hits", "Embedding cache hits", ["model"], registry=r)
         self.embedding_cache_misses = Counter("seekdeep_embedding_cache_misses", "Embedding cache misses", ["model"], registry=r)
+        self.prefix_cache_hit_rate = Gauge("seekdeep_prefix_cache_hit_rate", "Prompt tokens found in the prefix cache / "
+                                           "prompt tokens looked up, since start (0-1)", ["model"], registry=r)
+        self.prefix_cache_hits = Gauge("seekdeep_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache "
+                                       "since start", ["model"], registry=r)
+        self.prefix_cache_queries = Gauge("seekdeep_prefix_cache_query_tokens", "Prompt tokens looked up in the prefix "
+                                          "cache since start", ["model"], registry=r)
+        self.prefix_cache_blocks = Gauge("seekdeep_prefix_cache_blocks", "KV blocks registered in the prefix cache "
+                                         "(in use or evictable)", ["model"], registry=r)
         self.embedding_cache_size = Gauge("seekdeep_embedding_cache_entries", "Embeddings held in the cache", ["model"], registry=r)
 
     def render(self) -> bytes:

@@ -12,16 +12,24 @@ sequence is preempted: its blocks are freed and it goes back to the front of the
 ``num_computed = 0``. When it is scheduled again its prompt *and* the tokens it already
 produced are recomputed (preemption by recompute), so its output continues exactly where it
 stopped.
+
+Prefix caching (when the allocator has it on): a full block is registered under its content
+hash once its tokens are computed (at the start of the next step, and when its sequence
+finishes or is preempted, so a preempted sequence usually gets its own work back). A waiting
+sequence is admitted with the longest cached run of its leading full blocks (never its last
+token: its logits are needed) and only the rest is computed. A sequence whose next block is
+being computed right now by a running one (``n > 1`` siblings, identical prompts arriving
+together) waits one step and shares it instead of computing it twice.
 """
 
 from __future__ import annotations
 
 import enum
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from seekdeep.errors import ConfigError
-from seekdeep.serve.kv_cache import BlockAllocator
+from seekdeep.serve.kv_cache import BlockAllocator, hash_block
 
 
 class SequenceStatus(enum.Enum):
@@ -42,6 +50,12 @@ class Sequence:
     block_ids: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
     num_preemptions: int = 0
+    # prefix caching: what the KV depends on besides the tokens (model, adapter, images)
+    cache_salt: bytes = b""
+    block_hashes: list[bytes] = field(default_factory=list)  # chained hashes of the full blocks of token_ids
+    num_cached_blocks: int = 0  # leading block_ids already hits or offered to the cache
+    pending_end: int = 0  # blocks [num_cached_blocks, pending_end) are announced as being computed
+    num_cached_tokens: int = 0  # prompt tokens found in the cache at the first admission
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -103,6 +117,17 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._by_id: dict[str, Sequence] = {}
+        self._pending: Counter[bytes] = Counter()  # hashes of blocks running sequences are computing
+        self.prefix_query_tokens = 0  # tokens looked up at admission
+        self.prefix_hit_tokens = 0  # of those, found in the cache
+
+    @property
+    def prefix_caching(self) -> bool:
+        return self.allocator.prefix_caching
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        return self.prefix_hit_tokens / self.prefix_query_tokens if self.prefix_query_tokens else 0.0
 
     # -- queue
     def add(self, seq: Sequence) -> None:
@@ -124,8 +149,7 @@ class Scheduler:
             self.running.remove(seq)
         else:
             self.waiting.remove(seq)
-        self.allocator.free(seq.block_ids)
-        seq.block_ids = []
+        self._release(seq)
         seq.status = SequenceStatus.FINISHED
 
     @property
@@ -139,11 +163,84 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    # -- prefix caching
+    def _block_hash(self, seq: Sequence, idx: int) -> bytes:
+        bs = self.allocator.block_size
+        while len(seq.block_hashes) <= idx:
+            i = len(seq.block_hashes)
+            parent = seq.block_hashes[-1] if i else b""
+            seq.block_hashes.append(hash_block(parent, seq.token_ids[i * bs : (i + 1) * bs], b"" if i else seq.cache_salt))
+        return seq.block_hashes[idx]
+
+    def _cache_computed(self, seq: Sequence) -> None:
+        """Register the sequence's full blocks whose tokens are all computed."""
+        if not self.prefix_caching:
+            return
+        full = min(seq.num_computed // self.allocator.block_size, len(seq.block_ids))
+        for i in range(seq.num_cached_blocks, full):
+            h = self._block_hash(seq, i)
+            self.allocator.register(seq.block_ids[i], h)
+            if i < seq.pending_end:
+                self._unpend(h)
+        seq.num_cached_blocks = max(seq.num_cached_blocks, full)
+
+    def _unpend(self, h: bytes) -> None:
+        self._pending[h] -= 1
+        if self._pending[h] <= 0:
+            del self._pending[h]
+
+    def _release(self, seq: Sequence) -> None:
+        """Offer the computed blocks to the cache, withdraw announcements, drop the references."""
+        self._cache_computed(seq)
+        for i in range(seq.num_cached_blocks, seq.pending_end):
+            self._unpend(seq.block_hashes[i])
+        seq.pending_end = 0
+        self.allocator.free(seq.block_ids)
+        seq.block_ids = []
+        seq.num_cached_blocks = 0
+
+    def _lookup_prefix(self, seq: Sequence) -> tuple[list[int], bool]:
+        """(cached blocks the sequence can start from, whether to wait for a block in flight)."""
+        if not self.prefix_caching:
+            return [], False
+        hits = []
+        for i in range((seq.num_tokens - 1) // self.allocator.block_size):  # the last token is always computed
+            h = self._block_hash(seq, i)
+            block = self.allocator.lookup(h)
+            if block is None:
+                return hits, h in self._pending
+            hits.append(block)
+        return hits, False
+
+    def _admit(self, seq: Sequence, hits: list[int], budget: int) -> int | None:
+        """Give a waiting sequence its cached prefix ``hits`` and the blocks for its first
+        chunk; the number of tokens it computes this step, or None when memory is short."""
+        bs = self.allocator.block_size
+        num_hit = len(hits) * bs
+        num_new = min(seq.num_tokens - num_hit, budget)
+        need = self.allocator.blocks_for(num_hit + num_new) - len(hits)
+        revived = sum(1 for b in hits if self.allocator.refcount(b) == 0)  # they leave the free pool
+        if need > self.allocator.num_free - revived:
+            return None
+        for b in hits:
+            self.allocator.acquire(b)
+        seq.block_ids = hits + self.allocator.allocate(need)
+        seq.num_computed = num_hit
+        seq.num_cached_blocks = len(hits)
+        if self.prefix_caching:
+            self.prefix_query_tokens += seq.num_tokens
+            self.prefix_hit_tokens += num_hit
+            if seq.num_preemptions == 0:
+                seq.num_cached_tokens = num_hit
+            seq.pending_end = seq.num_tokens // bs  # every full block of what it will compute
+            for i in range(len(hits), seq.pending_end):
+                self._pending[self._block_hash(seq, i)] += 1
+        return num_new
+
     # -- one step
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.allocator.free(seq.block_ids)
-        seq.block_ids = []
+        self._release(seq)
         seq.num_computed = 0
         seq.num_preemptions += 1
         seq.status = SequenceStatus.WAITING
@@ -161,6 +258,8 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         items: list[tuple[Sequence, int]] = []
         preempted: list[Sequence] = []
+        for seq in self.running:  # what the last step computed becomes shareable
+            self._cache_computed(seq)
 
         idx = 0
         while idx < len(self.running) and budget > 0:
@@ -179,16 +278,25 @@ class Scheduler:
             idx += 1
 
         # Admit waiting sequences, unless this step had to preempt (memory is short).
-        while self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs:
-            seq = self.waiting[0]
-            num_new = min(seq.num_uncomputed, budget)
-            if not self._grow(seq, num_new):
+        if preempted:
+            return ScheduledBatch(items, preempted)
+        admitted = []
+        for seq in self.waiting:
+            if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
                 break
-            self.waiting.popleft()
+            hits, wait = self._lookup_prefix(seq)
+            if wait:
+                continue  # its next block is being computed by a running sequence: share it next step
+            num_new = self._admit(seq, hits, budget)
+            if num_new is None:
+                break  # out of blocks: later (smaller) requests must not overtake it for ever
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
+            admitted.append(seq)
             items.append((seq, num_new))
             budget -= num_new
+        for seq in admitted:
+            self.waiting.remove(seq)
         return ScheduledBatch(items, preempted)
 
     def blocks_needed(self, num_tokens: int) -> int:

@@ -515,7 +515,8 @@ def create_app(config: ServerConfig, loader: Callable[[ServerConfig], list[Serve
             return JSONResponse({"status": "loading"}, status_code=503)
         return {"status": "ok", "models": {
             name: {"running": m.engine.num_running, "waiting": m.engine.num_waiting,
-                   "kv_cache_usage": m.engine.kv_cache_usage, "decode_path": m.engine.engine.runner.decode_path}
+                   "kv_cache_usage": m.engine.kv_cache_usage, "decode_path": m.engine.engine.runner.decode_path,
+                   "prefix_cache_hit_rate": m.engine.engine.prefix_cache_hit_rate}
             for name, m in state.models.items()}}
 
     @app.get("/metrics")
@@ -526,6 +527,11 @@ def create_app(config: ServerConfig, loader: Callable[[ServerConfig], list[Serve
             mt.requests_waiting.labels(name).set(m.engine.num_waiting)
             mt.kv_cache_usage.labels(name).set(m.engine.kv_cache_usage)
             mt.preemptions.labels(name).set(m.engine.engine.num_preemptions)
+            sched = m.engine.engine.scheduler
+            mt.prefix_cache_hit_rate.labels(name).set(sched.prefix_hit_rate)
+            mt.prefix_cache_hits.labels(name).set(sched.prefix_hit_tokens)
+            mt.prefix_cache_queries.labels(name).set(sched.prefix_query_tokens)
+            mt.prefix_cache_blocks.labels(name).set(m.engine.engine.allocator.num_cached)
             mt.embedding_cache_size.labels(name).set(len(m.embedding_cache))
         return Response(mt.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 

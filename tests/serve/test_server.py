@@ -195,12 +195,22 @@ def test_other_error_statuses(client, server):
 
 def test_metrics_are_prometheus_text(server, client):
     client.completions.create(model="small", prompt="x", max_tokens=3, temperature=0)
+    # the same 40-token prompt twice: the second request finds its full blocks in the prefix cache
+    long_prompt = list(range(100, 140))
+    first, second = (client.completions.create(model="large", prompt=long_prompt, max_tokens=4, temperature=0)
+                     for _ in range(2))
+    assert first.choices[0].text == second.choices[0].text
     text = httpx.get(f"{server.url}/metrics").text
     for name in ("seekdeep_num_requests_running", "seekdeep_num_requests_waiting", "seekdeep_kv_cache_usage_ratio",
                  "seekdeep_time_to_first_token_seconds_bucket", "seekdeep_time_per_output_token_seconds_bucket",
-                 "seekdeep_generation_tokens_total", "seekdeep_embedding_cache_misses_total"):
+                 "seekdeep_generation_tokens_total", "seekdeep_embedding_cache_misses_total",
+                 "seekdeep_prefix_cache_hit_rate"):
         assert name in text, name
     assert "# TYPE seekdeep_time_to_first_token_seconds histogram" in text
+    hits = [float(line.split()[-1]) for line in text.splitlines()
+            if line.startswith('seekdeep_prefix_cache_hit_tokens{model="large"}')]
+    assert hits and hits[0] >= 32  # 2 full blocks of 16 tokens
+    assert 0 < httpx.get(f"{server.url}/health").json()["models"]["large"]["prefix_cache_hit_rate"] <= 1
 
 
 def test_a_client_that_disconnects_mid_stream_frees_its_kv_blocks(server):

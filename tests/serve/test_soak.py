@@ -12,6 +12,9 @@ import httpx
 import pytest
 
 
+_HEADER = "# shared module header, long enough to fill whole KV blocks of 16 tokens\nimport os\nimport sys\n\n"
+
+
 async def _valid(client: httpx.AsyncClient, rng: random.Random) -> tuple[str, bool]:
     n = rng.randint(1, 12)
     chat = rng.random() < 0.4
@@ -19,8 +22,8 @@ async def _valid(client: httpx.AsyncClient, rng: random.Random) -> tuple[str, bo
     model = rng.choice(["small", "large", "auto"])
     if chat:
         path, body = "/v1/chat/completions", {"model": model, "messages": [{"role": "user", "content": f"item {n}"}]}
-    else:
-        path, body = "/v1/completions", {"model": model, "prompt": f"def f{n}(x):\n"}
+    else:  # a shared header: requests share (and release) prefix-cache blocks all the time
+        path, body = "/v1/completions", {"model": model, "prompt": _HEADER + f"def f{n}(x):\n"}
     body |= {"max_tokens": n, "ignore_eos": True, "temperature": rng.choice([0, 0.7]), "seed": n}
     if not stream:
         r = await client.post(path, json=body)
@@ -97,4 +100,6 @@ def test_soak_server_survives_and_frees_every_block(server):
     assert health["status"] == "ok" and idle, health
     metrics = httpx.get(f"{server.url}/metrics").text
     assert 'seekdeep_kv_cache_usage_ratio{model="small"} 0.0' in metrics
+    # usage 0 with the cache on: every shared block's reference count went back to zero
+    assert all(m["prefix_cache_hit_rate"] > 0 for m in health["models"].values()), health
     assert elapsed < 120
