@@ -90,9 +90,12 @@ class Engine:
     """Continuous-batching generation over a paged KV cache.
 
     ``eos_token_id``: id(s) that end a request (default: the model config's).
+    ``speculative``: a :class:`~seekdeep.serve.speculative.SpeculativeConfig` to draft and
+    verify several tokens per decode step (``draft_model``: the compact drafter for "draft").
     """
 
-    def __init__(self, model, config: EngineConfig | None = None, eos_token_id: int | list[int] | None = None):
+    def __init__(self, model, config: EngineConfig | None = None, eos_token_id: int | list[int] | None = None,
+                 speculative=None, draft_model=None):
         self.config = config = config or EngineConfig()
         self.model = model.eval()
         self.device = next(model.parameters()).device
@@ -115,6 +118,11 @@ class Engine:
             model, self.kv_cache, static_decode=config.static_decode, compile_decode=config.compile_decode,
             compile_backend=config.compile_backend, max_batch=config.max_num_seqs,
         )
+        self.speculator = None
+        if speculative is not None:
+            from seekdeep.serve.speculative import Speculator
+
+            self.speculator = Speculator(self, speculative, draft_model)
         self._requests: dict[str, _Request] = {}
         self.num_preemptions = 0
         # the dataclass repr of the config names the attention backend and its options
@@ -194,6 +202,8 @@ class Engine:
         """Drop a request (queued or running) and free its blocks; False if it is unknown."""
         req = self._requests.pop(request_id, None)
         self.runner.drop_images(request_id)
+        if self.speculator is not None:
+            self.speculator.drop(request_id)
         if req is None:
             return False
         self.scheduler.finish(req.seq)
@@ -230,38 +240,47 @@ class Engine:
         if not batch:
             return []
         self.num_steps += 1
-        logits = self.runner.execute(batch.items)  # (N, V)
+        items, produced = batch.items, []
+        if self.speculator is not None:  # decoding rows draft and verify: several tokens each
+            items, produced = self.speculator.run(items)
+        logits = self.runner.execute(items) if items else None  # (N, V)
         rows, reqs = [], []
-        for i, (seq, n) in enumerate(batch.items):
+        for i, (seq, n) in enumerate(items):
             seq.num_computed += n
             if seq.num_computed == seq.num_tokens:  # the whole sequence is cached: sample its next token
                 rows.append(i)
                 reqs.append(self._requests[seq.seq_id])
-        if not rows:
-            return []
         suppress = [
             sorted(r.stop_ids) if r.seq.num_output < r.params.min_tokens else [] for r in reqs
         ]
-        chosen_logits = logits if len(rows) == len(batch.items) else logits[rows]
-        tokens, logprobs = sample(chosen_logits, [r.sampler for r in reqs], [r.seq.token_ids for r in reqs], suppress)
+        chosen_logits = logits if len(rows) == len(items) else logits[rows]
+        tokens, logprobs = sample(chosen_logits, [r.sampler for r in reqs], [r.seq.token_ids for r in reqs],
+                                  suppress) if rows else ([], [])
         outputs = []
-        for req, token, lp in zip(reqs, tokens, logprobs):
+        singles = [(r, [t], [lp] if lp is not None else []) for r, t, lp in zip(reqs, tokens, logprobs)]
+        for req, new, lps in produced + singles:
             seq = req.seq
-            seq.token_ids.append(token)
             reason = None
-            if token in req.stop_ids and seq.num_output >= req.params.min_tokens:
-                reason = "stop"
-            elif seq.num_output >= req.params.max_tokens or seq.num_tokens >= self.max_model_len:
-                reason = "length"
+            for kept, token in enumerate(new, 1):
+                seq.token_ids.append(token)
+                if token in req.stop_ids and seq.num_output >= req.params.min_tokens:
+                    reason = "stop"
+                elif seq.num_output >= req.params.max_tokens or seq.num_tokens >= self.max_model_len:
+                    reason = "length"
+                if reason is not None:  # a verified row may stop inside its accepted drafts
+                    new, lps = new[:kept], lps[:kept]
+                    seq.num_computed = min(seq.num_computed, seq.num_tokens)
+                    break
             if reason is not None:
                 del self._requests[seq.seq_id]
                 self.runner.drop_images(seq.seq_id)
+                if self.speculator is not None:
+                    self.speculator.drop(seq.seq_id)
                 self.scheduler.finish(seq)
                 if not self._requests:
                     self.runner.release()
             outputs.append(
-                RequestOutput(seq.seq_id, [token], reason is not None, reason, seq.num_prompt, seq.num_output,
-                              [lp] if lp is not None else [])
+                RequestOutput(seq.seq_id, new, reason is not None, reason, seq.num_prompt, seq.num_output, lps)
             )
         return outputs
 
