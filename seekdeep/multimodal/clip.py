@@ -265,11 +265,13 @@ class ClipModel(nn.Module):
         from safetensors import safe_open
 
         from seekdeep.files import read_json
-        from seekdeep.models.loading import resolve_model_dir, weight_files
+        from seekdeep.models.loading import parse_dtype, resolve_model_dir, weight_files
 
         model_dir = resolve_model_dir(path)
         config_path = model_dir / "config.json"
-        config = ClipConfig.from_dict({**read_json(config_path), **overrides}, source=str(config_path))
+        raw = read_json(config_path)
+        dtype = None if dtype is None else parse_dtype(dtype, raw)  # a name ('bfloat16', 'auto') or a torch.dtype
+        config = ClipConfig.from_dict({**raw, **overrides}, source=str(config_path))
         with torch.device("meta"):
             model = cls(config)
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}

@@ -52,6 +52,7 @@ class AlignConfig:
     checkpoint_every: int = 100
     seed: int = 0
     overwrite: bool = False
+    resume: str | None = None  # 'auto' (latest checkpoint in output_dir/checkpoints) or a checkpoint directory
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -151,12 +152,22 @@ def evaluate_retrieval(model: AlignedEncoders, batch, mel: torch.Tensor, tokeniz
     return out
 
 
-def fit_alignment(model: AlignedEncoders, cfg: AlignConfig, train, train_mel: torch.Tensor, on_step=None) -> None:
-    """AdamW on the hub losses; ``on_step(step, record, optimizer)`` after each step."""
+def fit_alignment(model: AlignedEncoders, cfg: AlignConfig, train, train_mel: torch.Tensor, on_step=None,
+                  resume_from=None) -> None:
+    """AdamW on the hub losses; ``on_step(step, record, optimizer)`` after each step.
+    ``resume_from``: a checkpoint of this run; the model and optimizer are restored from it and
+    the batch sampler is replayed to its step, so the rest equals an uninterrupted run."""
+    from seekdeep.train import load_checkpoint
+
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
     g = torch.Generator().manual_seed(cfg.seed)
+    start = 0
+    if resume_from is not None:
+        start = load_checkpoint(resume_from, model, opt).step
+        for _ in range(start):  # the sampler's draws so far: cheaper than storing its state
+            torch.randint(len(train), (cfg.batch_size,), generator=g)
     model.train()
-    for step in range(1, cfg.steps + 1):
+    for step in range(start + 1, cfg.steps + 1):
         idx = torch.randint(len(train), (cfg.batch_size,), generator=g)
         batch = train.subset(idx)
         losses = alignment_loss(model, model.embed(batch, train_mel[idx]), batch.labels, cfg.loss)
@@ -180,9 +191,22 @@ def train_align(cfg: AlignConfig) -> dict[str, Any]:
     from seekdeep.multimodal.fusion import FusionConfig, build_image_audio_model, count_parameters
     from seekdeep.multimodal.robustness import Featurizer, FusionData, noise_curves, normalised_auc, removal_effects, train_fusion
     from seekdeep.recipes.train import MetricsLog
-    from seekdeep.train import prepare_run_dir, publish_dir, save_checkpoint
+    from seekdeep.train import load_checkpoint, prepare_run_dir, publish_dir, resume_checkpoint, save_checkpoint
 
-    out = prepare_run_dir(cfg.output_dir, command="align", overwrite=cfg.overwrite, resumable=False)
+    out = prepare_run_dir(cfg.output_dir, command="align", overwrite=cfg.overwrite, resume=cfg.resume)
+    ckpt_dir = out / "checkpoints"
+    resume_path = resume_checkpoint(cfg.resume, ckpt_dir)
+    start_step = 0
+    if resume_path is not None:  # the run's identity comes from the checkpoint; only the budget may grow
+        saved = load_checkpoint(resume_path, restore_rng=False)
+        config = (saved.extra or {}).get("config")
+        if not isinstance(config, dict):
+            raise ConfigError("resume", f"{resume_path}: not a `seekdeep align` checkpoint (no config in it)")
+        if saved.step > cfg.steps:
+            raise ConfigError("steps", f"the checkpoint is at step {saved.step}; give --steps >= {saved.step} to resume it")
+        cfg = AlignConfig(**{**config, "steps": cfg.steps, "resume": cfg.resume, "progress": cfg.progress,
+                             "output_dir": cfg.output_dir, "overwrite": False})
+        start_step = saved.step
     started = time.time()
     torch.manual_seed(cfg.seed)
     tokenizer = WordTokenizer(caption_words())
@@ -194,17 +218,18 @@ def train_align(cfg: AlignConfig) -> dict[str, Any]:
     model = build_aligned(cfg, len(tokenizer), mel_mean, mel_std, tokenizer)
     untrained = evaluate_retrieval(model, test, test_mel, tokenizer)
 
-    log = MetricsLog(out / "metrics.jsonl", None, use_tensorboard=False)
-    bar = tqdm(total=cfg.steps, desc=f"align ({cfg.loss})", disable=not cfg.progress, dynamic_ncols=True)
+    log = MetricsLog(out / "metrics.jsonl", start_step if resume_path is not None else None, use_tensorboard=False)
+    bar = tqdm(total=cfg.steps, initial=start_step, desc=f"align ({cfg.loss})", disable=not cfg.progress,
+               dynamic_ncols=True)
 
     def on_step(step, record, opt):
         log.write(record)
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.3f}", T=f"{record['temperature']:.3f}")
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            save_checkpoint(out, step, model, opt, extra={"config": cfg.to_dict()})
+            save_checkpoint(ckpt_dir, step, model, opt, extra={"config": cfg.to_dict()})
 
-    fit_alignment(model, cfg, train, train_mel, on_step)
+    fit_alignment(model, cfg, train, train_mel, on_step, resume_from=resume_path)
     bar.close()
     log.close()
     trained = evaluate_retrieval(model, test, test_mel, tokenizer)
@@ -263,6 +288,8 @@ _HELP = {
     "loss": "infonce (symmetric, learnable clamped temperature) or siglip (pairwise sigmoid)",
     "fusion": "image + audio fusion probed under noise: concat, sum, gmu (per-sample alpha) or unified (one shared trunk)",
     "layers": "transformer blocks per tower (the unified fusion trunk has this many, shared)",
+    "resume": "'auto' (latest checkpoint in --output-dir) or a checkpoint directory; the alignment stage continues "
+              "from it (a larger --steps extends it), the fusion stage is retrained",
 }
 
 

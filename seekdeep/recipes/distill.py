@@ -163,6 +163,7 @@ def distill(cfg: DistillRunConfig) -> dict[str, Any]:
     from seekdeep.recipes.train import MetricsLog, apply_phase, evaluate, plot_losses
     from seekdeep.train import (PrecisionPolicy, load_checkpoint, make_scheduler, param_groups, prepare_run_dir,
                                 publish_dir, resume_checkpoint, save_checkpoint)
+    from seekdeep.train.loop import StepEnd, optimizer_step
 
     out = prepare_run_dir(cfg.output_dir, command="distill", overwrite=cfg.overwrite, resume=cfg.resume)
     ckpt_dir = out / "checkpoints"
@@ -214,8 +215,15 @@ def distill(cfg: DistillRunConfig) -> dict[str, Any]:
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
     student.train()
     bar = tqdm(total=cfg.steps, initial=start_step, desc="distill", disable=not cfg.progress, dynamic_ncols=True)
-    started = time.perf_counter()
-    step, stopped_early = start_step, False
+    step = start_step
+
+    def run_eval(at: int) -> None:
+        eval_loss = evaluate(student, heldout, cfg.eval_batches, policy)
+        metrics.write({"kind": "eval", "step": at, "eval_loss": eval_loss, "eval_ppl": math.exp(eval_loss)})
+        bar.write(f"step {at}: student held-out perplexity {math.exp(eval_loss):.2f} (teacher {math.exp(teacher_loss):.2f})")
+
+    end_of_step = StepEnd(steps=cfg.steps, eval_interval=cfg.eval_interval, checkpoint_interval=cfg.checkpoint_interval,
+                          max_time=cfg.max_time, say=bar.write)
     try:
         while step < cfg.steps:
             t0 = time.perf_counter()
@@ -234,33 +242,17 @@ def distill(cfg: DistillRunConfig) -> dict[str, Any]:
                 for key, value in (("loss", losses.ce), ("kl", losses.kl), ("total", losses.total)):
                     parts[key] += float(value.detach()) / cfg.grad_accum
                 scaler.scale(loss / cfg.grad_accum).backward()
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            applied = scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
+            grad_norm, applied = optimizer_step(optimizer, scheduler, scaler, params, cfg.grad_clip)
             step += 1
             dt = time.perf_counter() - t0
             # "loss" is the student's cross-entropy, comparable with the held-out loss on the plot
             metrics.write({"kind": "train", "step": step, **parts, "lr": scheduler.get_last_lr()[0],
-                           "grad_norm": float(grad_norm), "tokens_per_s": tokens_per_step / dt, "applied": bool(applied)})
+                           "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / dt, "applied": applied})
             bar.update(1)
             bar.set_postfix(ce=f"{parts['loss']:.3f}", kl=f"{parts['kl']:.3f}")
-            if not math.isfinite(parts["total"]):
-                raise FloatingPointError(f"loss became {parts['total']} at step {step}; lower --lr or use --precision fp32")
-            out_of_time = cfg.max_time is not None and time.perf_counter() - started > cfg.max_time
-            if step % cfg.eval_interval == 0 and step < cfg.steps and not out_of_time:
-                eval_loss = evaluate(student, heldout, cfg.eval_batches, policy)
-                metrics.write({"kind": "eval", "step": step, "eval_loss": eval_loss, "eval_ppl": math.exp(eval_loss)})
-                bar.write(f"step {step}: student held-out perplexity {math.exp(eval_loss):.2f} "
-                          f"(teacher {math.exp(teacher_loss):.2f})")
-            if step % cfg.checkpoint_interval == 0 or step == cfg.steps or out_of_time:
-                save_checkpoint(ckpt_dir, step, student, optimizer, scheduler, scaler, data_state=windows.state_dict(),
-                                extra={"config": asdict(cfg), "layers": layers}, keep_last=cfg.keep_last)
-            if out_of_time:
-                stopped_early = True
-                bar.write(f"time budget of {cfg.max_time:.0f}s reached at step {step}")
+            if end_of_step(step, parts["total"], evaluate=lambda: run_eval(step), checkpoint=lambda: save_checkpoint(
+                    ckpt_dir, step, student, optimizer, scheduler, scaler, data_state=windows.state_dict(),
+                    extra={"config": asdict(cfg), "layers": layers}, keep_last=cfg.keep_last)):
                 break
         final_loss = evaluate(student, heldout, cfg.eval_batches, policy)
         metrics.write({"kind": "eval", "step": step, "eval_loss": final_loss, "eval_ppl": math.exp(final_loss), "final": True})
@@ -278,11 +270,11 @@ def distill(cfg: DistillRunConfig) -> dict[str, Any]:
         "teacher_layers": teacher.config.num_hidden_layers, "student_layers": len(layers),
         "teacher_parameters": teacher_params, "student_parameters": student_params,
         "parameter_ratio": student_params / teacher_params,
-        "steps": step, "stopped_early": stopped_early,
+        "steps": step, "stopped_early": end_of_step.stopped_early,
         "teacher_loss": teacher_loss, "teacher_ppl": math.exp(teacher_loss),
         "student_init_loss": init_loss, "student_init_ppl": math.exp(init_loss),
         "student_loss": final_loss, "student_ppl": math.exp(final_loss),
-        "train_seconds": time.perf_counter() - started, "model_dir": str(final_dir),
+        "train_seconds": end_of_step.elapsed(), "model_dir": str(final_dir),
         "loss_curve": str(out / "loss.png"), "config": asdict(cfg),
     }
     write_json_atomic(out / "summary.json", summary)

@@ -282,9 +282,10 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     from seekdeep.data import TokenWindows
     from seekdeep.files import write_json_atomic
     from seekdeep.peft.io import copy_into_adapter, read_adapter_weights
-    from seekdeep.recipes.train import MetricsLog, evaluate, plot_losses
+    from seekdeep.recipes.train import MetricsLog, plot_losses
     from seekdeep.train import (PrecisionPolicy, load_checkpoint, make_scheduler, param_groups, prepare_run_dir,
                                 publish_dir, resume_checkpoint, save_checkpoint)
+    from seekdeep.train.loop import StepEnd, optimizer_step
 
     out = prepare_run_dir(cfg.output_dir, command="finetune", overwrite=cfg.overwrite, resume=cfg.resume)
     ckpt_dir = out / "checkpoints"
@@ -312,6 +313,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         model = AutoModelForSequenceClassification.from_pretrained(base_dir, device=device, id2label=data_info["labels"])
         evaluate = HeldoutAccuracy()  # same call as the LM evaluation; keeps each accuracy
     else:
+        from seekdeep.recipes.train import evaluate
+
         model = AutoModel.from_pretrained(base_dir, device=device)
         train_path, heldout_path, data_info = prepare_finetune_data(cfg, tokenizer)
         windows = TokenWindows(train_path, cfg.seq_len, cfg.batch_size, seed=cfg.seed)
@@ -346,8 +349,15 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
     bar = tqdm(total=cfg.steps, initial=start_step, desc="finetune", disable=not cfg.progress, dynamic_ncols=True)
-    started = time.perf_counter()
-    step, stopped_early = start_step, False
+    step = start_step
+
+    def run_eval(at: int) -> None:
+        eval_loss = evaluate(model, heldout, cfg.eval_batches, policy)
+        metrics.write({"kind": "eval", "step": at, "eval_loss": eval_loss, "eval_ppl": math.exp(eval_loss)})
+        bar.write(f"step {at}: held-out perplexity {math.exp(eval_loss):.2f}")
+
+    end_of_step = StepEnd(steps=cfg.steps, eval_interval=cfg.eval_interval, checkpoint_interval=cfg.checkpoint_interval,
+                          max_time=cfg.max_time, say=bar.write)
     try:
         while step < cfg.steps:
             t0 = time.perf_counter()
@@ -358,31 +368,16 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                     loss = (model(**batch) if cfg.task == "classification" else model(batch, labels=batch)).loss
                 total_loss += float(loss.detach()) / cfg.grad_accum
                 scaler.scale(loss / cfg.grad_accum).backward()
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
+            grad_norm, _ = optimizer_step(optimizer, scheduler, scaler, params, cfg.grad_clip)
             step += 1
             dt = time.perf_counter() - t0
             metrics.write({"kind": "train", "step": step, "loss": total_loss, "lr": scheduler.get_last_lr()[0],
-                           "grad_norm": float(grad_norm), "tokens_per_s": cfg.batch_size * cfg.grad_accum * cfg.seq_len / dt})
+                           "grad_norm": grad_norm, "tokens_per_s": cfg.batch_size * cfg.grad_accum * cfg.seq_len / dt})
             bar.update(1)
             bar.set_postfix(loss=f"{total_loss:.3f}")
-            if not math.isfinite(total_loss):
-                raise FloatingPointError(f"loss became {total_loss} at step {step}; lower --lr or use --precision fp32")
-            out_of_time = cfg.max_time is not None and time.perf_counter() - started > cfg.max_time
-            if step % cfg.eval_interval == 0 and step < cfg.steps and not out_of_time:
-                eval_loss = evaluate(model, heldout, cfg.eval_batches, policy)
-                metrics.write({"kind": "eval", "step": step, "eval_loss": eval_loss, "eval_ppl": math.exp(eval_loss)})
-                bar.write(f"step {step}: held-out perplexity {math.exp(eval_loss):.2f}")
-            if step % cfg.checkpoint_interval == 0 or step == cfg.steps or out_of_time:
-                save_checkpoint(ckpt_dir, step, artifact, optimizer, scheduler, scaler, data_state=windows.state_dict(),
-                                extra={"config": asdict(cfg)}, keep_last=cfg.keep_last)
-            if out_of_time:
-                stopped_early = True
-                bar.write(f"time budget of {cfg.max_time:.0f}s reached at step {step}")
+            if end_of_step(step, total_loss, evaluate=lambda: run_eval(step), checkpoint=lambda: save_checkpoint(
+                    ckpt_dir, step, artifact, optimizer, scheduler, scaler, data_state=windows.state_dict(),
+                    extra={"config": asdict(cfg)}, keep_last=cfg.keep_last)):
                 break
     finally:
         bar.close()
@@ -410,13 +405,13 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         artefacts.update({f"grad_flow_{kind}": path for kind, path in flow.save(out).items()})
     plot_losses(metrics.path, out / "loss.png", f"seekdeep finetune: {cfg.method}")
     summary = {
-        "method": cfg.method, "base": str(base_dir), **data_info, "steps": step, "stopped_early": stopped_early,
+        "method": cfg.method, "base": str(base_dir), **data_info, "steps": step, "stopped_early": end_of_step.stopped_early,
         "loss_before": loss_before, "loss_after": loss_after,
         "ppl_before": math.exp(loss_before), "ppl_after": math.exp(loss_after),
         **({"accuracy_before": evaluate.accuracies[0], "accuracy_after": evaluate.accuracies[-1]}
            if cfg.task == "classification" else {}),
         "trainable_parameters": trainable, "total_parameters": total, "trainable_percent": 100 * trainable / total,
-        "train_seconds": time.perf_counter() - started, **artefacts, "loss_curve": str(out / "loss.png"),
+        "train_seconds": end_of_step.elapsed(), **artefacts, "loss_curve": str(out / "loss.png"),
         "config": asdict(cfg),
     }
     write_json_atomic(out / "summary.json", summary)

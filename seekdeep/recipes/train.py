@@ -20,9 +20,9 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -304,6 +304,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     from seekdeep.files import write_json_atomic
     from seekdeep.train import (PrecisionPolicy, latest_checkpoint, load_checkpoint, make_scheduler, param_groups,
                                 prepare_run_dir, publish_dir, resume_checkpoint, save_checkpoint)
+    from seekdeep.train.loop import StepEnd, optimizer_step
 
     # before anything is written: never replace a finished run unless asked (every rank checks,
     # rank 0 alone clears an overwritten run's checkpoints)
@@ -374,9 +375,29 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         sys.stderr)
     (pm or model).train()
     bar = tqdm(total=cfg.steps, initial=start_step, desc="train", disable=not (cfg.progress and main_rank), dynamic_ncols=True)
-    started = time.perf_counter()
-    step, tokens_seen, last_eval = start_step, 0, None
-    stopped_early = False
+    step, tokens_seen = start_step, 0
+
+    def run_eval(at: int, phase: str) -> None:
+        loss = evaluate(pm or model, heldout, cfg.eval_batches, policy)
+        if metrics is not None:
+            metrics.write({"kind": "eval", "step": at, "phase": phase, "eval_loss": loss, "eval_ppl": math.exp(loss)})
+        say(f"step {at}: held-out loss {loss:.4f}, perplexity {math.exp(loss):.2f}")
+
+    def checkpoint(at: int) -> None:
+        if pm is not None:
+            from seekdeep.parallel.checkpoint import save_distributed_checkpoint
+
+            save_distributed_checkpoint(ckpt_dir, at, pm.parts, optimizer, scheduler, scaler,
+                                        data_state=windows.state_dict(), extra={"config": asdict(cfg)},
+                                        keep_last=cfg.keep_last)
+        else:
+            save_checkpoint(ckpt_dir, at, model, optimizer, scheduler, scaler, data_state=windows.state_dict(),
+                            extra={"config": asdict(cfg)}, keep_last=cfg.keep_last)
+
+    # under torchrun every rank stops at the same step
+    end_of_step = StepEnd(steps=cfg.steps, eval_interval=cfg.eval_interval, checkpoint_interval=cfg.checkpoint_interval,
+                          max_time=cfg.max_time, say=say,
+                          agree=(lambda out_of_time: bool(run.mean(float(out_of_time)) > 0)) if run is not None else None)
     try:
         while step < cfg.steps:
             phase = cfg.phase(step)
@@ -406,16 +427,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     aux_total += float(output.aux_loss.detach()) / cfg.grad_accum
                 lm_total += float(output.loss.detach()) / cfg.grad_accum
                 scaler.scale(loss / cfg.grad_accum).backward()
-            scaler.unscale_(optimizer)
+            grad_norm, applied = optimizer_step(optimizer, scheduler, scaler, all_params, cfg.grad_clip,
+                                                clip=pm.clip_grad_norm_ if pm is not None else None)
             if pm is not None:
-                grad_norm = pm.clip_grad_norm_(cfg.grad_clip)
                 lm_total, aux_total = run.mean(lm_total), run.mean(aux_total)  # the global batch's losses
-            else:
-                grad_norm = torch.nn.utils.clip_grad_norm_([p for p in all_params if p.grad is not None], cfg.grad_clip)
-            applied = scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
             step += 1
             dt = time.perf_counter() - t0
             tokens_seen += cfg.tokens_per_step
@@ -426,29 +441,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 metrics.write(record)
             bar.update(1)
             bar.set_postfix(loss=f"{lm_total:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", phase=phase)
-            if not math.isfinite(lm_total):
-                raise FloatingPointError(f"loss became {lm_total} at step {step}; lower --lr or use --precision fp32")
-            out_of_time = cfg.max_time is not None and time.perf_counter() - started > cfg.max_time
-            if step % cfg.eval_interval == 0 and step < cfg.steps and not out_of_time:
-                last_eval = evaluate(pm or model, heldout, cfg.eval_batches, policy)
-                if metrics is not None:
-                    metrics.write({"kind": "eval", "step": step, "phase": phase, "eval_loss": last_eval, "eval_ppl": math.exp(last_eval)})
-                say(f"step {step}: held-out loss {last_eval:.4f}, perplexity {math.exp(last_eval):.2f}")
-            if run is not None:
-                out_of_time = bool(run.mean(float(out_of_time)) > 0)  # every rank stops at the same step
-            if step % cfg.checkpoint_interval == 0 or step == cfg.steps or out_of_time:
-                if pm is not None:
-                    from seekdeep.parallel.checkpoint import save_distributed_checkpoint
-
-                    save_distributed_checkpoint(ckpt_dir, step, pm.parts, optimizer, scheduler, scaler,
-                                                data_state=windows.state_dict(), extra={"config": asdict(cfg)},
-                                                keep_last=cfg.keep_last)
-                else:
-                    save_checkpoint(ckpt_dir, step, model, optimizer, scheduler, scaler, data_state=windows.state_dict(),
-                                    extra={"config": asdict(cfg)}, keep_last=cfg.keep_last)
-            if out_of_time:
-                stopped_early = True
-                say(f"time budget of {cfg.max_time:.0f}s reached at step {step}")
+            if end_of_step(step, lm_total, evaluate=lambda: run_eval(step, phase), checkpoint=lambda: checkpoint(step)):
                 break
     finally:
         bar.close()
@@ -480,11 +473,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         plot_losses(metrics_path, out / "loss.png", f"seekdeep train: {cfg.preset}, {cfg.attention_backend}")
     summary = {
         "steps": step,
-        "stopped_early": stopped_early,
+        "stopped_early": end_of_step.stopped_early,
         "heldout_loss": final_loss,
         "heldout_ppl": math.exp(final_loss),
         "parameters": n_params,
-        "train_seconds": time.perf_counter() - started,
+        "train_seconds": end_of_step.elapsed(),
         "tokens_seen": tokens_seen,
         "model_dir": str(final_dir),
         "loss_curve": str(out / "loss.png"),

@@ -1,8 +1,10 @@
-"""Training components: precision policy and loss scaling, parameter groups, the LR schedule
-and crash-safe checkpoints. Recipes own the loop and combine these."""
+"""Training components: precision policy and loss scaling, parameter groups, the LR schedule,
+crash-safe checkpoints, run directories and the shared end of a step. Recipes own their
+forward / loss code and combine these."""
 
 from seekdeep.train.checkpoint import TrainingState, latest_checkpoint, load_checkpoint, resume_checkpoint, save_checkpoint
 from seekdeep.train.evaluation import mean_loss
+from seekdeep.train.loop import StepEnd, optimizer_step
 from seekdeep.train.precision import (
     DEFAULT_FP32_PATTERNS,
     DynamicLossScaler,
@@ -20,12 +22,14 @@ __all__ = [
     "PrecisionPolicy",
     "RunDirectoryError",
     "StaticLossScaler",
+    "StepEnd",
     "TrainingState",
     "cast_model_for_training",
     "latest_checkpoint",
     "load_checkpoint",
     "make_scheduler",
     "mean_loss",
+    "optimizer_step",
     "param_groups",
     "prepare_run_dir",
     "publish_dir",

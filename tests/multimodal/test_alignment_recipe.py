@@ -63,3 +63,21 @@ def test_align_end_to_end(tmp_path):
 
     with pytest.raises(RunDirectoryError):
         train_align(cfg)
+
+
+@pytest.mark.slow
+def test_align_resume_equals_an_uninterrupted_run(tmp_path):
+    from safetensors.torch import load_file
+
+    common = dict(fusion_steps=1, batch_size=16, checkpoint_every=2, max_samples=60, progress=False, layers=1,
+                  hidden_size=16, projection_dim=16)
+    train_align(AlignConfig(output_dir=str(tmp_path / "whole"), steps=4, **common))
+    train_align(AlignConfig(output_dir=str(tmp_path / "split"), steps=2, **common))
+    with pytest.raises(Exception, match="--steps >= 2"):  # a budget below the checkpoint cannot resume it
+        train_align(AlignConfig(output_dir=str(tmp_path / "split"), steps=1, resume="auto", **common))
+    summary = train_align(AlignConfig(output_dir=str(tmp_path / "split"), steps=4, resume="auto", **common))
+    whole, split = (load_file(str(tmp_path / d / "final" / "model.safetensors")) for d in ("whole", "split"))
+    for key in whole:
+        torch.testing.assert_close(split[key], whole[key], atol=0, rtol=0, msg=key)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4] and summary["config"]["steps"] == 4
