@@ -15,7 +15,7 @@ from seekdeep.validate import MAX_SEED, check_device, check_float, check_int
 METHODS = ("lora", "full")
 PRECISIONS = ("fp32", "bf16", "fp16")
 ALGORITHMS = ("grpo", "dpo")
-REWARDS = ("parse", "length", "doctest")
+REWARDS = ("parse", "prefix", "length", "doctest")
 #: longest example / prompt + completion the recipes accept, in tokens
 MAX_TOKENS = 1 << 16
 MAX_BATCH = 1 << 12
@@ -66,7 +66,8 @@ class SFTConfig(_Serialisable):
     data: str | None = None  # JSONL of {"messages": [...]} or {"prompt", "completion"}; None: stdlib function bodies
     method: str = "lora"
     lora: str = "r=16,alpha=32,targets=all-linear"
-    seq_len: int = 384  # longest example in tokens; longer ones are dropped (and counted)
+    seq_len: int = 384  # longest example in tokens; longer ones are dropped (and counted); packed: the row length
+    pack: bool = False  # lay conversations end to end in rows of seq_len tokens (block-diagonal mask: none sees another)
     max_examples: int | None = None  # cap on training examples (None: all)
     max_body_lines: int = 12  # default data: longest function body used
     batch_size: int = 8
@@ -125,8 +126,8 @@ class RLConfig(_Serialisable):
     kl_beta: float = 0.04
     dpo_beta: float = 0.1
     dpo_pairs: int = 32  # dpo with no data: pairs built from the policy's own best / worst samples
-    rewards: str = "parse,length,doctest"
-    length_budget: int = 48  # tokens; the length reward falls off past it
+    rewards: str = "parse,prefix,length,doctest"
+    length_budget: int = 32  # tokens; the length reward falls off past it, to 0 at twice it (= max_new_tokens)
     doctest_timeout: float = 2.0  # seconds per sandboxed doctest run
     max_prompt_tokens: int = 320
     max_body_lines: int = 12

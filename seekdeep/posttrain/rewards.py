@@ -2,8 +2,11 @@
 when the reward does not apply to that prompt), combined by :class:`RewardSet`.
 
 The embedded defaults are verifiable on the corpus: the completion parses as Python under its
-function's header (``ast.parse``), stays within a length budget, and — for functions whose
-docstring carries doctests — passes them in the sandbox (``seekdeep.posttrain.sandbox``).
+function's header (``ast.parse``; ``prefix`` gives partial credit for the longest leading run
+of lines that parses, so a body with one bad line late in it is not scored like noise),
+stays within a length budget (a completion cut off at ``max_new_tokens`` never parses), and
+— for functions whose docstring carries doctests — passes them in the sandbox
+(``seekdeep.posttrain.sandbox``).
 A reward that raises or returns a non-number is reported with the prompt and its sample is
 skipped (counted in ``RewardSet.events``); the run goes on.
 """
@@ -55,6 +58,25 @@ def parse_reward(prompt: RLPrompt, completion: str) -> float:
     except (SyntaxError, ValueError):
         return 0.0
     return 1.0
+
+
+def prefix_reward(prompt: RLPrompt, completion: str) -> float:
+    """Share of the completion's lines that form the longest leading run that parses (under
+    the header, or as a module): 1.0 when it all parses, 0.0 when not even its first line does.
+    Graded, for a denser signal than :func:`parse_reward`; the metric reported stays the
+    binary parse rate."""
+    lines = completion.strip("\n").splitlines()
+    if not completion.strip():
+        return 0.0
+    for keep in range(len(lines), 0, -1):
+        if not lines[keep - 1].strip():
+            continue  # a blank last line adds nothing: the shorter prefix is tried as itself
+        try:
+            _parse(_source(prompt, "\n".join(lines[:keep])))
+        except (SyntaxError, ValueError):
+            continue
+        return keep / len(lines)
+    return 0.0
 
 
 class LengthReward:
@@ -135,7 +157,8 @@ class RewardSet:
 
 
 def default_rewards(names: list[str], tokenizer, length_budget: int, doctest_timeout: float) -> RewardSet:
-    """The embedded rewards named in ``names`` (parse 1.0, length 0.5, doctest 1.0)."""
-    table = {"parse": (parse_reward, 1.0), "length": (LengthReward(tokenizer, length_budget), 0.5),
+    """The embedded rewards named in ``names`` (parse 1.0, prefix 0.5, length 0.5, doctest 1.0)."""
+    table = {"parse": (parse_reward, 1.0), "prefix": (prefix_reward, 0.5),
+             "length": (LengthReward(tokenizer, length_budget), 0.5),
              "doctest": (DoctestReward(doctest_timeout), 1.0)}
     return RewardSet({name: table[name] for name in names})

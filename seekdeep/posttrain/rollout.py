@@ -4,7 +4,6 @@ a policy on a prompt set (parse rate, doctest pass rate, length)."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,9 +131,10 @@ def evaluate_policy(model, tokenizer, prompts: list[RLPrompt], samples: int, max
             "sandbox": dict(doctest.events)}
 
 
-def write_samples(path: Path, prompts: list[RLPrompt], rollout: Rollout, rewards: list) -> None:
-    """A readable record of what was sampled (JSONL), for looking at the policy's answers."""
+def write_samples(log, step: int, prompts: list[RLPrompt], rollout: Rollout, rewards: list) -> None:
+    """A readable record of what was sampled at ``step``, for looking at the policy's answers.
+    ``log``: a ``MetricsLog`` on samples.jsonl, which on resume drops the lines of the steps
+    that are redone, so the file reads as one uninterrupted run."""
     group = len(rollout.texts) // max(len(prompts), 1)
-    with open(path, "a", encoding="utf-8") as f:
-        for i, text in enumerate(rollout.texts):
-            f.write(json.dumps({"prompt": prompts[i // group].name, "completion": text, "reward": rewards[i]}) + "\n")
+    for i, text in enumerate(rollout.texts):
+        log.write({"step": step, "prompt": prompts[i // group].name, "completion": text, "reward": rewards[i]})

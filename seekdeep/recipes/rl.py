@@ -55,7 +55,9 @@ def _sequence_logprobs(model, ids, attention, completion_mask, prompt_width):
 
 def _pairs(cfg: RLConfig, model, tokenizer, prompts, rewards) -> list[dict[str, str]]:
     """DPO pairs: the data's, or for each default prompt the best and worst of a sampled group
-    (when their rewards differ), sampled from the starting policy before training."""
+    (when their rewards differ), sampled from the starting policy before training. The sampling
+    budget is GRPO's for the same run: at most ``steps`` rounds of ``batch_size`` prompts x
+    ``group_size`` completions (fewer when ``dpo_pairs`` pairs are found sooner)."""
     from seekdeep.posttrain.chat import read_jsonl
     from seekdeep.posttrain.rollout import sample
 
@@ -68,7 +70,7 @@ def _pairs(cfg: RLConfig, model, tokenizer, prompts, rewards) -> list[dict[str, 
         return pairs
     pairs, round_ = [], 0
     pool = list(prompts)
-    while len(pairs) < cfg.dpo_pairs and round_ * cfg.batch_size < 4 * len(pool):
+    while len(pairs) < cfg.dpo_pairs and round_ < cfg.steps:
         chunk = _pick(pool, cfg.batch_size, cfg, -1 - round_)
         rollout = sample(model, tokenizer, chunk, cfg.group_size, cfg.max_new_tokens, cfg.temperature, cfg.top_k,
                          seed=_seed(cfg, -1 - round_))
@@ -192,8 +194,7 @@ def rl(cfg: RLConfig, extra_rewards: dict[str, tuple[Any, float]] | None = None)
 
     artifact = checkpoint_artifact(model, cfg.method)
     metrics = MetricsLog(out / "metrics.jsonl", start_step if resume_path is not None else None)
-    if resume_path is None:
-        (out / "samples.jsonl").write_text("")
+    samples = MetricsLog(out / "samples.jsonl", start_step if resume_path is not None else None, use_tensorboard=False)
     what = f"{len(prompts)} prompts" if cfg.algorithm == "grpo" else f"{len(pairs)} preference pairs"
     print(f"{cfg.algorithm} on {base_dir} ({cfg.method}, {what}): {trainable:,d} of {total:,d} parameters trainable",
           file=sys.stderr)
@@ -247,7 +248,7 @@ def rl(cfg: RLConfig, extra_rewards: dict[str, tuple[Any, float]] | None = None)
                                "length": float(rollout.lengths.float().mean()), "loss": loss_total,
                                "skipped": int(torch.isnan(values).sum()), "sample_seconds": sample_s,
                                "sample_tokens_per_s": float(rollout.lengths.sum()) / sample_s})
-                write_samples(out / "samples.jsonl", chunk, rollout, values.tolist())
+                write_samples(samples, step + 1, chunk, rollout, values.tolist())
                 postfix = {"reward": f"{record['reward']:.3f}", "kl": f"{kl_total:.4f}", "len": f"{record['length']:.1f}"}
             else:
                 batch = _pick(pairs, cfg.batch_size, cfg, step)
@@ -290,6 +291,7 @@ def rl(cfg: RLConfig, extra_rewards: dict[str, tuple[Any, float]] | None = None)
     finally:
         bar.close()
         metrics.close()
+        samples.close()
 
     model.eval()
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]

@@ -6,8 +6,9 @@ the base tokenizer's chat template (seekdeep tokenizers carry ``DEFAULT_CHAT_TEM
 20th conversation is held out for the evaluation loss. With no data: "write the body of this
 function" tasks cut from the standard library, training on the default corpus split's
 training modules and evaluating on its held-out modules. Batches are padded and grouped by
-length rather than packed (see ``seekdeep.posttrain.chat``: the attention backends have no
-block-diagonal mask). LoRA (merged into ``final/`` at the end) or full fine-tuning;
+length, or packed with ``--pack`` (rows of ``--seq-len`` tokens, a block-diagonal causal mask
+so no conversation sees another; dense attention backends only). LoRA (merged into ``final/``
+at the end) or full fine-tuning;
 checkpoints, ``--resume auto`` and the run-directory rule as the other recipes.
 """
 
@@ -27,7 +28,7 @@ from tqdm import tqdm
 from seekdeep.errors import CheckpointError
 from seekdeep.posttrain.config import SFTConfig
 
-SFT_BASE_STEPS = 150
+SFT_BASE_STEPS = 300
 
 
 def sft_records(cfg: SFTConfig) -> tuple[list, list, dict[str, Any]]:
@@ -91,7 +92,7 @@ def sft(cfg: SFTConfig) -> dict[str, Any]:
     train_examples, train_counts = render_records(tokenizer, train_records, cfg.seq_len)
     heldout_examples, heldout_counts = render_records(tokenizer, heldout_records, cfg.seq_len)
     data_info.update({"train": train_counts, "heldout": heldout_counts})
-    batches = ChatBatches(train_examples, cfg.batch_size, pad_id, seed=cfg.seed)
+    batches = ChatBatches(train_examples, cfg.batch_size, pad_id, seed=cfg.seed, pack_len=cfg.seq_len if cfg.pack else None)
 
     def heldout_loss() -> float:
         return assistant_loss(model, eval_batches(heldout_examples, cfg.batch_size, pad_id, cfg.eval_batches), policy)
@@ -122,9 +123,9 @@ def sft(cfg: SFTConfig) -> dict[str, Any]:
             t0 = time.perf_counter()
             total_loss, tokens = 0.0, 0
             for _ in range(cfg.grad_accum):
-                ids, mask, labels = (t.to(device) for t in batches.next_batch())
+                ids, mask, labels, *docs = (t.to(device) for t in batches.next_batch())  # docs: [document_ids] when packed
                 with policy.autocast():
-                    loss = model(ids, attention_mask=mask, labels=labels).loss
+                    loss = model(ids, attention_mask=mask, labels=labels, document_ids=docs[0] if docs else None).loss
                 total_loss += float(loss.detach()) / cfg.grad_accum
                 tokens += int(mask.sum())
                 scaler.scale(loss / cfg.grad_accum).backward()
@@ -177,7 +178,9 @@ def sft(cfg: SFTConfig) -> dict[str, Any]:
 
 def default_sft_model(progress: bool = True, steps: int = SFT_BASE_STEPS) -> Path:
     """``runs/sft/final`` when ``seekdeep sft`` made it; else the default base instruction-tuned
-    once on the default data into ``$SEEKDEEP_HOME/sft-default/final``."""
+    once on the default data into ``$SEEKDEEP_HOME/sft-default/final``: full fine-tuning (the
+    default base is tiny: a LoRA of it learned too little to write a body that parses) on
+    bodies of up to 3 lines with prompts of up to 160 tokens."""
     from seekdeep.recipes.finetune import seekdeep_home
 
     made = Path("runs/sft/final")
@@ -188,7 +191,8 @@ def default_sft_model(progress: bool = True, steps: int = SFT_BASE_STEPS) -> Pat
         return out / "final"
     print(f"no policy given and no {made}: instruction-tuning the default model into {out} ({steps} steps, once)",
           file=sys.stderr)
-    sft(SFTConfig(steps=steps, output_dir=str(out), progress=progress, resume="auto"))
+    sft(SFTConfig(steps=steps, method="full", lr=1e-3, max_body_lines=3, seq_len=160, output_dir=str(out),
+                  progress=progress, resume="auto"))
     return out / "final"
 
 
@@ -209,7 +213,8 @@ _HELP = {
             "default: write-the-body tasks from the standard library",
     "method": "lora (merged into final/ at the end) or full",
     "lora": "LoRA settings as for `seekdeep finetune --lora`",
-    "seq_len": "longest conversation in tokens; longer ones are dropped and counted",
+    "seq_len": "longest conversation in tokens; longer ones are dropped and counted (with --pack: the row length)",
+    "pack": "pack conversations end to end in rows of --seq-len tokens, none attending to another (dense attention only)",
     "resume": "'auto' (latest checkpoint in --output-dir) or a checkpoint directory",
 }
 
