@@ -11,6 +11,7 @@ line per result (mean and std over seeds; anchors measured in the same run).
 - unified vs separate towers: parameters and clean accuracy.
 
     .venv/bin/python benchmarks/multimodal_alignment.py --seeds 3 --align-steps 150 --fusion-steps 150
+    .venv/bin/python benchmarks/multimodal_alignment.py --parts align --objectives contrastive contrastive,distill,missing
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ def main() -> None:
     parser.add_argument("--fusion-steps", type=int, default=150)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--parts", default="align,fusion", help="comma-separated: align, fusion")
+    parser.add_argument("--objectives", nargs="+", default=["contrastive"],
+                        help="alignment objective sets to compare, e.g. contrastive contrastive,distill,missing; "
+                             "each set beyond contrastive is anchored on the contrastive run of the same seeds")
     parser.add_argument("--fusion-audio-snr", type=float, default=-8.0,
                         help="extra white noise (dB SNR) on the fusion task's audio: at the data's own -4..10 dB the audio "
                              "alone is ~99%% accurate and a fusion model can ignore the image")
@@ -62,31 +66,39 @@ def main() -> None:
     mean, std = train_mel.mean(dim=(0, 2)), train_mel.std(dim=(0, 2)).clamp_min(1e-3)
 
     # -- retrieval
-    rows: dict[tuple[str, str, str], list[float]] = {}
+    rows: dict[tuple[str, str, str, str], list[float]] = {}
     chance = None
     started = time.time()
-    for seed in range(args.seeds if "align" in args.parts else 0):
-        torch.manual_seed(seed)
-        cfg = AlignConfig(steps=args.align_steps, seed=seed, progress=False)
-        model = build_aligned(cfg, len(tokenizer), mean, std, tokenizer)
-        before = evaluate_retrieval(model, test, test_mel, tokenizer)
-        fit_alignment(model, cfg, train, train_mel)
-        after = evaluate_retrieval(model, test, test_mel, tokenizer)
-        chance = after["chance"]
-        for name, result in (("trained", after), ("untrained", before)):
-            for group in ("text_image", "audio_text_zero_shot"):
-                for direction, m in result[group].items():
-                    for metric in ("mAP@10", "R@1", "R@5", "R@10"):
-                        rows.setdefault((direction, metric, name), []).append(m[metric])
-            for k, v in result["zero_shot_classification"].items():
-                rows.setdefault((f"zero_shot_{k}", "accuracy", name), []).append(v)
-        print(f"# alignment seed {seed} done ({time.time() - started:.0f} s)", file=sys.stderr, flush=True)
-    for (direction, metric, name), values in sorted(rows.items()):
+    for objectives in args.objectives:
+        for seed in range(args.seeds if "align" in args.parts else 0):
+            torch.manual_seed(seed)
+            cfg = AlignConfig(steps=args.align_steps, seed=seed, progress=False, objectives=objectives)
+            model = build_aligned(cfg, len(tokenizer), mean, std, tokenizer)
+            before = evaluate_retrieval(model, test, test_mel, tokenizer)
+            fit_alignment(model, cfg, train, train_mel)
+            after = evaluate_retrieval(model, test, test_mel, tokenizer)
+            chance = after["chance"]
+            for name, result in (("trained", after), ("untrained", before)):
+                for group in ("text_image", "audio_text_zero_shot", "text_to_predicted_image"):
+                    for direction, m in result.get(group, {}).items():
+                        for metric in ("mAP@10", "R@1", "R@5", "R@10"):
+                            key = f"{direction}_from_audio" if group == "text_to_predicted_image" else direction
+                            rows.setdefault((objectives, key, metric, name), []).append(m[metric])
+                for k, v in result["zero_shot_classification"].items():
+                    rows.setdefault((objectives, f"zero_shot_{k}", "accuracy", name), []).append(v)
+            print(f"# alignment [{objectives}] seed {seed} done ({time.time() - started:.0f} s)", file=sys.stderr, flush=True)
+    for (objectives, direction, metric, name), values in sorted(rows.items()):
         if name != "trained":
             continue
         mean_v, std_v = stats(values)
-        base_mean, base_std = stats(rows[(direction, metric, "untrained")])
-        emit(f"align/{direction}/{metric}", mean_v, "fraction", base_mean, "untrained projections (same init)", device, std=std_v,
+        plain = ("contrastive", direction, metric, "trained")
+        if objectives != "contrastive" and plain in rows:  # the same seeds with the hub losses alone
+            base, anchor = rows[plain], "contrastive objective only (same seeds)"
+        else:
+            base, anchor = rows[(objectives, direction, metric, "untrained")], "untrained projections (same init)"
+        base_mean, base_std = stats(base)
+        prefix = "align" if objectives == "contrastive" else f"align[{objectives}]"
+        emit(f"{prefix}/{direction}/{metric}", mean_v, "fraction", base_mean, anchor, device, std=std_v,
              anchor_std=base_std, chance=(chance.get(metric) if metric in chance else 0.1), **common)
 
     if "fusion" not in args.parts:

@@ -31,6 +31,9 @@ from seekdeep.errors import ConfigError
 from seekdeep.validate import MAX_SEED, check_float, check_int
 
 LOSSES = ("infonce", "siglip")
+#: objectives of the alignment stage; "contrastive" (the hub losses) is always on, the others join
+#: after the first third of the steps (progressive alignment) once the hub space has formed
+OBJECTIVES = ("contrastive", "distill", "missing")
 FUSION_CHOICES = ("concat", "sum", "gmu", "unified")
 
 
@@ -41,6 +44,10 @@ class AlignConfig:
     batch_size: int = 64
     lr: float = 3e-3
     loss: str = "infonce"
+    # contrastive[,distill][,missing]: distill = the audio~image similarity matrix learns the image
+    # tower's own image~image one (soft relations, not only pairs); missing = predictors of the hub
+    # (image) embedding from text and from audio, for inputs that come without an image
+    objectives: str = "contrastive"
     hidden_size: int = 32
     layers: int = 1
     projection_dim: int = 32
@@ -71,6 +78,10 @@ class AlignConfig:
             raise ConfigError("hidden_size", f"got {self.hidden_size}; accepted: a multiple of the 4 attention heads")
         if self.loss not in LOSSES:
             raise ConfigError("loss", f"unknown {self.loss!r}; accepted: {', '.join(LOSSES)}")
+        names = [x.strip() for x in self.objectives.split(",") if x.strip()] if isinstance(self.objectives, str) else None
+        if not names or any(x not in OBJECTIVES for x in names) or "contrastive" not in names:
+            raise ConfigError("objectives", f"got {self.objectives!r}; accepted: a comma list of {', '.join(OBJECTIVES)} "
+                              "that includes contrastive")
         if self.fusion not in FUSION_CHOICES:
             raise ConfigError("fusion", f"unknown {self.fusion!r}; accepted: {', '.join(FUSION_CHOICES)}")
 
@@ -85,10 +96,15 @@ class AlignConfig:
 class AlignedEncoders(torch.nn.Module):
     """CLIP (text + image) and the audio encoder, one embedding space; image is the hub."""
 
-    def __init__(self, clip, audio):
+    def __init__(self, clip, audio, predictors: bool = False):
         super().__init__()
         self.clip, self.audio = clip, audio
         self.logit_bias = torch.nn.Parameter(torch.tensor(-10.0))  # SigLIP only
+        if predictors:  # the missing-modality objective: text -> image and audio -> image embeddings
+            from seekdeep.multimodal.alignment import ModalityPredictor
+
+            dim = clip.config.projection_dim
+            self.predict = torch.nn.ModuleDict({"text": ModalityPredictor(dim), "audio": ModalityPredictor(dim)})
 
     def embed(self, batch, mel: torch.Tensor) -> dict[str, torch.Tensor]:
         out = self.clip(input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values)
@@ -118,16 +134,29 @@ def build_aligned(cfg: AlignConfig, vocab_size: int, mel_mean: torch.Tensor, mel
     with torch.no_grad():
         audio.feature_mean.copy_(mel_mean)
         audio.feature_std.copy_(mel_std)
-    return AlignedEncoders(clip, audio)
+    return AlignedEncoders(clip, audio, predictors="missing" in cfg.objectives)
 
 
-def alignment_loss(model: AlignedEncoders, emb: dict[str, torch.Tensor], labels: torch.Tensor, loss: str) -> dict[str, torch.Tensor]:
-    from seekdeep.multimodal.alignment import hub_binding_loss, siglip_loss
+def alignment_loss(model: AlignedEncoders, emb: dict[str, torch.Tensor], labels: torch.Tensor, loss: str,
+                   objectives: tuple[str, ...] = ("contrastive",)) -> dict[str, torch.Tensor]:
+    """The hub losses (text~image, audio~image; audio and text never meet), plus ``distill``
+    (audio~image similarities taught by the image tower's image~image ones, the teacher side
+    detached) and ``missing`` (1 - cosine of each predicted hub embedding to the real one)."""
+    from seekdeep.multimodal.alignment import hub_binding_loss, siglip_loss, similarity_distillation
 
     positives = labels[:, None] == labels[None, :]  # same digit: multi-positive
     if loss == "infonce":
-        return hub_binding_loss(emb, model.scale(), hub="image", positives=positives)
-    return {f"{m}~image": siglip_loss(emb[m], emb["image"], model.scale(), model.logit_bias, positives) for m in ("text", "audio")}
+        out = hub_binding_loss(emb, model.scale(), hub="image", positives=positives)
+    else:
+        out = {f"{m}~image": siglip_loss(emb[m], emb["image"], model.scale(), model.logit_bias, positives)
+               for m in ("text", "audio")}
+    if "distill" in objectives:
+        image = emb["image"].detach()
+        out["distill"] = similarity_distillation(emb["audio"], emb["image"], image, image)
+    if "missing" in objectives:
+        for m, predictor in model.predict.items():
+            out[f"missing:{m}->image"] = predictor.loss(emb[m].detach(), emb["image"])
+    return out
 
 
 @torch.no_grad()
@@ -148,6 +177,10 @@ def evaluate_retrieval(model: AlignedEncoders, batch, mel: torch.Tensor, tokeniz
                                      "audio_via_hub": zero_shot_accuracy(emb["audio"], class_text, batch.labels)},
         "chance": chance_metrics(pos),
     }
+    if hasattr(model, "predict"):  # the image left out: its embedding predicted from the audio clip
+        predicted = F.normalize(model.predict["audio"](emb["audio"]), dim=-1)
+        out["text_to_predicted_image"] = bidirectional_metrics(emb["text"] @ predicted.t(), pos,
+                                                               names=("text_to_image", "image_to_text"))
     model.train()
     return out
 
@@ -167,10 +200,12 @@ def fit_alignment(model: AlignedEncoders, cfg: AlignConfig, train, train_mel: to
         for _ in range(start):  # the sampler's draws so far: cheaper than storing its state
             torch.randint(len(train), (cfg.batch_size,), generator=g)
     model.train()
+    extra = tuple(x.strip() for x in cfg.objectives.split(",") if x.strip() != "contrastive")
     for step in range(start + 1, cfg.steps + 1):
         idx = torch.randint(len(train), (cfg.batch_size,), generator=g)
         batch = train.subset(idx)
-        losses = alignment_loss(model, model.embed(batch, train_mel[idx]), batch.labels, cfg.loss)
+        on = ("contrastive", *extra) if step > cfg.steps // 3 else ("contrastive",)  # progressive
+        losses = alignment_loss(model, model.embed(batch, train_mel[idx]), batch.labels, cfg.loss, on)
         loss = sum(losses.values())
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -254,6 +289,12 @@ def train_align(cfg: AlignConfig) -> dict[str, Any]:
         tokenizer.save_pretrained(tmp)
         image_processor(cfg.image_size).save_pretrained(tmp)
         save_audio_encoder(model.audio, tmp / "audio")
+        if hasattr(model, "predict"):
+            from safetensors.torch import save_file
+
+            (tmp / "predictors").mkdir()
+            save_file({k: v.contiguous() for k, v in model.predict.state_dict().items()},
+                      str(tmp / "predictors" / "model.safetensors"))
         (tmp / "fusion").mkdir()
         from safetensors.torch import save_file
 
@@ -286,6 +327,9 @@ def format_table(retrieval: dict[str, Any]) -> str:
 _HELP = {
     "output_dir": "run directory (checkpoints, metrics.jsonl, retrieval.json, dashboard.html/png, final/, summary.json)",
     "loss": "infonce (symmetric, learnable clamped temperature) or siglip (pairwise sigmoid)",
+    "objectives": "contrastive[,distill][,missing]: the extra ones join after the first third of the steps "
+                  "(distill: audio~image similarities learn the image~image ones; missing: predict the image "
+                  "embedding from text / audio, reported as text_to_predicted_image)",
     "fusion": "image + audio fusion probed under noise: concat, sum, gmu (per-sample alpha) or unified (one shared trunk)",
     "layers": "transformer blocks per tower (the unified fusion trunk has this many, shared)",
     "resume": "'auto' (latest checkpoint in --output-dir) or a checkpoint directory; the alignment stage continues "

@@ -81,3 +81,19 @@ def test_align_resume_equals_an_uninterrupted_run(tmp_path):
         torch.testing.assert_close(split[key], whole[key], atol=0, rtol=0, msg=key)
     steps = [json.loads(x)["step"] for x in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4] and summary["config"]["steps"] == 4
+
+
+@pytest.mark.slow
+def test_progressive_objectives_join_after_the_first_third(tmp_path):
+    out = tmp_path / "run"
+    summary = train_align(AlignConfig(output_dir=str(out), steps=3, fusion_steps=1, batch_size=16, max_samples=60,
+                                      progress=False, hidden_size=16, projection_dim=16,
+                                      objectives="contrastive,distill,missing"))
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert "distill" not in lines[0] and "missing:audio->image" not in lines[0]  # contrastive alone first
+    assert all(k in lines[1] for k in ("distill", "missing:text->image", "missing:audio->image", "text~image"))
+    assert lines[1]["distill"] >= 0 and 0 <= lines[1]["missing:audio->image"] <= 2
+    assert "text_to_predicted_image" in summary["retrieval"]["trained"]
+    assert (out / "final" / "predictors" / "model.safetensors").is_file()
+    with pytest.raises(Exception, match="objectives"):
+        AlignConfig(objectives="distill")
