@@ -24,6 +24,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_model_len=args.max_model_len,
         compile_decode={"auto": None, "on": True, "off": False}[args.compile_decode],
         prefix_caching=not args.no_prefix_cache,
+        schedule=args.schedule,
     )
     config = ServerConfig(
         model_dirs=[str(Path(p)) for p in args.models],
@@ -36,6 +37,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_images=args.max_images,
         max_image_pixels=args.max_image_pixels,
         route_threshold=args.route_threshold,
+        speculative=args.speculative,
+        num_speculative_tokens=args.num_speculative_tokens,
         embedding_cache_size=args.embedding_cache_size,
         dtype=args.dtype,
         device=args.device,
@@ -88,10 +91,17 @@ def register(subparsers) -> None:
     serve.add_argument("--route-threshold", type=int, default=256,
                        help="for model 'auto': prompt + max tokens at most this go to the first model")
     serve.add_argument("--embedding-cache-size", type=int, default=1024, help="cached embeddings (0 disables)")
+    serve.add_argument("--speculative", choices=("none", "draft", "ngram"), default="none",
+                       help="speculative decoding: 'draft' = the first (compact) model drafts for the last (full) one, "
+                       "'ngram' = prompt lookup; outputs keep the full model's greedy tokens / distribution")
+    serve.add_argument("--num-speculative-tokens", type=int, default=4, help="draft tokens verified per step")
     serve.add_argument("--compile-decode", choices=("auto", "on", "off"), default="auto",
                        help="torch.compile + CUDA graphs for decode (auto: on when CUDA is used)")
     serve.add_argument("--no-prefix-cache", action="store_true",
                        help="do not share the KV blocks of common prompt prefixes between requests")
+    serve.add_argument("--schedule", choices=("fcfs", "predicted"), default="fcfs",
+                       help="admission order: arrival (fcfs) or shortest predicted output first with ageing; the "
+                       "length predictor learns from finished requests and is saved in the model directory")
     serve.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16 or auto")
     serve.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, ...")
     serve.add_argument("--shutdown-timeout", type=float, default=30.0,

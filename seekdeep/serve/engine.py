@@ -22,11 +22,12 @@ from typing import AsyncIterator, Sequence as SequenceT
 import torch
 
 from seekdeep.errors import ConfigError, GenerationError, SeekdeepError
-from seekdeep.validate import check_int, parse_size
+from seekdeep.validate import check_float, check_int, parse_size
 from seekdeep.serve.kv_cache import BlockAllocator, PagedKVCache, probe_layer_specs
 from seekdeep.serve.runner import ModelRunner
 from seekdeep.serve.sampling import RequestSampler, SamplingParams, TokenLogprobs, sample
-from seekdeep.serve.scheduler import Scheduler, SchedulerConfig, Sequence
+from seekdeep.serve.length_predictor import LengthPredictor
+from seekdeep.serve.scheduler import POLICIES, Scheduler, SchedulerConfig, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,9 @@ class EngineConfig:
     ``max_position_embeddings``. ``static_decode`` / ``compile_decode``: see
     :class:`~seekdeep.serve.runner.ModelRunner` (None = on when CUDA is used).
     ``prefix_caching``: share the KV blocks of common prompt prefixes between requests (see
-    :class:`~seekdeep.serve.kv_cache.BlockAllocator`)."""
+    :class:`~seekdeep.serve.kv_cache.BlockAllocator`). ``schedule``: admission order, ``fcfs``
+    or ``predicted`` (shortest predicted output first, ageing ``schedule_aging`` tokens per
+    step waited; see :mod:`~seekdeep.serve.scheduler`)."""
 
     block_size: int = 16
     num_blocks: int | None = None
@@ -50,6 +53,8 @@ class EngineConfig:
     compile_decode: bool | None = None
     compile_backend: str = "inductor"
     prefix_caching: bool = True
+    schedule: str = "fcfs"
+    schedule_aging: float = 1.0
 
     def __post_init__(self) -> None:
         if isinstance(self.kv_cache_memory, str):
@@ -62,6 +67,9 @@ class EngineConfig:
         check_int("num_blocks", self.num_blocks, 2, 1 << 28, optional=True)  # >= 2: block 0 is reserved
         if not isinstance(self.prefix_caching, bool):
             raise ConfigError("prefix_caching", f"must be True or False, got {self.prefix_caching!r}")
+        if self.schedule not in POLICIES:
+            raise ConfigError("schedule", f"unknown {self.schedule!r}; accepted: {', '.join(POLICIES)}")
+        check_float("schedule_aging", self.schedule_aging, 0, 1e6, lo_open=True)
 
 
 @dataclass
@@ -92,9 +100,12 @@ class Engine:
     ``eos_token_id``: id(s) that end a request (default: the model config's).
     ``speculative``: a :class:`~seekdeep.serve.speculative.SpeculativeConfig` to draft and
     verify several tokens per decode step (``draft_model``: the compact drafter for "draft").
+    ``length_predictor``: learns output lengths from the finished requests and orders
+    admission under ``schedule="predicted"`` (default: a cold one kept in memory).
     """
 
     def __init__(self, model, config: EngineConfig | None = None, eos_token_id: int | list[int] | None = None,
+                 length_predictor: LengthPredictor | None = None,
                  speculative=None, draft_model=None):
         self.config = config = config or EngineConfig()
         self.model = model.eval()
@@ -112,8 +123,10 @@ class Engine:
         self.allocator = BlockAllocator(num_blocks, config.block_size, prefix_caching=config.prefix_caching)
         self.kv_cache = PagedKVCache(specs, num_blocks, config.block_size, self.device)
         self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len), self.allocator
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len,
+                            policy=config.schedule, aging=config.schedule_aging), self.allocator
         )
+        self.length_predictor = length_predictor if length_predictor is not None else LengthPredictor()
         self.runner = ModelRunner(
             model, self.kv_cache, static_decode=config.static_decode, compile_decode=config.compile_decode,
             compile_backend=config.compile_backend, max_batch=config.max_num_seqs,
@@ -166,7 +179,8 @@ class Engine:
             raise GenerationError("request_id", f"{request_id!r} is already running")
         if pixel_values is not None:
             self.runner.add_images(request_id, prompt_ids, pixel_values)
-        seq = Sequence(request_id, prompt_ids, params.max_tokens, cache_salt=self._cache_salt(pixel_values))
+        seq = Sequence(request_id, prompt_ids, params.max_tokens, cache_salt=self._cache_salt(pixel_values),
+                       predicted_output=self.length_predictor.predict(prompt_ids, params.max_tokens))
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids)
         self._requests[request_id] = _Request(seq, params, RequestSampler(params, self.device), stop_ids, time.monotonic())
         self.scheduler.add(seq)
@@ -272,6 +286,7 @@ class Engine:
                     seq.num_computed = min(seq.num_computed, seq.num_tokens)
                     break
             if reason is not None:
+                self.length_predictor.observe(seq.prompt_ids, req.params.max_tokens, seq.num_output)
                 del self._requests[seq.seq_id]
                 self.runner.drop_images(seq.seq_id)
                 if self.speculator is not None:

@@ -20,6 +20,12 @@ sequence is admitted with the longest cached run of its leading full blocks (nev
 token: its logits are needed) and only the rest is computed. A sequence whose next block is
 being computed right now by a running one (``n > 1`` siblings, identical prompts arriving
 together) waits one step and shares it instead of computing it twice.
+
+Admission order (``policy``): ``fcfs`` admits in arrival order; ``predicted`` admits the
+sequence with the least predicted work first (``predicted_output`` tokens still to produce,
+from :class:`~seekdeep.serve.length_predictor.LengthPredictor`), minus ``aging`` tokens for
+every step it has waited, so a long request overtaken by a stream of short ones still gets
+in after at most ``max_model_len / aging`` steps. Preempted sequences go first under both.
 """
 
 from __future__ import annotations
@@ -56,6 +62,9 @@ class Sequence:
     num_cached_blocks: int = 0  # leading block_ids already hits or offered to the cache
     pending_end: int = 0  # blocks [num_cached_blocks, pending_end) are announced as being computed
     num_cached_tokens: int = 0  # prompt tokens found in the cache at the first admission
+    # length-aware admission
+    predicted_output: int = 0  # predicted output tokens (0: unknown, max_tokens is used)
+    arrival_step: int = 0  # scheduler step at which it was added
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -82,17 +91,29 @@ class Sequence:
         return len(self.token_ids) - self.num_computed
 
 
+POLICIES = ("fcfs", "predicted")
+
+
 @dataclass
 class SchedulerConfig:
+    """``policy``: admission order, ``fcfs`` or ``predicted`` (see the module docstring);
+    ``aging``: predicted tokens a waiting sequence is credited per step waited."""
+
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 2048
     max_model_len: int = 2048
+    policy: str = "fcfs"
+    aging: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(name, f"must be a positive integer, got {value!r}")
+        if self.policy not in POLICIES:
+            raise ConfigError("policy", f"unknown {self.policy!r}; accepted: {', '.join(POLICIES)}")
+        if isinstance(self.aging, bool) or not isinstance(self.aging, (int, float)) or not 0 < self.aging <= 1e6:
+            raise ConfigError("aging", f"must be a number in (0, 1e6], got {self.aging!r}")
 
 
 @dataclass
@@ -119,6 +140,7 @@ class Scheduler:
         self._by_id: dict[str, Sequence] = {}
         self._pending: Counter[bytes] = Counter()  # hashes of blocks running sequences are computing
         self.prefix_query_tokens = 0  # tokens looked up at admission
+        self.num_steps = 0
         self.prefix_hit_tokens = 0  # of those, found in the cache
 
     @property
@@ -136,6 +158,7 @@ class Scheduler:
         if seq.num_prompt < 1:
             raise ValueError("a sequence needs at least one prompt token")
         self._by_id[seq.seq_id] = seq
+        seq.arrival_step = self.num_steps
         self.waiting.append(seq)
 
     def get(self, seq_id: str) -> Sequence | None:
@@ -258,6 +281,7 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         items: list[tuple[Sequence, int]] = []
         preempted: list[Sequence] = []
+        self.num_steps += 1
         for seq in self.running:  # what the last step computed becomes shareable
             self._cache_computed(seq)
 
@@ -281,7 +305,7 @@ class Scheduler:
         if preempted:
             return ScheduledBatch(items, preempted)
         admitted = []
-        for seq in self.waiting:
+        for seq in self.admission_order():
             if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
                 break
             hits, wait = self._lookup_prefix(seq)
@@ -298,6 +322,18 @@ class Scheduler:
         for seq in admitted:
             self.waiting.remove(seq)
         return ScheduledBatch(items, preempted)
+
+    def priority(self, seq: Sequence) -> float:
+        """``predicted`` policy: lower goes first (predicted tokens left minus the ageing credit)."""
+        predicted = seq.predicted_output or seq.max_tokens
+        left = max(1, predicted - seq.num_output)
+        return left - self.config.aging * (self.num_steps - seq.arrival_step)
+
+    def admission_order(self) -> list[Sequence]:
+        if self.config.policy == "fcfs":
+            return list(self.waiting)
+        # stable sort: equal priorities keep arrival order; preempted sequences first
+        return sorted(self.waiting, key=lambda s: (s.num_preemptions == 0, self.priority(s)))
 
     def blocks_needed(self, num_tokens: int) -> int:
         return self.allocator.blocks_for(num_tokens)

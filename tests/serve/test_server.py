@@ -303,7 +303,7 @@ def _wait_for_free_slot(server, headers, timeout: float = 60.0) -> None:
         time.sleep(0.2)
 
 
-def test_graceful_shutdown_drains_requests_in_flight(guarded):
+def test_graceful_shutdown_drains_requests_in_flight(guarded, model_dirs):
     headers = {"Authorization": "Bearer sekrit"}
     _wait_for_free_slot(guarded, headers)
     body = {"model": "only", "prompt": "x", "max_tokens": 60, "ignore_eos": True, "stream": True}
@@ -322,3 +322,8 @@ def test_graceful_shutdown_drains_requests_in_flight(guarded):
     # uvicorn re-raises the captured SIGTERM after its graceful shutdown, so -15 is a clean exit too
     assert guarded.proc.wait(60) in (0, -signal.SIGTERM)
     assert "Traceback" not in guarded.log()
+    # the output lengths it learnt are saved next to the model for the next start
+    from seekdeep.serve.length_predictor import FILE_NAME, LengthPredictor
+
+    saved = model_dirs[0] / FILE_NAME
+    assert saved.is_file() and LengthPredictor.load(saved).count >= 1

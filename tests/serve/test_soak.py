@@ -72,7 +72,9 @@ def test_soak_server_survives_and_frees_every_block(server):
     rng.shuffle(kinds)
 
     async def main():
-        limits = httpx.Limits(max_connections=64)
+        # idle connections expire on the client before uvicorn's 5 s keep-alive timeout closes them: otherwise a
+        # request sent on a connection the server is closing at that moment fails with ReadError under load
+        limits = httpx.Limits(max_connections=64, keepalive_expiry=2.0)
         async with httpx.AsyncClient(base_url=server.url, timeout=120, limits=limits) as client:
             semaphore = asyncio.Semaphore(40)
 
