@@ -146,8 +146,9 @@ def _processed(logits: torch.Tensor, history: list[int], req, banned: list[int])
         logits[banned] = float("-inf")
     if req.sampler.plain_greedy:
         return logits
-    seen = torch.tensor([history], device=logits.device)
-    return process_logits(logits[None], seen, req.sampler.config)[0]
+    config = req.sampler.config
+    seen = torch.tensor([history], device=logits.device) if config.repetition_penalty != 1.0 else None  # (1, T)
+    return process_logits(logits[None], seen, config)[0]
 
 
 # ----------------------------------------------------------------------------- proposers
@@ -307,6 +308,11 @@ class Speculator:
     def acceptance_rate(self) -> float:
         """Drafts kept / drafts verified (0 before any)."""
         return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    @property
+    def tokens_per_step(self) -> float:
+        """Tokens a row emitted per verify step (1 + its accepted drafts), on average."""
+        return self.num_emitted_tokens / self.num_verify_rows if self.num_verify_rows else 0.0
 
     def drop(self, seq_id: str) -> None:
         self.proposer.drop(seq_id)
