@@ -37,6 +37,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_images=args.max_images,
         max_image_pixels=args.max_image_pixels,
         route_threshold=args.route_threshold,
+        speculative=args.speculative,
+        num_speculative_tokens=args.num_speculative_tokens,
         embedding_cache_size=args.embedding_cache_size,
         dtype=args.dtype,
         device=args.device,
@@ -89,6 +91,10 @@ def register(subparsers) -> None:
     serve.add_argument("--route-threshold", type=int, default=256,
                        help="for model 'auto': prompt + max tokens at most this go to the first model")
     serve.add_argument("--embedding-cache-size", type=int, default=1024, help="cached embeddings (0 disables)")
+    serve.add_argument("--speculative", choices=("none", "draft", "ngram"), default="none",
+                       help="speculative decoding: 'draft' = the first (compact) model drafts for the last (full) one, "
+                       "'ngram' = prompt lookup; outputs keep the full model's greedy tokens / distribution")
+    serve.add_argument("--num-speculative-tokens", type=int, default=4, help="draft tokens verified per step")
     serve.add_argument("--compile-decode", choices=("auto", "on", "off"), default="auto",
                        help="torch.compile + CUDA graphs for decode (auto: on when CUDA is used)")
     serve.add_argument("--no-prefix-cache", action="store_true",

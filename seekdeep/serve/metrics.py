@@ -38,6 +38,14 @@ class ServerMetrics:
         self.prefix_cache_blocks = Gauge("seekdeep_prefix_cache_blocks", "KV blocks registered in the prefix cache "
                                          "(in use or evictable)", ["model"], registry=r)
         self.embedding_cache_size = Gauge("seekdeep_embedding_cache_entries", "Embeddings held in the cache", ["model"], registry=r)
+        self.spec_draft_tokens = Gauge("seekdeep_spec_decode_draft_tokens", "Draft tokens verified by the full model "
+                                       "since start", ["model"], registry=r)
+        self.spec_accepted_tokens = Gauge("seekdeep_spec_decode_accepted_tokens", "Draft tokens accepted since start",
+                                          ["model"], registry=r)
+        self.spec_acceptance_rate = Gauge("seekdeep_spec_decode_acceptance_rate", "Accepted / verified draft tokens "
+                                          "(0-1)", ["model"], registry=r)
+        self.spec_tokens_per_step = Gauge("seekdeep_spec_decode_tokens_per_step", "Mean tokens a row emits per "
+                                          "verify step (1 + accepted drafts)", ["model"], registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

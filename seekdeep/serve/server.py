@@ -74,6 +74,8 @@ class ServerConfig:
     dtype: str | None = None
     device: str | None = None
     shutdown_timeout: float = 30.0
+    speculative: str = "none"  # "draft": the first (compact) model drafts for the last; "ngram": prompt lookup
+    num_speculative_tokens: int = 4
 
     def __post_init__(self) -> None:
         if not self.model_dirs:
@@ -95,6 +97,14 @@ class ServerConfig:
         check_int("embedding_cache_size", self.embedding_cache_size, 0, 1 << 24)  # 0 disables
         check_float("shutdown_timeout", self.shutdown_timeout, 0, 86400, lo_open=True)
         check_device("device", self.device)
+        from seekdeep.serve.speculative import MAX_SPECULATIVE_TOKENS, SPECULATIVE_METHODS
+
+        if self.speculative not in SPECULATIVE_METHODS:
+            raise ConfigError("speculative", f"got {self.speculative!r}; accepted: {', '.join(SPECULATIVE_METHODS)}")
+        check_int("num_speculative_tokens", self.num_speculative_tokens, 1, MAX_SPECULATIVE_TOKENS)
+        if self.speculative == "draft" and len(self.model_dirs) < 2:
+            raise ConfigError("speculative", "'draft' needs a routed pair: the compact model's directory first, the "
+                              "full model's last; with one model use 'ngram'")
 
 
 @dataclass
@@ -116,6 +126,23 @@ class ServedModel:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
 
+def _speculation(config: ServerConfig, loaded: list, model, tokenizer) -> dict:
+    """Engine arguments for speculative decoding of the model being loaded: with "draft" the
+    last (full) model gets the first (compact) one as its drafter, with "ngram" every model
+    uses prompt lookup."""
+    from seekdeep.serve.speculative import SpeculativeConfig
+
+    if config.speculative == "ngram":
+        return {"speculative": SpeculativeConfig("ngram", config.num_speculative_tokens)}
+    if config.speculative != "draft" or len(loaded) != len(config.model_dirs) - 1:
+        return {}
+    compact = loaded[0]
+    if getattr(compact, "tokenizer", None) is None or compact.tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise ConfigError("speculative", f"the compact model {compact.name!r} does not share the full model's "
+                          "tokenizer; drafting needs the same vocabulary")
+    return {"speculative": SpeculativeConfig("draft", config.num_speculative_tokens), "draft_model": compact.model}
+
+
 def load_served_models(config: ServerConfig) -> list[ServedModel]:
     """Load every model directory with its tokenizer and start an engine for it."""
     from seekdeep.auto import AutoModel, AutoTokenizer
@@ -130,7 +157,7 @@ def load_served_models(config: ServerConfig) -> list[ServedModel]:
         eos = model.config.eos_token_id if model.config.eos_token_id is not None else tokenizer.eos_token_id
         # learnt output lengths live next to the model, so a restarted server keeps them
         predictor = LengthPredictor.load(Path(path) / LENGTH_PREDICTOR_FILE)
-        engine = AsyncEngine(Engine(model, config.engine, eos_token_id=eos, length_predictor=predictor),
+        engine = AsyncEngine(Engine(model, config.engine, eos_token_id=eos, **_speculation(config, served, model, tokenizer), length_predictor=predictor),
                              max_waiting=None)
         engine.start()
         served.append(ServedModel(name, str(path), model, tokenizer, engine, EmbeddingCache(config.embedding_cache_size),
@@ -540,6 +567,12 @@ def create_app(config: ServerConfig, loader: Callable[[ServerConfig], list[Serve
             mt.prefix_cache_queries.labels(name).set(sched.prefix_query_tokens)
             mt.prefix_cache_blocks.labels(name).set(m.engine.engine.allocator.num_cached)
             mt.embedding_cache_size.labels(name).set(len(m.embedding_cache))
+            spec = m.engine.engine.speculator
+            if spec is not None:
+                mt.spec_draft_tokens.labels(name).set(spec.num_draft_tokens)
+                mt.spec_accepted_tokens.labels(name).set(spec.num_accepted_tokens)
+                mt.spec_acceptance_rate.labels(name).set(spec.acceptance_rate)
+                mt.spec_tokens_per_step.labels(name).set(spec.tokens_per_step)
         return Response(mt.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     def model_card(m: ServedModel) -> dict:
