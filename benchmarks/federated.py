@@ -65,8 +65,9 @@ def crypto(args) -> None:
     values = [rng.normal(0, 0.01, size=n) for _ in range(3)]
     for name, spec in (("one-shot aggregate (K=3, 1 round)", PackingSpec(bits=16, clip=0.1, total_weight=3,
                                                                         key_bits=args.key_bits)),
-                       ("Flower running sum (K=3, W=lcm(1..3)=6, 3 rounds)",
-                        PackingSpec(bits=16, clip=0.1, total_weight=6, rounds=3, key_bits=args.key_bits))):
+                       ("Flower round (K=3, one spare bit: total weight <= 8)",
+                        PackingSpec(bits=16, clip=0.1, total_weight=paillier.weight_capacity(3, 16),
+                                    key_bits=args.key_bits))):
         t0 = time.perf_counter()
         encrypted = [paillier.encode_update(v, spec, public_key, rng)[0] for v in values]
         packed_s = (time.perf_counter() - t0) / 3
@@ -82,12 +83,12 @@ def crypto(args) -> None:
         emit("ciphertext bytes per parameter", bytes_per_param, "bytes", 4.0, "float32", device, layout=name,
              per_value_paillier_bytes=ct_bytes)
         server = ServerAggregator(spec, n, public_key)
-        weights = paillier.integer_weights([1, 1, 1], spec.total_weight)
+        weights, _ = paillier.round_weights([1, 1, 1], spec.total_weight)
         t0 = time.perf_counter()
         summed = server.accumulate([server.check(e, fingerprint(public_key)) for e in encrypted], weights)
         sum_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        mean = paillier.decode_sum(summed, spec, private_key, n, spec.total_weight)
+        mean = paillier.decode_sum(summed, spec, private_key, n, sum(weights))
         dec_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         plain = np.average(values, axis=0)
@@ -118,7 +119,7 @@ def rounds(args) -> None:
             results[secure] = summary
             print(json.dumps({"secure": secure, "mean_round_seconds": summary["mean_round_seconds"],
                               "update_values": summary["init"]["update_values"],
-                              "global_bytes": summary["global_bytes"], "global_loss": summary["global_loss"]}),
+                              "aggregate_bytes": summary["aggregate_bytes"], "global_loss": summary["global_loss"]}),
                   file=sys.stderr)
     anchor = results["none"]["mean_round_seconds"]
     for secure, summary in results.items():
@@ -144,38 +145,59 @@ def _pooled_windows(paths, seq_len, batch_size, seed, tmp: Path, name: str):
     return TokenWindows(path, seq_len, batch_size, seed=seed)
 
 
-def _federate(init_dir: Path, clients, cfg, strategy: str, seed: int) -> float:
+def _schedule(args, total_steps: int):
+    """The learning rate of global step t of ``total_steps``: constant, or cosine to 10% (the
+    same curve for the federated and the centralized runs, each over its own steps)."""
+    if args.schedule == "constant":
+        return lambda t: args.lr_value
+    return lambda t: args.lr_value * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, total_steps) / total_steps)))
+
+
+def _federate(init_dir: Path, clients, cfg, strategy: str, seed: int, args):
+    """The federated rounds in one process: each client runs the ClientApp's ``local_train`` from
+    the global model, its delta is quantised exactly as the Paillier path encodes it, the
+    server's aggregator sums them with the round's integer weights, and the key holders'
+    :class:`GlobalState` applies the server step (FedAvg or FedAvgM)."""
     from seekdeep.data import TokenWindows
     from seekdeep.fl import paillier
     from seekdeep.fl.aggregation import ServerAggregator
     from seekdeep.fl.app.client import local_train
-    from seekdeep.fl.app.common import flat_trainable, load_flat, load_initial_model, model_layout, packing_spec
+    from seekdeep.fl.app.common import GlobalState, flat_trainable, load_flat, load_initial_model, model_layout, packing_spec
 
     spec = packing_spec(cfg)
     model = load_initial_model(init_dir, cfg.method)
     layout = model_layout(model, cfg.method)
-    global_vector = flat_trainable(model, cfg.method, layout)
+    init_vector = flat_trainable(model, cfg.method, layout)
+    state = GlobalState.zeros(layout.size, cfg)
     server = ServerAggregator(spec, layout.size)
     rng = np.random.default_rng(seed)
     mu = cfg.proximal_mu if strategy == "fedprox" else 0.0
+    lr = _schedule(args, cfg.rounds * cfg.local_steps)
     for round_no in range(1, cfg.rounds + 1):
         deltas = []
+        global_vector = init_vector + state.delta
+        offset = (round_no - 1) * cfg.local_steps
         for i, client in enumerate(clients):
             torch.manual_seed(seed * 100 + i)
             load_flat(model, cfg.method, layout, global_vector)
             windows = TokenWindows(Path(client["dir"]) / "train.bin", cfg.seq_len, cfg.batch_size,
                                    seed=seed * 7919 + 1000 * i + round_no)
-            local_train(model, windows, cfg.local_steps, cfg.learning_rate, cfg.method, mu)
+            local_train(model, windows, cfg.local_steps, cfg.learning_rate, cfg.method, mu,
+                        lr_at=lambda t, o=offset: lr(o + t))
             delta = flat_trainable(model, cfg.method, layout) - global_vector
             q, _ = paillier.quantize(delta, spec, rng)  # what the encrypted path carries
             deltas.append(paillier.dequantize_sum(q, spec, 1, 1))
-        weights = paillier.integer_weights([1.0] * len(clients), spec.total_weight)
-        global_vector = global_vector + server.accumulate([server.check(d, None) for d in deltas], weights) / spec.total_weight
-    load_flat(model, cfg.method, layout, global_vector)
+        weights, _ = paillier.round_weights([1.0] * len(clients), spec.total_weight)
+        summed = server.accumulate([server.check(d, None) for d in deltas], weights)
+        state.apply(summed / sum(weights), cfg)
+    load_flat(model, cfg.method, layout, init_vector + state.delta)
     return model
 
 
 def quality(args) -> None:
+    from dataclasses import replace
+
+    from seekdeep.auto import AutoTokenizer
     from seekdeep.data import TokenWindows
     from seekdeep.fl.app.client import local_train
     from seekdeep.fl.app.common import load_initial_model
@@ -184,20 +206,22 @@ def quality(args) -> None:
 
     device = _device()
     rows: dict[str, list[float]] = {}
+    k = 3
+    anchor_a = "centralized, equal total client steps"
+    anchor_b = "centralized, equal optimizer steps on the pooled batch"
     with tempfile.TemporaryDirectory(prefix="fl-quality-") as tmp:
         tmp = Path(tmp)
         for seed in range(args.seeds):
             for split in ("iid", "package"):
                 cfg = FLConfig(base=args.base, method=args.method, split=split, rounds=args.rounds,
                                local_steps=args.local_steps, batch_size=args.batch_size, seq_len=args.seq_len,
-                               eval_batches=args.eval_batches, seed=seed, progress=False, output_dir=str(tmp))
+                               eval_batches=args.eval_batches, seed=seed, progress=False, output_dir=str(tmp),
+                               lr=args.lr, proximal_mu=args.proximal_mu, num_clients=k)
+                args.lr_value = cfg.learning_rate
                 init_dir = tmp / f"init-{seed}"
                 if not init_dir.exists():
                     build_initial_model(cfg, init_dir)
-                tokenizer_dir = init_dir / "model"
-                from seekdeep.auto import AutoTokenizer
-
-                clients = build_client_data(cfg, AutoTokenizer.from_pretrained(tokenizer_dir), tmp / f"data-{split}")
+                clients = build_client_data(cfg, AutoTokenizer.from_pretrained(init_dir / "model"), tmp / f"data-{split}")
 
                 if split == "iid":
                     # every model is measured on the iid clients' held-out text: each holds a share of every
@@ -208,43 +232,57 @@ def quality(args) -> None:
                     return float(np.mean(_heldout_losses(model, eval_clients, cfg)))
 
                 if split == "iid":  # the pooled data is the same for both splits: train centralized once
-                    torch.manual_seed(seed)
-                    central = load_initial_model(init_dir, cfg.method)
-                    windows = _pooled_windows([Path(c["dir"]) / "train.bin" for c in clients], cfg.seq_len,
-                                              cfg.batch_size, seed, tmp, f"pooled-{seed}")
-                    local_train(central, windows, len(clients) * cfg.rounds * cfg.local_steps, cfg.learning_rate,
-                                cfg.method)
-                    rows.setdefault("centralized", []).append(pooled_loss(central))
-                    # the other reading of "same steps and data": as many model updates as the global
-                    # model gets (rounds * local_steps), each on the clients' batches pooled
-                    torch.manual_seed(seed)
-                    central = load_initial_model(init_dir, cfg.method)
-                    windows = _pooled_windows([Path(c["dir"]) / "train.bin" for c in clients], cfg.seq_len,
-                                              len(clients) * cfg.batch_size, seed, tmp, f"pooled-big-{seed}")
-                    local_train(central, windows, cfg.rounds * cfg.local_steps, cfg.learning_rate, cfg.method)
-                    rows.setdefault("centralized, pooled batch (rounds*local_steps steps of clients*batch)", []).append(
-                        pooled_loss(central))
+                    central_lr = args.central_lr or cfg.learning_rate
+                    for name, steps, batch in ((anchor_a, k * cfg.rounds * cfg.local_steps, cfg.batch_size),
+                                               (anchor_b, cfg.rounds * cfg.local_steps, k * cfg.batch_size)):
+                        torch.manual_seed(seed)
+                        central = load_initial_model(init_dir, cfg.method)
+                        windows = _pooled_windows([Path(c["dir"]) / "train.bin" for c in clients], cfg.seq_len,
+                                                  batch, seed, tmp, f"pooled-{seed}-{batch}")
+                        args.lr_value = central_lr
+                        local_train(central, windows, steps, central_lr, cfg.method, lr_at=_schedule(args, steps))
+                        rows.setdefault(name, []).append(pooled_loss(central))
+                    args.lr_value = cfg.learning_rate
                     rows.setdefault("initial", []).append(pooled_loss(load_initial_model(init_dir, cfg.method)))
-                for strategy in ("fedavg", "fedprox"):
-                    model = _federate(init_dir, clients, cfg, strategy, seed)
-                    rows.setdefault(f"{strategy} {split}", []).append(pooled_loss(model))
+                server = dict(server_lr=args.server_lr, server_momentum=args.server_momentum)
+                variants = [("fedavg", "", {})]
+                if args.server_lr != 1.0 or args.server_momentum != 0.0:
+                    tag = f" (server lr {args.server_lr}, momentum {args.server_momentum})"
+                    variants += [("fedavg", tag, server), ("fedprox", tag, server)]
+                else:
+                    variants += [("fedprox", "", {})]
+                for strategy, tag, extra in variants:
+                    model = _federate(init_dir, clients, replace(cfg, **extra), strategy, seed, args)
+                    rows.setdefault(f"{strategy} {split}{tag}", []).append(pooled_loss(model))
                 local = []
                 for i, client in enumerate(clients):
                     torch.manual_seed(seed * 100 + i)
                     model = load_initial_model(init_dir, cfg.method)
                     windows = TokenWindows(Path(client["dir"]) / "train.bin", cfg.seq_len, cfg.batch_size,
                                            seed=seed * 7919 + 1000 * i)
-                    local_train(model, windows, cfg.rounds * cfg.local_steps, cfg.learning_rate, cfg.method)
+                    steps = cfg.rounds * cfg.local_steps
+                    local_train(model, windows, steps, cfg.learning_rate, cfg.method, lr_at=_schedule(args, steps))
                     local.append(pooled_loss(model))
                 rows.setdefault(f"local-only {split} (mean of clients)", []).append(float(np.mean(local)))
-                print(json.dumps({"seed": seed, "split": split, **{k: v[-1] for k, v in rows.items()}}), file=sys.stderr)
-    central = float(np.mean([math.exp(x) for x in rows["centralized"]]))
+                print(json.dumps({"seed": seed, "split": split, **{k_: v[-1] for k_, v in rows.items()}}),
+                      file=sys.stderr)
+    anchors = {name: [math.exp(x) for x in rows[name]] for name in (anchor_a, anchor_b)}
     for name, losses in rows.items():
         ppl = [math.exp(x) for x in losses]
-        emit(f"held-out perplexity: {name}", float(np.mean(ppl)), "ppl", central, "centralized (same steps, pooled data)",
-             device, std=float(np.std(ppl)), seeds=len(ppl), per_seed=[round(p, 3) for p in ppl], method=args.method,
-             rounds=args.rounds, local_steps=args.local_steps, batch_size=args.batch_size, seq_len=args.seq_len,
-             clients=3, aggregation="in-process, ServerAggregator + 16-bit stochastic quantisation")
+        for anchor_name, anchor_ppl in anchors.items():
+            # the ratio per seed (same initial model and data), then its mean and spread
+            ratios = [p / a for p, a in zip(ppl, anchor_ppl)]
+            emit(f"held-out perplexity: {name}", float(np.mean(ppl)), "ppl", float(np.mean(anchor_ppl)), anchor_name,
+                 device, std=float(np.std(ppl)), seeds=len(ppl), per_seed=[round(p, 3) for p in ppl],
+                 ratio_per_seed_mean=float(np.mean(ratios)), ratio_per_seed_std=float(np.std(ratios)),
+                 method=args.method, rounds=args.rounds, local_steps=args.local_steps, batch_size=args.batch_size,
+                 seq_len=args.seq_len, clients=k, lr=args.lr, central_lr=args.central_lr or args.lr,
+                 schedule=args.schedule, server_lr=args.server_lr, server_momentum=args.server_momentum,
+                 anchor_definition={anchor_a: f"{k * args.rounds * args.local_steps} steps of batch {args.batch_size} "
+                                              "on the pooled data (as many steps and examples as all clients together)",
+                                    anchor_b: f"{args.rounds * args.local_steps} steps of batch {k * args.batch_size} "
+                                              "(as many sequential updates as a client, the same examples)"}[anchor_name],
+                 aggregation="in-process, ServerAggregator + 16-bit stochastic quantisation")
 
 
 def main() -> int:
@@ -261,6 +299,13 @@ def main() -> int:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--eval-batches", type=int, default=8)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--lr", type=float, default=None, help="quality: client (and centralized) learning rate")
+    parser.add_argument("--central-lr", type=float, default=None, help="quality: centralized lr (default: --lr)")
+    parser.add_argument("--server-lr", type=float, default=1.0, help="quality: FedAvg(M) server learning rate")
+    parser.add_argument("--server-momentum", type=float, default=0.0, help="quality: FedAvgM server momentum")
+    parser.add_argument("--proximal-mu", type=float, default=0.01, help="quality: FedProx mu")
+    parser.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
+                        help="quality: lr schedule shared by all arms (each over its own steps)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: the machine is shared; spinning OpenMP threads stall when oversubscribed)")
     args = parser.parse_args()

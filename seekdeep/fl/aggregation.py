@@ -147,11 +147,12 @@ class ServerAggregator:
     def accumulate(self, updates: Sequence[np.ndarray], weights: Sequence[int],
                    accumulator: np.ndarray | None = None) -> np.ndarray:
         """``accumulator + sum_k weights[k] * updates[k]``: ciphertext slot sums (Paillier) or
-        the same integer-weighted sum of plaintext vectors (weights summing to
-        ``spec.total_weight``; divide by it to get the mean)."""
-        if sum(weights) != self.spec.total_weight:
-            raise ConfigError("weights", f"integer weights sum to {sum(weights)}, the packing expects "
-                              f"{self.spec.total_weight}")
+        the same integer-weighted sum of plaintext vectors (divide by ``sum(weights)`` to get the
+        mean). The weights may sum to at most ``spec.total_weight``, the slots' headroom; with an
+        accumulator the one-process running total holds ``spec.rounds`` such sums."""
+        if not 0 < sum(weights) <= self.spec.total_weight:
+            raise ConfigError("weights", f"integer weights sum to {sum(weights)}, the packing holds a total weight of "
+                              f"1..{self.spec.total_weight}")
         if self.public_key is not None:
             return paillier.weighted_sum(updates, weights, self.public_key, accumulator)
         total = np.zeros(self.num_values) if accumulator is None or not len(accumulator) else accumulator.copy()
@@ -193,8 +194,9 @@ class SecureAggregation:
 
         updates: state dicts, models (``adapter_name``: average that adapter's weights only)
         or peft adapter directories, all with the same tensor names and shapes. weights: one
-        non-negative number per update (None: equal); whole numbers (example counts) are used
-        exactly (divided by their gcd), other weights are rounded to integers summing to 4096.
+        non-negative number per update (None: equal); whole numbers (example counts) and short
+        rationals are used exactly (the smallest proportional integers, slots sized for their
+        sum), other weights are rounded to integers summing to 4096.
         encryption: "paillier" (each update is clipped to ``clip`` -- default: the largest
         |value| of any update --, quantised to ``bits`` bits, packed and encrypted by its
         "client"; the sum is computed on ciphertexts and decrypted once) or "none".
@@ -219,7 +221,7 @@ class SecureAggregation:
             if not np.isfinite(vectors[-1]).all():
                 raise ConfigError("updates", f"updates[{i}] holds NaN/inf values")
         raw = [1.0] * len(updates) if weights is None else [float(w) for w in weights]
-        int_weights = exact_integer_weights(raw)
+        int_weights = paillier.exact_integer_weights(raw)
         if int_weights is None:
             int_weights = paillier.integer_weights(raw, 4096)
         total = sum(int_weights)
@@ -247,19 +249,6 @@ class SecureAggregation:
             mean = paillier.decode_sum(summed, spec, private_key, layout.size, total)  # the key holder
         averaged = layout.unflatten(mean)
         return _like(updates[0], tensors[0], averaged, adapter_name)
-
-
-def exact_integer_weights(weights: Sequence[float], limit: int = 1 << 16) -> list[int] | None:
-    """Weights that are whole numbers (example counts), divided by their gcd, when they sum to at
-    most ``limit``: homomorphic scalar weights that are exactly the requested ones. None otherwise."""
-    if not all(math.isfinite(w) and w >= 0 and float(w).is_integer() for w in weights):
-        return None
-    ints = [int(w) for w in weights]
-    divisor = math.gcd(*ints)
-    if divisor == 0:
-        return None
-    ints = [w // divisor for w in ints]
-    return ints if sum(ints) <= limit else None
 
 
 def _like(first: Any, first_tensors: dict[str, torch.Tensor], averaged: dict[str, torch.Tensor],

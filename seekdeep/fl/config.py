@@ -18,11 +18,6 @@ SPLITS = ("package", "iid")
 MAX_CLIENTS = 1024  # each client is a SuperNode process here
 
 
-def _require_int(value: Any, name: str, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(name, f"must be an integer >= {minimum}, got {value!r}")
-
-
 @dataclass
 class FLConfig:
     """Every knob of a federated run; the defaults fit a 2-core CPU in a few minutes."""
@@ -32,6 +27,8 @@ class FLConfig:
     lora: str = "r=8,alpha=16,targets=all-linear"
     strategy: str = "fedavg"
     proximal_mu: float = 0.01  # FedProx: weight of (mu / 2) * ||w - w_global||^2 in the local loss
+    server_lr: float = 1.0  # the global step is server_lr * (mean client delta, or its momentum): 1 = FedAvg
+    server_momentum: float = 0.0  # FedAvgM: v = momentum * v + mean delta; 0 = none
     secure: str = "paillier"  # paillier (packed, clients' shared key), secaggplus (Flower's SecAgg+), none
     split: str = "package"  # package: each client gets whole standard-library packages (non-IID); iid: modules dealt round-robin
     packages: str | None = None  # comma-separated packages to federate (default: a fixed set, see fl recipe)
@@ -65,9 +62,7 @@ class FLConfig:
         check_int("seq_len", self.seq_len, 8, MAX_SEQ_LEN)
         check_int("eval_batches", self.eval_batches)
         check_int("seed", self.seed, 0, MAX_SEED)
-        _require_int(self.quant_bits, "quant_bits", 2)
-        if self.quant_bits > 32:
-            raise ConfigError("quant_bits", f"must be <= 32, got {self.quant_bits}")
+        check_int("quant_bits", self.quant_bits, 2, 32)
         if self.key_bits not in (1024, 2048, 3072, 4096):
             raise ConfigError("key_bits", f"must be 1024, 2048, 3072 or 4096, got {self.key_bits!r}")
         if self.min_clients is not None:
@@ -75,6 +70,8 @@ class FLConfig:
             if self.min_clients > self.num_clients:
                 raise ConfigError("min_clients", f"{self.min_clients} exceeds num_clients={self.num_clients}")
         check_float("proximal_mu", self.proximal_mu, 0, 1e3)  # 0: FedAvg's local loss
+        check_float("server_lr", self.server_lr, 0, 100, lo_open=True)
+        check_float("server_momentum", self.server_momentum, 0, 1, hi_open=True)  # 0: plain FedAvg
         check_float("clip", self.clip, 0, 1e3, lo_open=True)
         check_float("round_timeout", self.round_timeout, 0, 7 * 86400, lo_open=True)
         check_float("lr", self.lr, 0, 10, lo_open=True, optional=True)
@@ -83,6 +80,10 @@ class FLConfig:
             raise ConfigError("resume", f"accepted: 'auto' (continue the run in --output-dir), got {self.resume!r}")
         if self.secure == "secaggplus" and self.num_clients < 3:
             raise ConfigError("secure", "SecAgg+ needs at least 3 clients (its secret shares need a quorum)")
+        if self.secure == "secaggplus" and (self.server_lr != 1.0 or self.server_momentum != 0.0):
+            raise ConfigError("server_lr", "server_lr / server_momentum are applied by the key-holding clients "
+                              "(--secure paillier or none); SecAgg+ runs Flower's legacy FedAvg / FedProx: leave them "
+                              "at 1.0 / 0.0")
         if self.method == "lora":
             from seekdeep.peft.config import parse_lora_spec
 

@@ -22,6 +22,7 @@ from typing import Any
 from seekdeep.errors import SeekdeepError
 
 APP_NAME = "seekdeep-fl"
+SECAGG_CLIENT_MODULE = "seekdeep_fl_secagg_client"
 
 
 class FederationError(SeekdeepError, RuntimeError):
@@ -53,9 +54,17 @@ def _toml_value(value: Any) -> str:
 def write_app(app_dir: Path, run_config: dict[str, Any], secure: str) -> Path:
     """The Flower app's pyproject (``flwr new`` needs a network): its components are the
     seekdeep modules, its config the run's settings. No dependencies to install at run time."""
-    suffix = "secagg" if secure == "secaggplus" else ""
-    server = f"seekdeep.fl.app.{'secagg' if suffix else 'server'}:{'server_app' if suffix else 'app'}"
-    client = f"seekdeep.fl.app.{'secagg' if suffix else 'client'}:{'client_app' if suffix else 'app'}"
+    app_dir.mkdir(parents=True, exist_ok=True)
+    if secure == "secaggplus":
+        server = "seekdeep.fl.app.secagg:server_app"
+        # a module inside the app itself: SecAgg+'s stages that do not train start without torch
+        import shutil
+
+        shutil.copyfile(Path(__file__).parent / "app" / "secagg_shim.py", app_dir / f"{SECAGG_CLIENT_MODULE}.py")
+        client = f"{SECAGG_CLIENT_MODULE}:client_app"
+    else:
+        server, client = "seekdeep.fl.app.server:app", "seekdeep.fl.app.client:app"
+        (app_dir / f"{SECAGG_CLIENT_MODULE}.py").unlink(missing_ok=True)
     lines = [
         "[build-system]", 'requires = ["hatchling"]', 'build-backend = "hatchling.build"', "",
         "[project]", f'name = "{APP_NAME}"', 'version = "1.0.0"', "dependencies = []", "",
@@ -65,7 +74,6 @@ def write_app(app_dir: Path, run_config: dict[str, Any], secure: str) -> Path:
         "[tool.flwr.app.config]",
         *[f"{key} = {_toml_value(value)}" for key, value in run_config.items()], "",
     ]
-    app_dir.mkdir(parents=True, exist_ok=True)
     (app_dir / "pyproject.toml").write_text("\n".join(lines), encoding="utf-8")
     return app_dir
 
@@ -136,11 +144,13 @@ class LocalFederation:
             "--control-api-address", self.control_address])
         _wait_port(control, link, "flower-superlink", self.log_dir / "superlink.log")
         _wait_port(fleet, link, "flower-superlink", self.log_dir / "superlink.log")
+        nodes = []
         for i, (node_config, port) in enumerate(zip(self.node_configs, clientappio)):
             text = " ".join(f"{k}={_toml_value(v)}" for k, v in node_config.items())
-            proc = self._spawn(f"supernode-{i}", [
+            nodes.append((i, port, self._spawn(f"supernode-{i}", [
                 _bin("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{fleet}",
-                "--clientappio-api-address", f"127.0.0.1:{port}", "--node-config", text])
+                "--clientappio-api-address", f"127.0.0.1:{port}", "--node-config", text])))
+        for i, port, proc in nodes:  # all started at once: their imports overlap
             _wait_port(port, proc, f"flower-supernode {i}", self.log_dir / f"supernode-{i}.log")
         return self
 
@@ -160,35 +170,48 @@ class LocalFederation:
         return proc.returncode
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
-        """Signal one process group (drills and tests: a SuperNode dropping out)."""
+        """Signal one process group (drills and tests: a SuperNode dropping out). SIGKILL: a
+        crash, which the SuperLink notices after two missed heartbeats (flwr 1.32: 30 s each, not
+        configurable); SIGTERM: the SuperNode leaves (it deactivates itself: noticed at once)."""
         proc = self.processes[name]
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
             pass
 
-    def _stop_one(self, name: str, grace: float = 5.0) -> None:
-        proc = self.processes.get(name)
-        if proc is None:
-            return
+    def _stop_groups(self, names: list[str], grace: float = 5.0) -> None:
+        """SIGTERM every named process group at once (Flower's graceful exits take seconds each:
+        they overlap), SIGKILL what is left after ``grace`` seconds, then the groups' leftovers."""
+        procs = [(name, self.processes[name]) for name in names if name in self.processes]
         for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-            try:
-                os.killpg(proc.pid, sig)  # the group: Flower's child processes too
-            except ProcessLookupError:
+            alive = []
+            for _, proc in procs:
+                try:
+                    os.killpg(proc.pid, sig)  # the group: Flower's child processes too
+                    alive.append(proc)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + wait
+            for proc in alive:
+                try:
+                    proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    pass
+            if all(proc.poll() is not None for _, proc in procs):
                 break
+        for _, proc in procs:  # the leaders are gone; make sure nothing of their groups lingers
             try:
-                proc.wait(timeout=wait)
-                # the leader is gone; make sure nothing of its group lingers
                 os.killpg(proc.pid, signal.SIGKILL)
             except ProcessLookupError:
-                break
-            except subprocess.TimeoutExpired:
-                continue
-            break
+                pass
+
+    def _stop_one(self, name: str, grace: float = 5.0) -> None:
+        self._stop_groups([name], grace)
 
     def stop(self) -> None:
-        for name in reversed(list(self.processes)):
-            self._stop_one(name)
+        # the run first (it would report the SuperLink going away), then the rest together
+        self._stop_groups([name for name in self.processes if name == "flwr-run"])
+        self._stop_groups([name for name in self.processes if name != "flwr-run"])
         self._write_pids()
 
     def __enter__(self) -> "LocalFederation":

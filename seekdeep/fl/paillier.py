@@ -8,11 +8,13 @@ float32 and far too slow for a model. BatchCrypt's answer, followed here:
    stochastic rounding (unbiased: the expected quantised value is the clipped value);
 2. store it **offset-binary** (``0 .. 2**bits - 1``, no sign), so adding ciphertexts adds the
    slots with no borrow between them;
-3. give every slot enough **headroom** for the largest possible sum: ``rounds`` rounds of
-   integer weights summing to ``total_weight``, so a slot holds up to
-   ``rounds * total_weight * (2**bits - 1)`` and the sum can never carry into the next slot;
+3. give every slot enough **headroom** for the largest possible sum: integer weights summing
+   to at most ``total_weight`` (``rounds`` such sums for a one-process running total), so a
+   slot holds up to ``rounds * total_weight * (2**bits - 1)`` and the sum can never carry into
+   the next slot;
 4. **pack** ``(key_bits - 1) // slot_bits`` slots into one plaintext (113 at 2048 bits,
-   bits=16, three clients with weight 1: 18-bit slots).
+   bits=16, three clients with weight 1: 18-bit slots; the Flower path's one spare bit for
+   unequal weights, total weight up to 8: 19-bit slots, 107 per plaintext).
 
 The bounds are checked before encryption (a value outside its slot raises), not hoped for. The
 decoded weighted mean is within one quantisation step ``2 * clip / (2**bits - 1)`` of the mean
@@ -287,7 +289,44 @@ def integer_weights(weights: Sequence[float], total: int) -> list[int]:
     return [int(x) for x in base]
 
 
-def round_weight_total(num_clients: int) -> int:
-    """lcm(1..num_clients): equal weights of any number of surviving clients are exact integers."""
+def exact_integer_weights(weights: Sequence[float], limit: int = 1 << 16) -> list[int] | None:
+    """The smallest integers proportional to ``weights`` (example counts, or any rationals with
+    small denominators: the lcm of the denominators, then divided by the gcd) when they sum to
+    at most ``limit``: homomorphic scalar weights that are exactly the requested ones. None
+    otherwise."""
+    from fractions import Fraction
+
+    if not len(weights) or not all(isinstance(w, (int, float, np.integer, np.floating)) and math.isfinite(w) and w >= 0
+                                   for w in weights):
+        return None
+    fractions = [Fraction(float(w)).limit_denominator(1 << 20) for w in weights]
+    if any(float(f) != float(w) for f, w in zip(fractions, weights)):
+        return None  # not a short rational: no small exact integers
+    denominator = math.lcm(*(f.denominator for f in fractions))
+    ints = [int(f * denominator) for f in fractions]
+    divisor = math.gcd(*ints)
+    if divisor == 0:
+        return None
+    ints = [w // divisor for w in ints]
+    return ints if sum(ints) <= limit else None
+
+
+def round_weights(weights: Sequence[float], capacity: int) -> tuple[list[int], bool]:
+    """One round's integer weights, summing to at most ``capacity`` (the packing's headroom):
+    the exact proportions when they fit (equal weights of any number of clients up to
+    ``capacity``, example counts whose gcd-reduced sum fits), else the closest integers summing
+    to ``capacity`` (largest remainder). Returns (weights, exact)."""
+    _require_int(capacity, "capacity", 1)
+    exact = exact_integer_weights(weights, limit=capacity)
+    if exact is not None:
+        return exact, True
+    return integer_weights(weights, capacity), False
+
+
+def weight_capacity(num_clients: int, bits: int, spare_bits: int = 1) -> int:
+    """The largest total integer weight whose slot sum fits the bits ``num_clients`` clients of
+    weight 1 need plus ``spare_bits``: K=3, 16 bits, one spare bit -> 19-bit slots, total 8."""
     _require_int(num_clients, "num_clients", 1)
-    return math.lcm(*range(1, num_clients + 1))
+    levels = (1 << bits) - 1
+    slot_bits = (num_clients * levels).bit_length() + spare_bits
+    return ((1 << slot_bits) - 1) // levels

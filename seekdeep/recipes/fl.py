@@ -171,21 +171,27 @@ def _heldout_losses(model, clients: list[dict[str, Any]], cfg: FLConfig) -> list
 
 
 def global_model_from_checkpoint(out: Path, cfg: FLConfig, private_key):
-    """The key holder's view: the initial model plus the decrypted running sum."""
-    from seekdeep.fl.app.common import decode_global_delta, flat_trainable, load_flat, load_initial_model, model_layout
-    from seekdeep.fl.app.server import latest_round_checkpoint, read_round_checkpoint
+    """The key holder's view: the initial model plus the global delta rebuilt from every round's
+    aggregate (SecAgg+: the plaintext global weights the server checkpointed)."""
+    from seekdeep.fl.app.common import GlobalState, flat_trainable, load_flat, load_initial_model, model_layout
+    from seekdeep.fl.app.server import latest_round_checkpoint, read_aggregates, read_round_checkpoint
 
-    latest = latest_round_checkpoint(out)
-    if latest is None:
-        raise CheckpointError(f"{out / 'checkpoints'}: no round checkpoint; the server finished no round")
-    state, payload = read_round_checkpoint(latest)
     model = load_initial_model(out / "init", cfg.method)
     layout = model_layout(model, cfg.method)
     if cfg.secure == "secaggplus":  # SecAgg+ reveals the aggregate: the server keeps the weights themselves
+        latest = latest_round_checkpoint(out)
+        if latest is None:
+            raise CheckpointError(f"{out / 'checkpoints'}: no round checkpoint; the server finished no round")
+        state, payload = read_round_checkpoint(latest)
         vector = np.asarray(payload, dtype=np.float64)
     else:
-        vector = flat_trainable(model, cfg.method, layout) + decode_global_delta(
-            payload, int(state["rounds_accumulated"]), cfg, layout, private_key)
+        aggregates = read_aggregates(out)
+        if not aggregates:
+            raise CheckpointError(f"{out / 'checkpoints'}: no round checkpoint; the server finished no round")
+        state = aggregates[-1][0]
+        replayed = GlobalState.zeros(layout.size, cfg).replay([(p, int(s["total_weight"])) for s, p in aggregates],
+                                                              cfg, layout.size, private_key)
+        vector = flat_trainable(model, cfg.method, layout) + replayed.delta
     load_flat(model, cfg.method, layout, vector)
     return model, state
 
@@ -387,7 +393,7 @@ def run_fl(cfg: FLConfig, *, node_faults: dict[int, dict[str, Any]] | None = Non
         "local_only_own_loss": float(np.mean([e["own_loss"] for e in local])) if local else None,
         "rejected": [dict(x, round=r["round"]) for r in rounds for x in r["rejected"]],
         "fl_seconds": fl_seconds, "mean_round_seconds": float(np.mean([r["round_seconds"] for r in rounds])),
-        "global_bytes": rounds[-1]["global_bytes"], "final": str(out / "final"), "loss_png": str(out / "loss.png"),
+        "aggregate_bytes": rounds[-1]["aggregate_bytes"], "final": str(out / "final"), "loss_png": str(out / "loss.png"),
         "base": init_info["base"],
     }
     write_json_atomic(out / "summary.json", summary)
@@ -418,6 +424,8 @@ HELP = {
     "split": "package (whole stdlib packages per client: non-IID) or iid (modules dealt round-robin)",
     "packages": f"comma-separated stdlib packages to federate (default: {DEFAULT_PACKAGES})",
     "min_clients": "fewest accepted updates that make a round (default: num_clients - 1)",
+    "server_lr": "server learning rate: the global step is server_lr times the mean client delta (1: FedAvg)",
+    "server_momentum": "FedAvgM server momentum (0: FedAvg); applied by the key-holding clients",
     "clip": "per-round update deltas are clipped to [-clip, clip] before quantisation (default: 0.1)",
     "resume": "'auto': continue the run in --output-dir after its last completed round",
 }

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 import os
-import time
+import signal
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -64,40 +65,67 @@ def _server_side_files(out: Path) -> list[Path]:
     return files + [p for p in (out / "checkpoints").rglob("*") if p.is_file()]
 
 
-def test_lora_federation_with_a_dropout_and_a_malformed_update(base, tmp_path):
-    """3 clients, federated LoRA. Round 1: client 0's SuperNode is killed once its ClientApp
-    got the message; the round completes with the other two. Round 2: client 2 sends one
-    ciphertext too few; the server rejects it (wrong-shape) and aggregates client 1 alone."""
+def _received(federation, node: int) -> int:
+    """How many train messages SuperNode ``node`` has pulled so far (its log says so)."""
+    log = federation.log_dir / f"supernode-{node}.log"
+    return log.read_text(errors="replace").count("Receiving: train message") if log.is_file() else 0
+
+
+def test_lora_federation_dropout_resume_and_malformed_update(base, tmp_path):
+    """One federated-LoRA run through real Flower processes (3 clients, packed Paillier):
+
+    - round 1: client 0's SuperNode is stopped once it got the message (it leaves: the SuperLink
+      answers for it at once); the round completes with the other two;
+    - the SuperLink (and the ServerApp it runs) is then killed: the run stops with a message
+      naming --resume, and `--resume auto` starts a fresh federation that continues at round 2
+      (every fresh node gets round 1's aggregate from the server's checkpoint);
+    - round 2: client 2 sends one ciphertext too few; it is rejected (wrong-shape) and the
+      round goes on with the two others."""
+    from seekdeep.fl.federation import FederationError
     from seekdeep.recipes.fl import run_fl
 
     out = tmp_path / "run"
-    cfg = _cfg(base, out, method="lora", lora="r=2,alpha=8,targets=q_proj,v_proj", lr=0.05, min_clients=1,
-               local_only=True)
-    killed = []
+    # (a resumed run takes its settings from the saved config: local_only is set from the start)
+    settings = dict(method="lora", lora="r=2,alpha=8,targets=q_proj,v_proj", lr=0.05, min_clients=1, local_only=True)
+    left = []
 
-    def drop_client_0(federation):
-        log = federation.log_dir / "supernode-0.log"
-        if not killed and log.is_file() and "Receiving: train message" in log.read_text(errors="replace"):
-            federation.kill("supernode-0")
-            killed.append(time.monotonic())
+    def drop_client_0_then_kill_the_server(federation):
+        if not left and _received(federation, 0):
+            federation.kill("supernode-0", signal.SIGTERM)
+            left.append(True)
+        if (out / "rounds.jsonl").is_file() and (out / "rounds.jsonl").read_text().count("\n") >= 1:
+            federation.kill("superlink")
 
-    summary = run_fl(cfg, node_faults={2: {"fault": "shape", "fault-round": 2}}, on_federation=drop_client_0)
-    assert killed
+    with pytest.raises(FederationError, match="--resume auto"):
+        run_fl(_cfg(base, out, **settings), on_federation=drop_client_0_then_kill_the_server)
+    assert left and not (out / "summary.json").exists()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["round-0001"]
+    summary = run_fl(_cfg(base, out, **settings, resume="auto"),
+                     node_faults={2: {"fault": "shape", "fault-round": 2}})
+    assert summary["resumed_after_round"] == 1 and summary["rounds"] == 2
     rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [1, 2]
     assert rounds[0]["accepted"] == 2  # the dropped client did not hold the round back
-    assert rounds[1]["accepted"] == 1
-    assert [r["reason"] for r in rounds[1]["rejected"]] == ["wrong-shape"]
-    assert sum(rounds[1]["weights"]) == sum(rounds[0]["weights"])  # weights re-normalised over the survivors
+    assert [r["reason"] for r in rounds[0]["rejected"]] == ["client-error"]
+    assert "Node Unavailable" in rounds[0]["rejected"][0]["detail"]
+    assert rounds[1]["accepted"] == 2 and [r["reason"] for r in rounds[1]["rejected"]] == ["wrong-shape"]
+    assert rounds[0]["weights"] == rounds[1]["weights"] == [1, 1] and rounds[1]["weights_exact"]
+    # uplink: one round's slots (19 bits at 1024-bit keys: 53 values per 256-byte ciphertext);
+    # downlink after the resume: round 1's aggregate to each fresh node
+    values = summary["init"]["update_values"]
+    assert rounds[1]["aggregate_bytes"] == -(-values // 53) * 256 == rounds[1]["sent_bytes"][0]
+    assert rounds[0]["sent_bytes"] == [0, 0, 0]
     # every process the run started is gone, children included
     assert not any(_alive(pid) for pid in json.loads((out / "processes.json").read_text()).values())
     # outputs
     assert (out / "summary.json").is_file() and (out / "loss.png").stat().st_size > 0
     assert (out / "final" / "adapter_model.safetensors").is_file()
-    assert summary["init"]["update_values"] < summary["init"]["model_parameters"] / 10  # adapters only
+    assert values < summary["init"]["model_parameters"] / 10  # adapters only
     assert len(summary["local_only"]) == 3
-    # the global model moved (lr is high enough that a LoRA step on a random base shows)
-    assert summary["global_loss_per_round"][-1][1] != pytest.approx(summary["global_loss_per_round"][0][1], abs=1e-4)
+    # training went on from round 1's model, not from scratch (lr is high enough that a LoRA
+    # step on a random base shows)
+    curve = [loss for _, loss in summary["global_loss_per_round"]]
+    assert curve[2] != pytest.approx(curve[1], abs=1e-4) and curve[1] != pytest.approx(curve[0], abs=1e-4)
     # key custody: nothing the server side saw holds the private key's primes; the public modulus it did get
     private = json.loads((out / "keys" / "private.json").read_text())
     public_n = json.loads((out / "keys" / "public.json").read_text())["n"]
@@ -109,49 +137,50 @@ def test_lora_federation_with_a_dropout_and_a_malformed_update(base, tmp_path):
     assert public_n not in app  # the server reads the key file named in the run config
 
 
-def test_resume_after_the_server_is_killed(base, tmp_path):
-    """The SuperLink (and the ServerApp it runs) is killed after round 1 is checkpointed: the
-    run stops with a message naming --resume; `--resume auto` finishes rounds 2-3 from it."""
-    from seekdeep.fl.federation import FederationError
-    from seekdeep.recipes.fl import run_fl
-
-    out = tmp_path / "run"
-    cfg = _cfg(base, out, method="full", rounds=3, lr=3e-3)
-
-    def kill_server_after_round_1(federation):
-        if (out / "rounds.jsonl").is_file() and (out / "rounds.jsonl").read_text().count("\n") >= 1:
-            federation.kill("superlink")
-
-    with pytest.raises(FederationError, match="--resume auto"):
-        run_fl(cfg, on_federation=kill_server_after_round_1)
-    assert not (out / "summary.json").exists()
-    checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
-    assert checkpoints == ["round-0001"]
-    summary = run_fl(_cfg(base, out, method="full", rounds=3, resume="auto"))
-    assert summary["resumed_after_round"] == 1 and summary["rounds"] == 3
-    rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rounds] == [1, 2, 3]
-    state = json.loads((out / "checkpoints" / "round-0003" / "state.json").read_text())
-    assert state["rounds_accumulated"] == 3
-    # training went on from round 1's model, not from scratch: the loss keeps falling
-    curve = [loss for _, loss in summary["global_loss_per_round"]]
-    assert curve[-1] < curve[1] < curve[0]
-
-
-def test_secaggplus_round(base, tmp_path, monkeypatch):
-    """--secure secaggplus: Flower's SecAgg+ workflow on the legacy strategy API, one round; the
-    global model it checkpoints (plaintext: SecAgg+ reveals the aggregate) is the one evaluated.
-    A relative --output-dir, as `seekdeep fl` gets by default (the Flower processes run elsewhere)."""
+def test_secaggplus_round_survives_a_dropout(base, tmp_path, monkeypatch):
+    """--secure secaggplus (Flower's SecAgg+ workflow on the legacy strategy API), 3 clients,
+    full model: client 0 leaves after it shared its keys (its pairwise masks are in the others'
+    vectors), the unmask stage rebuilds them from the survivors' shares, and the global model
+    is the mean of the two survivors' weights. A relative --output-dir, as `seekdeep fl` gets by
+    default (the Flower processes run elsewhere)."""
+    from seekdeep.data import TokenWindows
+    from seekdeep.fl.app.client import local_train
+    from seekdeep.fl.app.common import flat_trainable, load_initial_model, model_layout
     from seekdeep.recipes.fl import run_fl
 
     monkeypatch.chdir(tmp_path)
     out = Path("runs/fl")
-    summary = run_fl(_cfg(base, out, method="full", secure="secaggplus", rounds=1, lr=3e-3))
+    cfg = _cfg(base, out, method="full", secure="secaggplus", rounds=1, lr=3e-3, min_clients=2)
+    left = []
+
+    def drop_client_0_in_the_masked_vector_stage(federation):
+        # SecAgg+ stages, one train message each: setup, share keys, collect masked vectors, unmask
+        if not left and _received(federation, 0) >= 3:
+            federation.kill("supernode-0", signal.SIGTERM)
+            left.append(True)
+
+    summary = run_fl(cfg, on_federation=drop_client_0_in_the_masked_vector_stage)
+    assert left
     rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
-    assert [(r["round"], r["accepted"]) for r in rounds] == [(1, 3)]
+    assert [(r["round"], r["accepted"]) for r in rounds] == [(1, 2)]
+    survivors = sorted(int(k) for k in rounds[0]["loss_before_per_client"])
+    assert survivors == [1, 2]
     assert not (out / "keys").exists()  # no Paillier keys on this path
     state = json.loads((out / "checkpoints" / "round-0001" / "state.json").read_text())
     assert state["secure"] == "secaggplus" and state["num_values"] == summary["init"]["update_values"]
+    # the unmasked sum is the survivors' mean: their local training, redone here, matches it
+    # within SecAgg+'s quantisation (the dropped client's weights would be ~1e-2 away)
+    trained, threads = [], torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ClientApps ran (one core each): the same float reductions
+    for partition in survivors:
+        model = load_initial_model(out / "init", "full")
+        windows = TokenWindows(out / "data" / f"client-{partition}" / "train.bin", cfg.seq_len, cfg.batch_size,
+                               seed=cfg.seed + 1000 * partition + 1)
+        local_train(model, windows, cfg.local_steps, cfg.learning_rate, "full")
+        trained.append(flat_trainable(model, "full", model_layout(model, "full")))
+    torch.set_num_threads(threads)
+    global_vector = np.load(out / "checkpoints" / "round-0001" / "global.npy")
+    assert np.abs(global_vector - np.mean(trained, axis=0)).max() < 1e-4
     curve = [loss for _, loss in summary["global_loss_per_round"]]
     assert curve[1] < curve[0]  # the securely aggregated model is a trained one
     assert not any(_alive(pid) for pid in json.loads((out / "processes.json").read_text()).values())

@@ -28,8 +28,19 @@ def test_slot_layout_at_2048_bits():
     assert spec.slot_bits == 18 and spec.slots == 113
     # 512-byte ciphertexts carry 113 values: 4.53 bytes per value vs 4 for float32
     assert 512 / spec.slots / 4 < 1.15
-    # a running sum over 3 rounds of weights summing to lcm(1, 2, 3) = 6 needs 21-bit slots
-    assert PackingSpec(bits=16, total_weight=paillier.round_weight_total(3), rounds=3).slot_bits == 21
+    # the Flower path: one round, one spare bit for unequal weights -> total weight 8, 19-bit
+    # slots, 107 per plaintext: 1.20x float32
+    flower = PackingSpec(bits=16, total_weight=paillier.weight_capacity(3, 16), key_bits=2048)
+    assert flower.total_weight == 8 and flower.slot_bits == 19 and flower.slots == 107
+    assert 512 / flower.slots / 4 < 1.2
+
+
+def test_round_weights_are_exact_when_they_fit():
+    assert paillier.round_weights([1.0, 1.0], 8) == ([1, 1], True)  # survivors of a dropout
+    assert paillier.round_weights([16, 24, 8], 8) == ([2, 3, 1], True)  # example counts
+    assert paillier.round_weights([0.5, 0.25, 0.25], 8) == ([2, 1, 1], True)
+    weights, exact = paillier.round_weights([16, 24, 40], 8)  # 2 : 3 : 5 needs a total of 10
+    assert not exact and sum(weights) == 8
 
 
 def test_pack_round_trip_at_the_bounds():
@@ -70,7 +81,7 @@ def test_homomorphic_sum_equals_plaintext_sum_within_one_step(keypair):
 
 def test_weighted_sum_and_running_sum_over_rounds(keypair):
     public_key, private_key = keypair
-    total = paillier.round_weight_total(3)
+    total = 6  # a one-process running total: every round's weights sum to 6 (equal weights of 3 or 2 clients)
     spec = PackingSpec(bits=16, clip=0.2, total_weight=total, rounds=2, key_bits=1024)
     rng = np.random.default_rng(2)
     running, exact = None, np.zeros(300)

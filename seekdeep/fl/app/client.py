@@ -13,10 +13,13 @@ Node config (``flower-supernode --node-config``):
   round go on without it.
 
 Train message (the only one: evaluation of the received global model on the site's held-out
-text rides on it): the server's running sum of round means (ciphertexts, or plaintext floats with
-``--secure none``) and ``rounds-accumulated``; the client decrypts it, adds it to the initial
-model, trains ``local_steps`` steps (FedProx: plus ``mu / 2 * ||w - w_global||^2``), and replies
-with its delta ``w_local - w_global`` clipped, quantised, packed and encrypted.
+text rides on it): the round aggregates this site does not hold yet (``agg-NNNN`` arrays:
+ciphertexts, or plaintext weighted sums with ``--secure none``; ``first-aggregate`` and
+``aggregate-totals`` in the config). The client decrypts them, applies the server step to the
+global delta it keeps in its Flower node state (:class:`GlobalState`; ``first-aggregate`` 0:
+start from the initial model), trains ``local_steps`` steps (FedProx: plus
+``mu / 2 * ||w - w_global||^2``), and replies with its delta ``w_local - w_global`` clipped,
+quantised, packed and encrypted, and ``holds-aggregates``: how many aggregates its state holds.
 """
 
 from __future__ import annotations
@@ -30,10 +33,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from seekdeep.errors import ConfigError
-from seekdeep.fl.app.common import (RunSettings, decode_global_delta, flat_trainable, load_flat, load_initial_model,
-                                    model_layout, packing_spec, trainable_tensors)
+from seekdeep.fl.app.common import (GlobalState, RunSettings, flat_trainable, load_flat, load_initial_model, model_layout,
+                                    packing_spec, trainable_tensors)
 
 app = ClientApp()
+STATE_KEY = "seekdeep-fl-global"
 
 
 class _Site:
@@ -60,10 +64,9 @@ class _Site:
         self.model = load_initial_model(self.settings.init_dir, cfg.method)
         self.layout = model_layout(self.model, cfg.method)
         self.init_vector = flat_trainable(self.model, cfg.method, self.layout)
-        payload = msg.content["arrays"]["global"].numpy()
-        accumulated = int(msg.content["config"]["rounds-accumulated"])
-        self.global_vector = self.init_vector + decode_global_delta(payload, accumulated, cfg, self.layout,
-                                                                   self.private_key)
+        self.context = context
+        self.state = self._global_state(msg)
+        self.global_vector = self.init_vector + self.state.delta
         load_flat(self.model, cfg.method, self.layout, self.global_vector)
         self.round = int(msg.content["config"]["round"])
         self.fault = str(node.get("fault", "")) if int(node.get("fault-round", 0)) == self.round else ""
@@ -71,16 +74,48 @@ class _Site:
                                     seed=cfg.seed + 1000 * self.partition + self.round)
         self.heldout = TokenWindows(self.heldout_path, cfg.seq_len, cfg.batch_size, shuffle=False)
 
+    def _global_state(self, msg: Message) -> GlobalState:
+        """This site's global state brought up to date with the aggregates in ``msg``."""
+        config = msg.content["config"]
+        first = int(config["first-aggregate"])
+        totals = [int(t) for t in config["aggregate-totals"]] if "aggregate-totals" in config else []
+        size = self.layout.size
+        kept = self.context.state
+        if first == 0 or STATE_KEY not in kept:
+            state = GlobalState.zeros(size, self.cfg)
+        else:
+            arrays = kept[STATE_KEY]
+            velocity = arrays["velocity"].numpy() if "velocity" in arrays else None
+            state = GlobalState(arrays["delta"].numpy().astype(np.float64), velocity,
+                                int(kept[STATE_KEY + "-info"]["aggregates"]))
+        if state.aggregates != first:
+            raise ConfigError("first-aggregate", f"the server sent aggregates from #{first}, this site holds "
+                              f"{state.aggregates}; it sends all of them after this error")
+        aggregates = [(msg.content["arrays"][f"agg-{first + i:04d}"].numpy(), total) for i, total in enumerate(totals)]
+        return state.replay(aggregates, self.cfg, size, self.private_key)
 
-def local_train(model, windows, steps: int, lr: float, method: str, proximal_mu: float = 0.0) -> float:
+    def keep_state(self) -> None:
+        """Store the global state in the node's Flower context (kept by the SuperNode between messages)."""
+        arrays = {"delta": Array(self.state.delta)}
+        if self.state.velocity is not None:
+            arrays["velocity"] = Array(self.state.velocity)
+        self.context.state[STATE_KEY] = ArrayRecord(arrays)
+        self.context.state[STATE_KEY + "-info"] = ConfigRecord({"aggregates": self.state.aggregates})
+
+
+def local_train(model, windows, steps: int, lr: float, method: str, proximal_mu: float = 0.0, lr_at=None) -> float:
     """``steps`` AdamW steps on ``windows``; FedProx adds ``mu / 2 * ||w - w_start||^2`` over the
-    trainable tensors. Returns the mean training loss."""
+    trainable tensors. ``lr_at(i)`` (optional): the learning rate of step i (a schedule shared
+    by the federated and the centralized runs). Returns the mean training loss."""
     params = [p for p in trainable_tensors(model, method).values() if p.requires_grad]
     anchors = [p.detach().clone() for p in params] if proximal_mu > 0 else None
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     model.train()
     total = 0.0
-    for _ in range(steps):
+    for i in range(steps):
+        if lr_at is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(i)
         batch = windows.next_batch()
         loss = model(batch, labels=batch).loss
         total += float(loss.detach())
@@ -129,7 +164,9 @@ def train(msg: Message, context: Context) -> Message:
         payload = payload[:-1]
     if site.fault == "key":
         key_fp = "0" * 16
+    site.keep_state()
     metrics = MetricRecord({"num-examples": cfg.local_steps * cfg.batch_size, "train-loss": train_loss,
+                            "holds-aggregates": site.state.aggregates,
                             "eval-loss": eval_loss,
                             "train-seconds": train_seconds, "encode-seconds": time.perf_counter() - started,
                             "clipped": clipped, "partition-id": site.partition})

@@ -1,11 +1,15 @@
 """What the ServerApp and the ClientApp share: the run settings, the initial model, the layout
-of an update, the packing, and the decoding of the global model.
+of an update, the packing, and the key holders' view of the global model.
 
-The global model is never held in plaintext by the server. It is ``init + sum over rounds of
-each round's weighted mean delta``; the server keeps that sum as one vector of Paillier
-ciphertexts (a running homomorphic sum, so its size does not grow with the rounds) and sends it
-to the clients, who decrypt it with the key pair they share and add it to the public initial
-model (``init_dir``, the same files on every site).
+The global model is never held in plaintext by the server. It is ``init + delta``, where the
+clients -- who share the key pair -- build ``delta`` from the sequence of round aggregates:
+each round the server adds the accepted updates homomorphically into one aggregate (its slots
+sized for one round: K clients' weights, so an update costs ~1.2x float32), keeps every
+round's aggregate (checkpointed) and sends each client the ones it does not hold yet (one per
+round in the steady state; all of them to a new or restarted client). Each client decrypts
+them, applies the server optimizer (:class:`GlobalState`: FedAvg, or FedAvgM with
+``server_lr`` / ``server_momentum``) in the same float64 order, and keeps the result in its
+Flower node state for the next round.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import torch
 from seekdeep.errors import CheckpointError, ConfigError
 from seekdeep.fl.aggregation import UpdateLayout
 from seekdeep.fl.config import FLConfig
-from seekdeep.fl.paillier import PackingSpec, round_weight_total
+from seekdeep.fl.paillier import PackingSpec, weight_capacity
 
 ADAPTER = "default"
 #: keys of the Flower run config (written by the recipe into the app's pyproject)
@@ -56,9 +60,10 @@ class RunSettings:
 
 
 def packing_spec(cfg: FLConfig) -> PackingSpec:
-    """Slots with room for ``cfg.rounds`` rounds of weights summing to lcm(1..num_clients)."""
-    return PackingSpec(bits=cfg.quant_bits, clip=cfg.clip, total_weight=round_weight_total(cfg.num_clients),
-                       rounds=cfg.rounds, key_bits=cfg.key_bits)
+    """One round's slots: weights summing to at most ``weight_capacity(num_clients)`` (the bits
+    K clients of weight 1 need, plus one spare bit for unequal weights)."""
+    return PackingSpec(bits=cfg.quant_bits, clip=cfg.clip, total_weight=weight_capacity(cfg.num_clients, cfg.quant_bits),
+                       rounds=1, key_bits=cfg.key_bits)
 
 
 def load_initial_model(init_dir: Path, method: str):
@@ -101,16 +106,46 @@ def load_flat(model, method: str, layout: UpdateLayout, vector: np.ndarray) -> N
         live[name].copy_(tensor.to(live[name].dtype))
 
 
-def decode_global_delta(payload: np.ndarray, rounds_accumulated: int, cfg: FLConfig, layout: UpdateLayout,
-                        private_key=None) -> np.ndarray:
-    """The running sum the server sent -> the float delta to add to the initial model."""
+def decode_aggregate(payload: np.ndarray, total: int, cfg: FLConfig, size: int, private_key=None) -> np.ndarray:
+    """One round's aggregate -> that round's weighted mean delta (float64, ``(size,)``).
+    ``total``: the round's integer weights summed (public; recorded by the server)."""
     from seekdeep.fl.paillier import decode_sum
 
-    if rounds_accumulated == 0 or payload.size == 0:
-        return np.zeros(layout.size)
-    spec = packing_spec(cfg)
     if cfg.secure == "paillier":
         if private_key is None:
-            raise ConfigError("key_file", "decoding the encrypted global model needs the clients' private key")
-        return decode_sum(payload, spec, private_key, layout.size, spec.total_weight, rounds_accumulated)
-    return np.asarray(payload, dtype=np.float64) / spec.total_weight
+            raise ConfigError("key_file", "decoding the encrypted aggregates needs the clients' private key")
+        return decode_sum(payload, packing_spec(cfg), private_key, size, int(total), 1)
+    mean = np.asarray(payload, dtype=np.float64) / int(total)
+    if mean.shape != (size,):
+        raise ConfigError("aggregate", f"plaintext aggregate of shape {mean.shape}, expected ({size},)")
+    return mean
+
+
+@dataclass
+class GlobalState:
+    """The key holders' view: the global model's delta from the public initial model, the
+    server optimizer's velocity (FedAvgM) and how many round aggregates went into them."""
+
+    delta: np.ndarray
+    velocity: np.ndarray | None
+    aggregates: int = 0
+
+    @classmethod
+    def zeros(cls, size: int, cfg: FLConfig) -> "GlobalState":
+        return cls(np.zeros(size), np.zeros(size) if cfg.server_momentum > 0 else None, 0)
+
+    def apply(self, mean: np.ndarray, cfg: FLConfig) -> None:
+        """One round's server step on the mean client delta: FedAvg adds it (``server_lr`` 1,
+        no momentum); FedAvgM keeps ``v = momentum * v + mean`` and adds ``server_lr * v``."""
+        step = mean
+        if self.velocity is not None:
+            self.velocity = cfg.server_momentum * self.velocity + mean
+            step = self.velocity
+        self.delta = self.delta + cfg.server_lr * step
+        self.aggregates += 1
+
+    def replay(self, aggregates, cfg: FLConfig, size: int, private_key=None) -> "GlobalState":
+        """Apply ``(payload, total)`` aggregates in order."""
+        for payload, total in aggregates:
+            self.apply(decode_aggregate(payload, total, cfg, size, private_key), cfg)
+        return self

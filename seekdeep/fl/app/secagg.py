@@ -41,6 +41,7 @@ class _Checkpointing:
 
     def configure_fit(self, server_round, parameters, client_manager):
         self.t_start = time.perf_counter()
+        self.round_no = self.start_round + server_round
         return super().configure_fit(server_round, parameters, client_manager)
 
     def aggregate_fit(self, server_round, results, failures):
@@ -56,7 +57,7 @@ class _Checkpointing:
             write_json_atomic(self.settings.run_dir / "server-error.json", {"error": message})
             raise RuntimeError(message)
         vector = parameters_to_ndarrays(parameters)[0]
-        state = {"round": round_no, "rounds_accumulated": round_no, "key_fingerprint": None,
+        state = {"round": round_no, "key_fingerprint": None,
                  "num_values": int(vector.size), "secure": "secaggplus"}
 
         def write(tmp: Path) -> None:
@@ -73,13 +74,37 @@ class _Checkpointing:
                 "rejected": [{"node": None, "reason": "failure", "detail": str(f)[-300:]} for f in failures],
                 "weights": [int(res.num_examples) for _, res in results],
                 "train_loss": float(np.mean([m["train-loss"] for m in client_metrics])) if client_metrics else None,
-                "round_seconds": time.perf_counter() - self.t_start, "global_bytes": int(vector.nbytes)}
+                "round_seconds": time.perf_counter() - self.t_start, "aggregate_bytes": int(vector.nbytes)}
         if losses:
             info["loss_before"] = float(np.mean(list(losses.values())))
             info["loss_before_per_client"] = {str(k): v for k, v in sorted(losses.items())}
         with open(self.settings.run_dir / "rounds.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(info) + "\n")
         return parameters, metrics
+
+
+class ThresholdedSecAggPlus(SecAggPlusWorkflow):
+    """Flower's SecAgg+ workflow, failing the run with a clear message (``server-error.json``)
+    when too many clients dropped for the masks to be removed, instead of halting silently."""
+
+    def __init__(self, run_dir: Path, strategy: "_Checkpointing", **kwargs):
+        super().__init__(**kwargs)
+        self.run_dir, self.strategy = Path(run_dir), strategy
+
+    def _check_threshold(self, state) -> bool:
+        if super()._check_threshold(state):
+            return True
+        from seekdeep.files import write_json_atomic
+
+        fewest = min(len(state.nid_to_neighbours[n] & state.active_node_ids) for n in state.sampled_node_ids)
+        round_no = getattr(self.strategy, "round_no", None)
+        message = (f"round {round_no}: SecAgg+ cannot unmask the sum: {len(state.active_node_ids)} of "
+                   f"{len(state.sampled_node_ids)} clients still active, a client has {fewest} active neighbours, fewer "
+                   f"than the reconstruction threshold {state.threshold} (SecAgg+ tolerates "
+                   f"{len(state.sampled_node_ids) - state.threshold} dropout(s) here); `seekdeep fl --resume auto` "
+                   "continues from the last checkpointed round")
+        write_json_atomic(self.run_dir / "server-error.json", {"error": message})
+        raise RuntimeError(message)
 
 
 class CheckpointingFedAvg(_Checkpointing, FedAvg):
@@ -121,8 +146,8 @@ def main(grid, context: Context) -> None:
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=remaining, round_timeout=cfg.round_timeout),
                            strategy=strategy)
     # every client shares its mask seeds with the others; any 2 shares rebuild a dropped client's mask
-    workflow = DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(
-        num_shares=cfg.num_clients, reconstruction_threshold=max(2, cfg.min_train_clients),
+    workflow = DefaultWorkflow(fit_workflow=ThresholdedSecAggPlus(
+        settings.run_dir, strategy, num_shares=cfg.num_clients, reconstruction_threshold=max(2, cfg.min_train_clients),
         clipping_range=CLIPPING_RANGE, max_weight=float(cfg.local_steps * cfg.batch_size),
         timeout=cfg.round_timeout))
     workflow(grid, legacy)
@@ -161,8 +186,8 @@ class _SecAggClient(NumPyClient):
                                                              "partition-id": partition}
 
 
-def _client_fn(context: Context):
+def client_fn(context: Context):
     return _SecAggClient(context).to_client()
 
 
-client_app = ClientApp(client_fn=_client_fn, mods=[secaggplus_mod])
+client_app = ClientApp(client_fn=client_fn, mods=[secaggplus_mod])  # the same app as secagg_shim's

@@ -3,19 +3,21 @@
 The server is given the public key only (``public_key_file`` in the run config;
 ``load_public_key`` refuses a file holding a private key, and a run config with a private-key
 entry is refused too). It checks every update (:meth:`ServerAggregator.check`) and rejects
-the malformed ones with a named reason, adds the accepted ones homomorphically with integer
-weights into the running sum (the global model's delta from the public initial model, still
-encrypted), and checkpoints that sum atomically after every round. A round with fewer accepted
-updates than ``min_clients`` fails the run with a message saying so.
+the malformed ones with a named reason, adds the accepted ones homomorphically with the
+round's integer weights into that round's aggregate (still encrypted; slots sized for one
+round), and checkpoints it atomically. Each train message carries the aggregates the
+destination node does not hold yet (the key-holding clients keep the global model in their
+node state, see :mod:`seekdeep.fl.app.common`). A round with fewer accepted updates than
+``min_clients`` fails the run with a message saying so.
 
 Outputs in ``run_dir``: ``rounds.jsonl`` (one line per round), ``checkpoints/round-NNNN/``
-(``global.npy`` + ``state.json``), and ``server-error.json`` if a round fails.
+(``aggregate.npy`` + ``state.json``: every round's, all needed to rebuild the model), and
+``server-error.json`` if a round fails.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections.abc import Iterable
 from logging import INFO, WARNING
@@ -23,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg, FedProx
@@ -31,7 +33,7 @@ from flwr.serverapp.strategy import FedAvg, FedProx
 from seekdeep.errors import CheckpointError
 from seekdeep.fl.aggregation import ServerAggregator, UpdateLayout
 from seekdeep.fl.app.common import RunSettings, packing_spec
-from seekdeep.fl.paillier import UpdateRejected, ciphertext_bytes, integer_weights
+from seekdeep.fl.paillier import UpdateRejected, round_weights
 from seekdeep.files import read_json, write_json_atomic
 
 app = ServerApp()
@@ -42,33 +44,41 @@ class RoundFailed(RuntimeError):
     """Too few updates were accepted in a round (per the strategy's minimum)."""
 
 
-def empty_global(aggregator: ServerAggregator) -> np.ndarray:
-    if aggregator.public_key is None:
-        return np.zeros(0)
-    return np.zeros((0, ciphertext_bytes(aggregator.public_key)), dtype=np.uint8)
-
-
 def latest_round_checkpoint(run_dir: Path) -> Path | None:
     folder = run_dir / CHECKPOINTS
     found = sorted(p for p in folder.glob("round-*") if (p / "state.json").is_file()) if folder.is_dir() else []
     return found[-1] if found else None
 
 
-def read_round_checkpoint(path: Path) -> tuple[dict[str, Any], np.ndarray]:
+def read_round_checkpoint(path: Path, name: str = "global.npy") -> tuple[dict[str, Any], np.ndarray]:
     state = read_json(path / "state.json")
     try:
-        payload = np.load(path / "global.npy", allow_pickle=False)
+        payload = np.load(path / name, allow_pickle=False)
     except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path / 'global.npy'}: unreadable ({exc})") from exc
+        raise CheckpointError(f"{path / name}: unreadable ({exc})") from exc
     return state, payload
+
+
+def read_aggregates(run_dir: Path) -> list[tuple[dict[str, Any], np.ndarray]]:
+    """Every round's (state, aggregate) from ``checkpoints/``, rounds 1..R without a gap."""
+    folder = run_dir / CHECKPOINTS
+    found = sorted(p for p in folder.glob("round-*") if (p / "state.json").is_file()) if folder.is_dir() else []
+    out = [read_round_checkpoint(p, "aggregate.npy") for p in found]
+    rounds = [int(state["round"]) for state, _ in out]
+    if rounds != list(range(1, len(rounds) + 1)):
+        raise CheckpointError(f"{folder}: round checkpoints {rounds}; every round from 1 is needed to rebuild the model")
+    return out
 
 
 class _PackedSecure:
     """The part FedAvg and FedProx share: check, weigh and add the updates on ciphertexts."""
 
-    def setup(self, aggregator: ServerAggregator, settings: RunSettings, start_round: int, accumulated: int) -> None:
+    def setup(self, aggregator: ServerAggregator, settings: RunSettings, start_round: int,
+              aggregates: list[tuple[np.ndarray, int]]) -> None:
         self.aggregator, self.settings = aggregator, settings
-        self.start_round, self.rounds_accumulated = start_round, accumulated
+        self.start_round = start_round
+        self.aggregates = list(aggregates)  # (payload, total weight) per completed round
+        self.node_holds: dict[int, int] = {}  # node -> how many aggregates its state holds (unknown: none)
         self.round_info: dict[str, Any] = {}
         self.started = time.perf_counter()
 
@@ -80,9 +90,26 @@ class _PackedSecure:
         # the first round waits for every site; later ones go on with those still connected
         self.min_available_nodes = cfg.num_clients if server_round == 1 else cfg.min_train_clients
         config["round"] = self._round(server_round)
-        config["rounds-accumulated"] = self.rounds_accumulated
         self.round_info = {"round": self._round(server_round), "t_start": time.perf_counter()}
         return super().configure_train(server_round, arrays, config, grid)
+
+    def _construct_messages(self, record: RecordDict, node_ids: list[int], message_type: str) -> Iterable[Message]:
+        """Train messages differ per node: each carries the aggregates that node lacks."""
+        if message_type != MessageType.TRAIN:
+            return super()._construct_messages(record, node_ids, message_type)
+        messages, sent = [], []
+        for node in node_ids:
+            first = self.node_holds.get(node, 0)
+            config = ConfigRecord({**dict(record[self.configrecord_key]), "first-aggregate": first})
+            missing = self.aggregates[first:]
+            if missing:
+                config["aggregate-totals"] = [int(total) for _, total in missing]
+            arrays = ArrayRecord({f"agg-{first + i:04d}": Array(payload) for i, (payload, _) in enumerate(missing)})
+            messages.append(Message(content=RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config}),
+                                    message_type=message_type, dst_node_id=node))
+            sent.append(int(sum(payload.nbytes for payload, _ in missing)))
+        self.round_info["sent_bytes"] = sent
+        return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         replies = list(replies)
@@ -90,12 +117,15 @@ class _PackedSecure:
         for msg in replies:
             node = int(msg.metadata.src_node_id)
             if msg.has_error():
+                self.node_holds.pop(node, None)  # its state is unknown now: send it everything next time
                 rejected.append({"node": node, "reason": "client-error", "detail": str(msg.error.reason)[-300:]})
                 continue
             try:
                 content = msg.content
                 if "arrays" not in content or "update" not in content["arrays"] or "metrics" not in content:
                     raise UpdateRejected("bad-metadata", "the reply lacks arrays['update'] or metrics")
+                if "holds-aggregates" in content["metrics"]:
+                    self.node_holds[node] = int(content["metrics"]["holds-aggregates"])
                 key_fp = str(content["config"]["key-fingerprint"]) if "config" in content else ""
                 payload = self.aggregator.check(content["arrays"]["update"].numpy(), key_fp or None)
                 weight = float(content["metrics"][self.weighted_by_key])
@@ -118,11 +148,15 @@ class _PackedSecure:
             write_json_atomic(self.settings.run_dir / "server-error.json", {"error": message, **self.round_info,
                                                                            "t_start": None})
             raise RoundFailed(message)
-        int_weights = integer_weights(weights, self.aggregator.spec.total_weight)
+        # exact proportions when they fit the slots' headroom, else the closest (recorded as such)
+        int_weights, exact = round_weights(weights, self.aggregator.spec.total_weight)
+        if not exact:
+            log(WARNING, "round %s: weights %s rounded to %s (the packing holds a total weight of %s)",
+                self._round(server_round), weights, int_weights, self.aggregator.spec.total_weight)
         t0 = time.perf_counter()
-        summed = self.aggregator.accumulate(accepted, int_weights, arrays_payload(self.current))
+        summed = self.aggregator.accumulate(accepted, int_weights)
         self.round_info["aggregate_seconds"] = time.perf_counter() - t0
-        self.rounds_accumulated += 1
+        self.aggregates.append((summed, sum(int_weights)))
         mean = {k: float(np.mean([m[k] for m in metrics])) for k in ("train-loss", "encode-seconds", "train-seconds")
                 if all(k in m for m in metrics)}
         # the clients evaluated the global model they received (after the previous round)
@@ -130,41 +164,34 @@ class _PackedSecure:
         if losses:
             self.round_info["loss_before"] = float(np.mean(list(losses.values())))
             self.round_info["loss_before_per_client"] = {str(k): v for k, v in sorted(losses.items())}
-        self.round_info.update(weights=int_weights, **{k.replace("-", "_"): v for k, v in mean.items()})
-        return ArrayRecord({"global": Array(summed)}), MetricRecord({"accepted": len(accepted)})
+        self.round_info.update(weights=int_weights, requested_weights=weights, weights_exact=exact,
+                               **{k.replace("-", "_"): v for k, v in mean.items()})
+        return ArrayRecord({"aggregate": Array(summed)}), MetricRecord({"accepted": len(accepted)})
 
     def checkpoint(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        """Called by Strategy.start before round 1 and after every round: keep the running sum
-        (atomically: a folder renamed into place) and append the round's line."""
-        self.current = arrays
+        """Called by Strategy.start before round 1 and after every round: write the round's
+        aggregate (atomically: a folder renamed into place) and append the round's line."""
         if server_round == 0:
             return None
         from seekdeep.train import publish_dir
 
         round_no = self._round(server_round)
-        payload = arrays_payload(arrays)
-        state = {"round": round_no, "rounds_accumulated": self.rounds_accumulated,
+        payload, total = self.aggregates[-1]
+        state = {"round": round_no, "total_weight": int(total), "weights": self.round_info.get("weights"),
                  "key_fingerprint": self.aggregator.key_fingerprint, "packing": self.aggregator.spec.to_dict(),
                  "num_values": self.aggregator.num_values}
 
         def write(tmp: Path) -> None:
-            np.save(tmp / "global.npy", payload, allow_pickle=False)
+            np.save(tmp / "aggregate.npy", payload, allow_pickle=False)
             write_json_atomic(tmp / "state.json", state)
 
-        folder = self.settings.run_dir / CHECKPOINTS
-        publish_dir(folder / f"round-{round_no:04d}", write)
-        for old in sorted(folder.glob("round-*"))[:-2]:  # keep the last two
-            shutil.rmtree(old, ignore_errors=True)
+        publish_dir(self.settings.run_dir / CHECKPOINTS / f"round-{round_no:04d}", write)
         info = dict(self.round_info)
         info["round_seconds"] = time.perf_counter() - info.pop("t_start", time.perf_counter())
-        info["global_bytes"] = int(payload.nbytes)
+        info["aggregate_bytes"] = int(payload.nbytes)
         with open(self.settings.run_dir / "rounds.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(info) + "\n")
         return None
-
-
-def arrays_payload(arrays: ArrayRecord) -> np.ndarray:
-    return arrays["global"].numpy()
 
 
 class SecureFedAvg(_PackedSecure, FedAvg):
@@ -183,15 +210,15 @@ def build_strategy(settings: RunSettings):
     public_key = load_public_key(settings.public_key_file, field="public_key_file") if cfg.secure == "paillier" else None
     layout = UpdateLayout.from_dict(read_json(settings.init_dir / "layout.json"))
     aggregator = ServerAggregator(packing_spec(cfg), layout.size, public_key)
-    start_round, accumulated, payload = 0, 0, empty_global(aggregator)
+    aggregates = []
     if settings.resume:
-        latest = latest_round_checkpoint(settings.run_dir)
-        if latest is not None:
-            state, payload = read_round_checkpoint(latest)
-            if state.get("key_fingerprint") != aggregator.key_fingerprint or state.get("num_values") != layout.size:
-                raise CheckpointError(f"{latest}: written for another key or model (key {state.get('key_fingerprint')}, "
-                                      f"{state.get('num_values')} values); resume with the same keys and --method")
-            start_round, accumulated = int(state["round"]), int(state["rounds_accumulated"])
+        for state, payload in read_aggregates(settings.run_dir):
+            if state.get("key_fingerprint") != aggregator.key_fingerprint or state.get("num_values") != layout.size \
+                    or state.get("packing") != aggregator.spec.to_dict():
+                raise CheckpointError(f"round {state.get('round')}: written for another key, model or packing (key "
+                                      f"{state.get('key_fingerprint')}, {state.get('num_values')} values); resume with "
+                                      "the same keys and settings")
+            aggregates.append((payload, int(state["total_weight"])))
     # fraction_evaluate=0: no evaluate messages; the clients evaluate inside the train message
     common = dict(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=cfg.min_train_clients,
                   min_available_nodes=cfg.num_clients)
@@ -199,8 +226,8 @@ def build_strategy(settings: RunSettings):
         strategy = SecureFedProx(proximal_mu=cfg.proximal_mu, **common)
     else:
         strategy = SecureFedAvg(**common)
-    strategy.setup(aggregator, settings, start_round, accumulated)
-    return strategy, ArrayRecord({"global": Array(payload)})
+    strategy.setup(aggregator, settings, len(aggregates), aggregates)
+    return strategy, ArrayRecord()
 
 
 @app.main()
