@@ -56,6 +56,7 @@ ACCEPTS: dict[tuple[str, str], set[str]] = {
     ("fl", "--seed"): {"0"},
     **{("vlm", flag): {"0"} for flag in ("--warmup", "--weight-decay", "--num-latents", "--seed")},
     ("fl", "--proximal-mu"): {"0"},  # FedAvg's local loss
+    ("fl", "--server-momentum"): {"0"},  # plain FedAvg
 }
 
 #: positional / path arguments per command: (argument, kind) with kind "model" (a model directory),
