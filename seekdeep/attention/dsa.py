@@ -24,11 +24,13 @@ from torch import nn
 
 from seekdeep.attention import block_sparse as bsa
 from seekdeep.attention import cpu_kernels
+from seekdeep.attention import token_sparse
 from seekdeep.attention.base import AttentionMask, AttentionSpec, repeat_kv
 from seekdeep.attention.dense import sdpa_attention
 from seekdeep.errors import ConfigError
 
 BLOCK_KERNELS = ("auto", "gather", "gather_fp32", "gather_sdpa", "flex", "flex_eager")
+TOKEN_KERNELS = ("auto", "fused", "masked_sdpa")
 
 
 def _int_option(options: dict, name: str, default: int) -> int:
@@ -142,7 +144,14 @@ class DynamicSparseAttention(nn.Module):
             if block_only:  # nothing a user gave is silently dropped
                 raise ConfigError(f"attention_options.{block_only[0]}", "only applies with block_size > 1; "
                                   "accepted: set block_size > 1 or drop the option")
+            self.token_kernel = opts.get("token_kernel", "auto")
+            if self.token_kernel not in TOKEN_KERNELS:
+                raise ConfigError("attention_options.token_kernel",
+                                  f"got {self.token_kernel!r}; accepted: {', '.join(TOKEN_KERNELS)}")
             return
+        if "token_kernel" in opts:
+            raise ConfigError("attention_options.token_kernel", "is token-mode only (block_size=1); accepted in "
+                              "block mode: block_kernel")
         if "local_window" in opts:
             raise ConfigError("attention_options.local_window", "is token-mode only (block_size=1); accepted "
                               "in block mode: local_blocks (recent blocks always attended)")
@@ -175,12 +184,12 @@ class DynamicSparseAttention(nn.Module):
             return layer(x)
         return F.linear(x.to(compute_dtype), layer.weight.to(compute_dtype)).to(x.dtype)
 
-    def index_scores(self, hidden_states: torch.Tensor, cache_state: dict | None) -> torch.Tensor:
-        """Index scores (B, Tq, Tk) for this step's queries against every visible key.
-
-        With ``cache_state`` this step's index keys are appended to ``cache_state["index_k"]``.
-        The input is detached, as in DeepSeek-V3.2, so indexer training never moves the trunk.
-        """
+    def index_parts(self, hidden_states: torch.Tensor, cache_state: dict | None):
+        """The indexer's queries (B, Tq, Hi, Di), keys (B, Tk, Di) and head weights (B, Tq, Hi),
+        the weights already scaled by Hi^-0.5 (DeepSeek-V3.2 scales the head weights by Hi^-0.5
+        and the dot products by Di^-0.5). With ``cache_state`` this step's index keys are
+        appended to ``cache_state["index_k"]``. The input is detached, as in DeepSeek-V3.2, so
+        indexer training never moves the trunk."""
         x = hidden_states.detach()
         b, tq, _ = x.shape
         q_idx = self.index_q(x).view(b, tq, self.index_heads, self.index_head_dim)  # (B, Tq, Hi, Di)
@@ -190,16 +199,27 @@ class DynamicSparseAttention(nn.Module):
             if past is not None:
                 k_idx = torch.cat([past.to(k_idx.dtype), k_idx], dim=1)  # (B, Tk, Di)
             cache_state["index_k"] = k_idx.detach()
-        # DeepSeek-V3.2 scales the head weights by Hi^-0.5 and the dot products by Di^-0.5.
         w = self.index_weights(x).float() * self.index_heads**-0.5  # (B, Tq, Hi)
+        return q_idx, k_idx, w
+
+    def distance_scores(self, q_start: int, tq: int, tk: int, device) -> torch.Tensor | None:
+        """The learned score per query-key distance, (Tq, Tk), for queries at slots
+        ``q_start .. q_start + tq - 1`` against keys ``0 .. tk - 1``; None without the option."""
+        if self.index_distance is None:
+            return None
+        q_slots = torch.arange(q_start, q_start + tq, device=device)[:, None]  # (Tq, 1)
+        distance = (q_slots - torch.arange(tk, device=device)[None]).clamp(0, self.distance_bias - 1)  # (Tq, Tk)
+        return self.index_distance.float()[distance]
+
+    def index_scores(self, hidden_states: torch.Tensor, cache_state: dict | None) -> torch.Tensor:
+        """Index scores (B, Tq, Tk) for this step's queries against every visible key (see
+        :meth:`index_parts`; this is the reference computation, autograd through einsum)."""
+        q_idx, k_idx, w = self.index_parts(hidden_states, cache_state)
+        tq, tk = q_idx.shape[1], k_idx.shape[1]
         dots = torch.einsum("bthd,bsd->bths", q_idx.float(), k_idx.float()).relu()  # (B, Tq, Hi, Tk)
         scores = torch.einsum("bths,bth->bts", dots, w) * self.index_head_dim**-0.5  # (B, Tq, Tk)
-        if self.index_distance is not None:
-            tk = k_idx.shape[1]
-            q_slots = torch.arange(tk - tq, tk, device=x.device)[:, None]  # (Tq, 1)
-            distance = (q_slots - torch.arange(tk, device=x.device)[None]).clamp(0, self.distance_bias - 1)  # (Tq, Tk)
-            scores = scores + self.index_distance.float()[distance]
-        return scores
+        bias = self.distance_scores(tk - tq, tq, tk, hidden_states.device)
+        return scores if bias is None else scores + bias
 
     def forward(
         self,
@@ -216,19 +236,21 @@ class DynamicSparseAttention(nn.Module):
             raise ValueError("dsa attention needs hidden_states (B, Tq, C) for its indexer")
         if self.block_size > 1:
             return self._block_forward(q, k, v, mask, scale, hidden_states, cache_state)
+        dense = self.dense_warmup or self.topk >= k.shape[2]
+        trains_indexer = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+        fused = self.token_kernel == "fused" or (
+            self.token_kernel == "auto" and q.device.type == "cpu"
+            and (self.compute_indexer_loss or (trains_indexer and not dense))
+        )
+        if fused:
+            return self._fused_forward(q, k, v, mask, scale, hidden_states, cache_state, dense)
         scores = self.index_scores(hidden_states, cache_state)  # (B, Tq, Tk)
-        if scores.shape[-1] != k.shape[2] or scores.shape[1] != q.shape[2]:
-            raise ValueError(
-                f"dsa indexer sees {scores.shape[-1]} keys for {scores.shape[1]} queries but "
-                f"attention has Tk={k.shape[2]}, Tq={q.shape[2]}; cache_state['index_k'] must "
-                "hold one index key per cached slot"
-            )
+        self._check_index_keys(scores, q, k)
         allowed = mask.to_bool(q.device)  # (B or 1, 1, Tq, Tk)
+        straight_through = scores.requires_grad
         self.indexer_loss = (
             self._indexer_loss(q, k, scores, allowed[:, 0], scale) if self.compute_indexer_loss else None
         )
-        dense = self.dense_warmup or self.topk >= k.shape[2]
-        straight_through = scores.requires_grad
         if dense and not straight_through:
             self.last_kernel = "dense_sdpa"
             return sdpa_attention(q, k, v, mask, scale)
@@ -254,6 +276,55 @@ class DynamicSparseAttention(nn.Module):
         )  # (B, H, Tq, Dv)
         return out.masked_fill(empty, 0.0)
 
+    @staticmethod
+    def _check_index_keys(scores, q, k) -> None:
+        if scores.shape[-1] != k.shape[2] or scores.shape[1] != q.shape[2]:
+            raise ValueError(
+                f"dsa indexer sees {scores.shape[-1]} keys for {scores.shape[1]} queries but "
+                f"attention has Tk={k.shape[2]}, Tq={q.shape[2]}; cache_state['index_k'] must "
+                "hold one index key per cached slot"
+            )
+
+    def _fused_forward(self, q, k, v, mask: AttentionMask, scale, hidden_states, cache_state, dense: bool):
+        """The ``fused`` token kernel (:mod:`seekdeep.attention.token_sparse`): one logit tensor for
+        the indexer's KL target and the attention over the selected keys, with the same values and
+        gradients as the ``masked_sdpa`` path. Dense (warm-up, or topk covering every key) attends
+        to every allowed key, still carrying the straight-through term when the indexer trains.
+
+        Every step of it is row-wise, so it runs over query chunks, each against the keys up to
+        its last query only: causality leaves the rest masked (5/8 of the work at 4 chunks)."""
+        self.last_kernel = "fused"
+        q_idx, k_idx, w = self.index_parts(hidden_states, cache_state)
+        scores_shape = (q.shape[0], q_idx.shape[1], k_idx.shape[1])
+        self._check_index_keys(torch.empty(scores_shape, device="meta"), q, k)
+        allowed_all = mask.to_bool(q.device)  # (B or 1, 1, Tq, Tk)
+        q_offset, tq = mask.q_offset, q.shape[2]
+        outs, kl_sum, kl_rows = [], None, 0
+        for start, stop in token_sparse.query_chunks(tq, k.shape[2] - tq):
+            k_stop = q_offset + stop  # keys past the chunk's last query slot are never visible to it
+            allowed = allowed_all[:, :, start:stop, :k_stop]  # (B or 1, 1, c, Kc)
+            scores = token_sparse.IndexerScores.apply(q_idx[:, start:stop], k_idx[:, :k_stop], w[:, start:stop],
+                                                      self.index_head_dim**-0.5)  # (B, c, Kc)
+            bias = self.distance_scores(q_offset + start, stop - start, k_stop, q.device)
+            if bias is not None:
+                scores = scores + bias
+            selected = None
+            if not dense and int(allowed.sum(-1).max()) > self.topk:  # else every allowed key is kept
+                selected = token_sparse.topk_mask(scores, allowed[:, 0], self.topk, local_window=self.local_window,
+                                                  q_offset=q_offset + start)[:, None]  # (B, 1, c, Kc)
+            out, target = token_sparse.SharedLogitsAttention.apply(
+                q[:, :, start:stop], k[:, :, :k_stop], v[:, :, :k_stop], scores if scores.requires_grad else None,
+                allowed, selected, scale, self.compute_indexer_loss,
+            )
+            outs.append(out)
+            if target is not None:
+                part, rows = token_sparse.indexer_kl(scores, target, allowed[:, 0], reduction="sum")
+                kl_sum, kl_rows = part if kl_sum is None else kl_sum + part, kl_rows + rows
+        self.indexer_loss = None
+        if self.compute_indexer_loss:
+            self.indexer_loss = kl_sum / kl_rows if kl_rows else kl_sum * 0.0
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
     def _indexer_loss(self, q, k, scores, allowed, scale) -> torch.Tensor:
         """KL(dense attention summed over heads || softmax(index scores)) over allowed keys.
 
@@ -266,11 +337,7 @@ class DynamicSparseAttention(nn.Module):
             probs = logits.masked_fill(~allowed[:, None], float("-inf")).softmax(-1).nan_to_num(0.0)
             target = probs.sum(1)  # (B, Tq, Tk)
             target = target / target.sum(-1, keepdim=True).clamp_min(torch.finfo(target.dtype).tiny)
-        rows = allowed.any(-1)  # (B, Tq)
-        # Empty rows see every key here so log_softmax stays finite; they are dropped below.
-        log_pred = scores.masked_fill(~(allowed | ~rows[..., None]), float("-inf")).log_softmax(-1)
-        kl = torch.where(allowed, torch.xlogy(target, target) - target * log_pred, 0.0).sum(-1)  # (B, Tq)
-        return kl[rows].mean() if rows.any() else scores.sum() * 0.0
+        return token_sparse.indexer_kl(scores, target, allowed)
 
     # ------------------------------------------------------------------------- block mode
 
