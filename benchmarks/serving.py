@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import random
 import socket
@@ -34,7 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_name, emit  # noqa: E402
+from common import cpu_capability_fields, device_name, emit  # noqa: E402
 
 from seekdeep.models.llama import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from seekdeep.serve.engine import Engine, EngineConfig  # noqa: E402
@@ -43,6 +44,7 @@ from seekdeep.serve.sampling import SamplingParams  # noqa: E402
 
 def run_engine(engine: Engine, prompts: list[list[int]], new_tokens: list[int]) -> tuple[float, int]:
     params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in new_tokens]
+    engine.reset_prefix_cache()  # repeats reuse the prompts: each run computes them like transformers does
     start = time.perf_counter()
     outputs = engine.generate(prompts, params)
     elapsed = time.perf_counter() - start
@@ -123,6 +125,182 @@ def run_server_bench(model_dir: Path, args) -> dict:
         log.close()
 
 
+# ----------------------------------------------------------------------------- Poisson traces
+
+
+def run_trace(engine: Engine, trace: list[tuple[float, list[int], SamplingParams]], tag: str) -> dict[str, list[float]]:
+    """Replay ``(arrival_s, prompt, params)`` in real time against the engine (requests join
+    at their arrival, the loop steps whenever work is queued). Per request: time to first
+    token and end-to-end latency from its arrival, and its output length."""
+    start = time.perf_counter()
+    arrival, first, done, produced = {}, {}, {}, {}
+    i = 0
+    while i < len(trace) or engine.has_unfinished():
+        now = time.perf_counter() - start
+        while i < len(trace) and trace[i][0] <= now:
+            rid = f"{tag}-{i}"
+            engine.add_request(rid, trace[i][1], trace[i][2])
+            arrival[rid] = trace[i][0]
+            i += 1
+        if not engine.has_unfinished():
+            time.sleep(max(0.0, trace[i][0] - now))
+            continue
+        outputs = engine.step()
+        t = time.perf_counter() - start
+        for out in outputs:
+            if out.new_token_ids and out.request_id not in first:
+                first[out.request_id] = t
+            if out.finished:
+                done[out.request_id] = t
+                produced[out.request_id] = out.num_output_tokens
+    ids = list(arrival)
+    return {"ttft": [first[r] - arrival[r] for r in ids], "latency": [done[r] - arrival[r] for r in ids],
+            "output_tokens": [produced[r] for r in ids]}
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]  # nearest rank
+
+
+def poisson_arrivals(n: int, rate: float, rng: random.Random) -> list[float]:
+    t, out = 0.0, []
+    for _ in range(n):
+        t += rng.expovariate(rate)
+        out.append(t)
+    return out
+
+
+def bench_prefix_cache(model, args, dev_name: str) -> None:
+    """A shared ``--system-len``-token system prompt + a short user turn per request, Poisson
+    arrivals: TTFT with the prefix cache vs without, same trace, interleaved repeats (each
+    starts with an empty cache, so its first request is a miss)."""
+    vocab = model.config.vocab_size
+    rng = random.Random(3)
+    system = [rng.randrange(vocab) for _ in range(args.system_len)]
+    prompts = [system + [rng.randrange(vocab) for _ in range(rng.randint(16, 64))] for _ in range(args.trace_requests)]
+    params = SamplingParams(max_tokens=args.trace_new_tokens, temperature=0, ignore_eos=True)
+    cfg = dict(max_num_seqs=args.concurrency, max_num_batched_tokens=args.max_num_batched_tokens)
+    engines = {"cached": Engine(model, EngineConfig(**cfg)), "cold": Engine(model, EngineConfig(**cfg, prefix_caching=False))}
+    # rate: half of what the cache-less engine sustains (a 1K prefill per request), so the anchor is not overloaded
+    start = time.perf_counter()
+    engines["cold"].generate(prompts[:4], params)
+    per_request = (time.perf_counter() - start) / 4
+    rate = 0.5 / per_request
+    trace_times = poisson_arrivals(len(prompts), rate, random.Random(4))
+    trace = list(zip(trace_times, prompts, [params] * len(prompts)))
+    runs = {k: {"p50": [], "p99": [], "hit_rate": []} for k in engines}
+    for rep in range(args.repeats):
+        for name, engine in engines.items():
+            engine.reset_prefix_cache()
+            q0, h0 = engine.scheduler.prefix_query_tokens, engine.scheduler.prefix_hit_tokens
+            result = run_trace(engine, trace, f"prefix-{rep}")
+            runs[name]["p50"].append(statistics.median(result["ttft"]))
+            runs[name]["p99"].append(percentile(result["ttft"], 99))
+            q, h = engine.scheduler.prefix_query_tokens - q0, engine.scheduler.prefix_hit_tokens - h0
+            runs[name]["hit_rate"].append(h / q if q else 0.0)
+    workload = dict(requests=len(prompts), system_prompt_tokens=args.system_len, user_tokens="uniform 16..64",
+                    new_tokens=args.trace_new_tokens, arrival_rate_per_s=round(rate, 3), max_num_seqs=args.concurrency,
+                    model="llama small (19.5M, vocab 32000)", dtype="float32", **cpu_capability_fields())
+    for q in ("p50", "p99"):
+        emit(f"serving_prefix_cache_ttft_{q}_s", statistics.median(runs["cached"][q]), "s", statistics.median(runs["cold"][q]),
+             "the same engine and Poisson trace without prefix caching", dev_name, **workload,
+             target_ratio=0.3 if q == "p50" else None, runs=[round(x, 4) for x in runs["cached"][q]],
+             anchor_runs=[round(x, 4) for x in runs["cold"][q]],
+             hit_rate=round(statistics.median(runs["cached"]["hit_rate"]), 4))
+
+
+def bench_ragged_decode(model, args, dev_name: str) -> None:
+    """Decode rows of very different history lengths (prompts of 16..--ragged-max-len tokens,
+    all decoding together): one padded forward vs the runner's length buckets. Output tokens/s
+    and the padding fraction of the key slots the decode forwards attended over."""
+    rng = random.Random(7)
+    vocab = model.config.vocab_size
+    prompts = [[rng.randrange(vocab) for _ in range(rng.randint(16, args.ragged_max_len))] for _ in range(args.concurrency)]
+    new_tokens = [args.trace_new_tokens * 4] * len(prompts)
+    cfg = dict(max_num_seqs=args.concurrency, max_num_batched_tokens=args.max_num_batched_tokens, prefix_caching=False)
+    engines = {"buckets": Engine(model, EngineConfig(**cfg)), "padded": Engine(model, EngineConfig(**cfg, decode_buckets=1))}
+    runs = {k: {"tps": [], "padding": []} for k in engines}
+    for _ in range(args.repeats):
+        for name, engine in engines.items():
+            slots, real = engine.runner.decode_key_slots, engine.runner.decode_real_slots
+            t, n = run_engine(engine, prompts, new_tokens)
+            runs[name]["tps"].append(n / t)
+            slots, real = engine.runner.decode_key_slots - slots, engine.runner.decode_real_slots - real
+            runs[name]["padding"].append(1 - real / slots)
+    padding = {k: round(statistics.median(v["padding"]), 4) for k, v in runs.items()}
+    emit("serving_ragged_decode_length_buckets_tokens_per_s", statistics.median(runs["buckets"]["tps"]), "output tokens/s",
+         statistics.median(runs["padded"]["tps"]), "the same engine, every decode row padded to the longest history",
+         dev_name, requests=len(prompts), prompt_len=f"uniform 16..{args.ragged_max_len}", new_tokens=new_tokens[0],
+         padding_fraction=padding["buckets"], anchor_padding_fraction=padding["padded"],
+         runs=[round(x, 2) for x in runs["buckets"]["tps"]], anchor_runs=[round(x, 2) for x in runs["padded"]["tps"]],
+         model="llama small (19.5M, vocab 32000)", **cpu_capability_fields())
+
+
+def length_trace(model, n: int, rng: random.Random, max_tokens: int):
+    """Requests of four tasks (a 16-token instruction each) whose outputs end at a stop token
+    after a task-typical length (6, 20, 60 or 150 tokens, +-25%). The stop token is the token a
+    seeded sampled continuation produces at that position, found by generating it once: every
+    request then ends by itself (as at an eos), while max_tokens is the same for all."""
+    vocab = model.config.vocab_size
+    tasks = [([rng.randrange(vocab) for _ in range(16)], length) for length in (6, 20, 60, 150)]
+    requests = []
+    for i in range(n):
+        instruction, length = tasks[rng.randrange(len(tasks))]
+        prompt = instruction + [rng.randrange(vocab) for _ in range(rng.randint(8, 48))]
+        target = max(2, round(length * rng.uniform(0.75, 1.25)))
+        requests.append((prompt, target, 1000 + i))
+    probe = Engine(model, EngineConfig(max_num_seqs=32, max_num_batched_tokens=4096, prefix_caching=False))
+    continuations = probe.generate([p for p, _, _ in requests], [SamplingParams(max_tokens=max(t for _, t, _ in requests),
+                                   temperature=1.0, seed=s, ignore_eos=True) for _, _, s in requests])
+    out = []
+    for (prompt, target, seed), cont in zip(requests, continuations):
+        j = target - 1
+        while j < len(cont) - 1 and cont[j] in cont[:j]:  # the first position at or after the target whose token is new
+            j += 1
+        out.append((prompt, SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=seed, ignore_eos=True,
+                                           stop_token_ids=[cont[j]]), j + 1))
+    return out
+
+
+def bench_length_scheduling(model, args, dev_name: str) -> None:
+    """Shortest-predicted-first (the predictor trained on a warm-up trace's finished requests)
+    vs FCFS admission under the same Poisson trace: mean and p99 end-to-end latency."""
+    rng = random.Random(5)
+    warmup = length_trace(model, args.trace_requests, rng, 256)
+    measured = length_trace(model, args.trace_requests, rng, 256)
+    cfg = dict(max_num_seqs=args.schedule_seqs, max_num_batched_tokens=args.max_num_batched_tokens, prefix_caching=False)
+    engines = {"predicted": Engine(model, EngineConfig(**cfg, schedule="predicted")),
+               "fcfs": Engine(model, EngineConfig(**cfg))}
+    # the server's own history: the predicted engine learns from the warm-up requests it finishes
+    engines["predicted"].generate([p for p, _, _ in warmup], [sp for _, sp, _ in warmup])
+    # rate: 90% of what FCFS sustains on this trace when every request is queued at once
+    start = time.perf_counter()
+    engines["fcfs"].generate([p for p, _, _ in measured], [sp for _, sp, _ in measured])
+    rate = 0.9 * len(measured) / (time.perf_counter() - start)
+    times = poisson_arrivals(len(measured), rate, random.Random(6))
+    trace = [(t, p, sp) for t, (p, sp, _) in zip(times, measured)]
+    runs = {k: {"mean": [], "p99": [], "tokens": []} for k in engines}
+    for rep in range(args.repeats):
+        for name, engine in engines.items():
+            result = run_trace(engine, trace, f"sched-{rep}")
+            runs[name]["mean"].append(statistics.mean(result["latency"]))
+            runs[name]["p99"].append(percentile(result["latency"], 99))
+            runs[name]["tokens"].append(sum(result["output_tokens"]))
+    pred = engines["predicted"].length_predictor
+    errors = [abs(pred.predict(p, 256) - n) / n for p, _, n in measured]
+    workload = dict(requests=len(measured), tasks="4 instructions, outputs 6/20/60/150 tokens +-25% (stop token)",
+                    arrival_rate_per_s=round(rate, 3), max_num_seqs=args.schedule_seqs,
+                    predictor_observations=pred.count, predictor_median_relative_error=round(statistics.median(errors), 3),
+                    output_tokens={k: runs[k]["tokens"] for k in runs}, model="llama small (19.5M, vocab 32000)",
+                    **cpu_capability_fields())
+    for stat in ("mean", "p99"):
+        emit(f"serving_length_aware_vs_fcfs_latency_{stat}_s", statistics.median(runs["predicted"][stat]), "s",
+             statistics.median(runs["fcfs"][stat]), "FCFS admission, same engine and Poisson trace", dev_name,
+             **workload, runs=[round(x, 4) for x in runs["predicted"][stat]],
+             anchor_runs=[round(x, 4) for x in runs["fcfs"][stat]])
+
+
 def save_word_tokenizer(model_dir: Path, vocab_size: int) -> None:
     """A word-level tokenizer with one token per id (the benchmark sends token-id prompts; the
     server still needs a tokenizer to stream text back)."""
@@ -151,13 +329,28 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved runs per system; the median is reported")
     parser.add_argument("--skip-server", action="store_true")
+    parser.add_argument("--parts", default="throughput,prefix,schedule,ragged,server",
+                        help="comma-separated: throughput (vs transformers), prefix (TTFT with a shared system prompt), "
+                        "schedule (length-aware vs FCFS), ragged (decode length buckets), server (HTTP)")
+    parser.add_argument("--system-len", type=int, default=1024, help="prefix part: shared system prompt tokens")
+    parser.add_argument("--trace-requests", type=int, default=24, help="prefix / schedule parts: requests per trace")
+    parser.add_argument("--trace-new-tokens", type=int, default=16, help="prefix part: tokens generated per request")
+    parser.add_argument("--ragged-max-len", type=int, default=1024, help="ragged part: longest prompt")
+    parser.add_argument("--schedule-seqs", type=int, default=4,
+                        help="schedule part: max_num_seqs (small, so that requests queue and the order matters)")
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
+    unknown = parts - {"throughput", "prefix", "schedule", "ragged", "server"}
+    if unknown:
+        parser.error(f"--parts: unknown {sorted(unknown)}")
+    if args.skip_server:
+        parts.discard("server")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device
     dev_name = device_name(device)
     torch.manual_seed(0)
-    cfg = LlamaConfig.from_name("small", vocab_size=32000, max_position_embeddings=512, eos_token_id=None,
+    cfg = LlamaConfig.from_name("small", vocab_size=32000, max_position_embeddings=2048, eos_token_id=None,
                                 bos_token_id=None, pad_token_id=0, attention_backend="sdpa")
     model = LlamaForCausalLM(cfg)
     model.init_weights()
@@ -168,7 +361,15 @@ def main() -> None:
     variable = [rng.randint(16, args.new_tokens) for _ in range(args.requests)]
     workload = dict(requests=args.requests, concurrency=args.concurrency, prompt_len=args.prompt_len,
                     new_tokens=args.new_tokens, model="llama small (19.5M, vocab 32000)", dtype="float32",
-                    max_num_batched_tokens=args.max_num_batched_tokens)
+                    max_num_batched_tokens=args.max_num_batched_tokens, **cpu_capability_fields())
+    if "prefix" in parts:
+        bench_prefix_cache(model, args, dev_name)
+    if "schedule" in parts:
+        bench_length_scheduling(model, args, dev_name)
+    if "ragged" in parts:
+        bench_ragged_decode(model, args, dev_name)
+    if not parts & {"throughput", "server"}:
+        return
 
     budget = args.max_num_batched_tokens
     engine = Engine(model, EngineConfig(max_num_seqs=args.concurrency, max_num_batched_tokens=budget))
@@ -185,40 +386,42 @@ def main() -> None:
                                                                attn_implementation="sdpa").to(device).eval()
         run_hf_static(hf, prompts[:2], [8, 8], 2, device)  # warm-up
 
-        # Interleaved repeats, median kept: the machine is shared, so load drifts during a run.
-        runs: dict[str, list[float]] = {"cb": [], "seq": [], "hf": [], "cb_var": [], "hf_var": []}
-        for _ in range(args.repeats):
-            t, n = run_engine(engine, prompts, fixed)
-            runs["cb"].append(n / t)
-            t, n = run_hf_static(hf, prompts, fixed, args.concurrency, device)
-            runs["hf"].append(n / t)
-            seq_time, seq_tokens = 0.0, 0
-            for p in prompts[: args.sequential_requests]:
-                t, n = run_engine(seq_engine, [p], [args.new_tokens])
-                seq_time, seq_tokens = seq_time + t, seq_tokens + n
-            runs["seq"].append(seq_tokens / seq_time)
-            t, n = run_engine(engine, prompts, variable)
-            runs["cb_var"].append(n / t)
-            t, n = run_hf_static(hf, prompts, variable, args.concurrency, device)
-            runs["hf_var"].append(n / t)
-        med = {k: statistics.median(v) for k, v in runs.items()}
-        rounded = {k: [round(x, 2) for x in v] for k, v in runs.items()}
-        cb_tps = med["cb"]
-        emit("serving_continuous_vs_sequential_batch1_tokens_per_s", cb_tps, "output tokens/s", med["seq"],
-             "same engine, one request at a time (batch 1)", dev_name, **workload,
-             sequential_requests_timed=args.sequential_requests, target_ratio=8.0,
-             decode_path=engine.runner.decode_path, runs=rounded["cb"], anchor_runs=rounded["seq"])
-        emit("serving_continuous_vs_hf_static_batching_tokens_per_s", cb_tps, "output tokens/s", med["hf"],
-             f"transformers {transformers.__version__} generate, static batches of {args.concurrency}", dev_name,
-             **workload, target_ratio=1.0, runs=rounded["cb"], anchor_runs=rounded["hf"])
-        emit("serving_variable_lengths_continuous_vs_hf_static_tokens_per_s", med["cb_var"],
-             "useful output tokens/s", med["hf_var"],
-             "transformers generate, static batches (wait for the longest request)", dev_name,
-             **{**workload, "new_tokens": f"uniform 16..{args.new_tokens}"}, runs=rounded["cb_var"],
-             anchor_runs=rounded["hf_var"])
+        cb_tps = None
+        if "throughput" in parts:
+            # Interleaved repeats, median kept: the machine is shared, so load drifts during a run.
+            runs: dict[str, list[float]] = {"cb": [], "seq": [], "hf": [], "cb_var": [], "hf_var": []}
+            for _ in range(args.repeats):
+                t, n = run_engine(engine, prompts, fixed)
+                runs["cb"].append(n / t)
+                t, n = run_hf_static(hf, prompts, fixed, args.concurrency, device)
+                runs["hf"].append(n / t)
+                seq_time, seq_tokens = 0.0, 0
+                for p in prompts[: args.sequential_requests]:
+                    t, n = run_engine(seq_engine, [p], [args.new_tokens])
+                    seq_time, seq_tokens = seq_time + t, seq_tokens + n
+                runs["seq"].append(seq_tokens / seq_time)
+                t, n = run_engine(engine, prompts, variable)
+                runs["cb_var"].append(n / t)
+                t, n = run_hf_static(hf, prompts, variable, args.concurrency, device)
+                runs["hf_var"].append(n / t)
+            med = {k: statistics.median(v) for k, v in runs.items()}
+            rounded = {k: [round(x, 2) for x in v] for k, v in runs.items()}
+            cb_tps = med["cb"]
+            emit("serving_continuous_vs_sequential_batch1_tokens_per_s", cb_tps, "output tokens/s", med["seq"],
+                 "same engine, one request at a time (batch 1)", dev_name, **workload,
+                 sequential_requests_timed=args.sequential_requests, target_ratio=8.0,
+                 decode_path=engine.runner.decode_path, runs=rounded["cb"], anchor_runs=rounded["seq"])
+            emit("serving_continuous_vs_hf_static_batching_tokens_per_s", cb_tps, "output tokens/s", med["hf"],
+                 f"transformers {transformers.__version__} generate, static batches of {args.concurrency}", dev_name,
+                 **workload, target_ratio=1.1, runs=rounded["cb"], anchor_runs=rounded["hf"])
+            emit("serving_variable_lengths_continuous_vs_hf_static_tokens_per_s", med["cb_var"],
+                 "useful output tokens/s", med["hf_var"],
+                 "transformers generate, static batches (wait for the longest request)", dev_name,
+                 **{**workload, "new_tokens": f"uniform 16..{args.new_tokens}"}, target_ratio=1.3, runs=rounded["cb_var"],
+                 anchor_runs=rounded["hf_var"])
         del hf
 
-        if not args.skip_server:
+        if "server" in parts:
             report = run_server_bench(model_dir, args)
             emit("serving_http_server_output_tokens_per_s", report["output_tokens_per_s"], "output tokens/s", cb_tps,
                  "the bare engine in-process (HTTP + SSE + detokenization overhead)", dev_name, **workload,

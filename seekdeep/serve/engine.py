@@ -55,6 +55,7 @@ class EngineConfig:
     prefix_caching: bool = True
     schedule: str = "fcfs"
     schedule_aging: float = 1.0
+    decode_buckets: int = 4  # most length buckets a ragged decode batch is split into (1: never split)
 
     def __post_init__(self) -> None:
         if isinstance(self.kv_cache_memory, str):
@@ -70,6 +71,7 @@ class EngineConfig:
         if self.schedule not in POLICIES:
             raise ConfigError("schedule", f"unknown {self.schedule!r}; accepted: {', '.join(POLICIES)}")
         check_float("schedule_aging", self.schedule_aging, 0, 1e6, lo_open=True)
+        check_int("decode_buckets", self.decode_buckets, 1, 64)
 
 
 @dataclass
@@ -130,6 +132,7 @@ class Engine:
         self.runner = ModelRunner(
             model, self.kv_cache, static_decode=config.static_decode, compile_decode=config.compile_decode,
             compile_backend=config.compile_backend, max_batch=config.max_num_seqs,
+            decode_buckets=config.decode_buckets,
         )
         self.speculator = None
         if speculative is not None:

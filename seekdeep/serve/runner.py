@@ -12,6 +12,16 @@ cudagraph trees): the batch is padded up to a power of two and the key length up
 multiple of ``kv_bucket`` so only a few shapes are ever recorded, and the KV pools are marked
 as static addresses so the graphs write into them in place. The same padded ("static")
 layout runs eagerly on CPU, where a test checks it gives the eager path's tokens.
+
+Ragged decode batches: every row of a forward is padded to the longest history, so 32 rows
+of 16..1024 cached tokens would attend over (and keep a dense copy of) 32 x 1024 key slots.
+On the eager path the decode rows are split into up to ``decode_buckets`` length buckets,
+each its own forward, where a split removes at least ``bucket_saving`` of the padded slots
+(and every bucket keeps ``bucket_min_rows`` rows, so the weights are not re-read for a few
+rows). The partition is kept while the set of decoding sequences is unchanged -- their
+histories grow in lockstep -- so each bucket's dense view is extended in place as before.
+``decode_key_slots`` / ``decode_real_slots`` count what the decode forwards attended over
+and how much of it was real (padding fraction = 1 - real / slots).
 """
 
 from __future__ import annotations
@@ -51,6 +61,9 @@ class ModelRunner:
         compile_mode: str | None = "reduce-overhead",
         kv_bucket: int = 64,
         max_batch: int = 32,
+        decode_buckets: int = 4,
+        bucket_saving: float = 0.25,
+        bucket_min_rows: int = 4,
     ):
         self.model = model
         self.paged = paged
@@ -62,7 +75,12 @@ class ModelRunner:
         self.kv_bucket = kv_bucket
         self.max_batch = max_batch
         self.view_growth = 128
-        self._view: DecodeView | None = None  # the eager decode path's dense history (see DecodeView)
+        self._views: dict[int, DecodeView] = {}  # per length bucket: the eager decode path's dense history
+        self.decode_buckets, self.bucket_saving, self.bucket_min_rows = decode_buckets, bucket_saving, bucket_min_rows
+        self._partition_key: tuple[str, ...] | None = None
+        self._partition: dict[str, int] = {}  # seq_id -> length bucket
+        self.decode_key_slots = 0
+        self.decode_real_slots = 0
         self._compiled = None
         # vision-language models: per request, the placeholder positions of its prompt and the
         # image features that replace them (computed once when the request arrives)
@@ -77,8 +95,40 @@ class ModelRunner:
         self.decode_path = "compiled" if self._compiled is not None else ("static" if self.static_decode else "eager")
 
     def release(self) -> None:
-        """Drop the decode view (the engine calls this when it goes idle)."""
-        self._view = None
+        """Drop the decode views (the engine calls this when it goes idle)."""
+        self._views = {}
+        self._partition_key, self._partition = None, {}
+
+    @property
+    def decode_padding_fraction(self) -> float:
+        """Share of the key slots decode forwards attended over that were padding, since start."""
+        return 1.0 - self.decode_real_slots / self.decode_key_slots if self.decode_key_slots else 0.0
+
+    def _length_buckets(self, seqs: list[Sequence]) -> dict[str, int]:
+        """seq_id -> bucket for one decode batch: recursive best single split of the rows sorted
+        by history length, kept when it saves ``bucket_saving`` of the padded slots."""
+        key = tuple(s.seq_id for s in seqs)
+        if key == self._partition_key:
+            return self._partition
+        ordered = sorted(seqs, key=lambda s: s.num_computed)
+        parts = [ordered]
+        while len(parts) < self.decode_buckets:
+            best = None  # (saving, part index, split point)
+            for p, part in enumerate(parts):
+                lengths = [s.num_computed + 1 for s in part]
+                total = len(part) * lengths[-1]
+                for i in range(self.bucket_min_rows, len(part) - self.bucket_min_rows + 1):
+                    saving = total - (i * lengths[i - 1] + (len(part) - i) * lengths[-1])
+                    if saving >= self.bucket_saving * total and (best is None or saving > best[0]):
+                        best = (saving, p, i)
+            if best is None:
+                break
+            _, p, i = best
+            parts[p : p + 1] = [parts[p][:i], parts[p][i:]]
+        self._partition_key = key
+        self._partition = {s.seq_id: b for b, part in enumerate(parts) for s in part}
+        self._views = {b: v for b, v in self._views.items() if b < len(parts)}
+        return self._partition
 
     def _forward(self, input_ids, attention_mask, position_ids, cache, inputs_embeds=None):
         if inputs_embeds is not None:
@@ -137,21 +187,25 @@ class ModelRunner:
     @torch.no_grad()
     def execute(self, items: list[tuple[Sequence, int]]) -> torch.Tensor:
         """(N, V) float logits of the last computed token of every item, in ``items`` order."""
-        groups: dict[int, list[int]] = defaultdict(list)
-        for i, (_, n) in enumerate(items):
-            groups[n].append(i)
+        decoding = [seq for seq, n in items if n == 1]
+        buckets = {}
+        if self.decode_buckets > 1 and not self.static_decode and len(decoding) >= 2 * self.bucket_min_rows:
+            buckets = self._length_buckets(decoding)
+        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for i, (seq, n) in enumerate(items):
+            groups[(n, buckets.get(seq.seq_id, 0) if n == 1 else 0)].append(i)
         if len(groups) == 1:  # the common all-decode step: no re-stacking
-            n = items[0][1]
-            return self._run_group([seq for seq, _ in items], n)
+            ((n, bucket),) = groups
+            return self._run_group([seq for seq, _ in items], n, bucket)
         logits: list[torch.Tensor | None] = [None] * len(items)
-        for n, rows in groups.items():
+        for (n, bucket), rows in groups.items():
             seqs = [items[i][0] for i in rows]
-            out = self._run_group(seqs, n)
+            out = self._run_group(seqs, n, bucket)
             for j, i in enumerate(rows):
                 logits[i] = out[j]
         return torch.stack(logits)
 
-    def _run_group(self, seqs: list[Sequence], n: int) -> torch.Tensor:
+    def _run_group(self, seqs: list[Sequence], n: int, bucket: int = 0) -> torch.Tensor:
         static = n == 1 and self.static_decode
         batch = len(seqs)
         computed = [s.num_computed for s in seqs]
@@ -178,14 +232,18 @@ class ModelRunner:
             return torch.where(valid, table.gather(1, pos // bs) * bs + pos % bs, 0)
 
         dev = self.device
+        if n == 1:
+            self.decode_key_slots += padded_batch * k_len
+            self.decode_real_slots += sum(computed) + batch
         if n == 1 and not static:
             seq_ids = [s.seq_id for s in seqs]
-            if self._view is None or not self._view.fits(seq_ids, computed):
-                self._view = None  # free the old buffers first
-                self._view = DecodeView(self.paged, slot_matrix()[:, :past].to(dev), past + self.view_growth,
-                                        seq_ids, computed)
+            view = self._views.get(bucket)
+            if view is None or not view.fits(seq_ids, computed):
+                self._views.pop(bucket, None)  # free the old buffers first
+                view = self._views[bucket] = DecodeView(self.paged, slot_matrix()[:, :past].to(dev),
+                                                        past + self.view_growth, seq_ids, computed)
             new_slots = torch.tensor([s.block_ids[c // bs] * bs + c % bs for s, c in zip(seqs, computed)])
-            cache = DecodeViewCache(self.paged, self._view, new_slots.to(dev))
+            cache = DecodeViewCache(self.paged, view, new_slots.to(dev))
         else:
             slots = slot_matrix()
             cache = StepCache(self.paged, slots.to(dev, non_blocking=True), n)

@@ -306,3 +306,15 @@ def test_dsa_distance_bias_serves_like_generate():
     prompts = _prompts((3, 40, 17, 25))
     assert Engine(model, EngineConfig(block_size=4, num_blocks=128)).generate(prompts, GREEDY) == \
         [_alone(model, p) for p in prompts]
+
+
+def test_ragged_decode_batches_split_by_length_and_keep_the_tokens(model):
+    # 8 short and 8 long histories decoding together: one forward pads every row to the longest
+    prompts = _prompts((3, 5, 4, 6, 2, 7, 5, 3, 120, 110, 125, 118, 121, 115, 124, 119), seed=4)
+    whole = Engine(model, EngineConfig(block_size=4, num_blocks=256, max_num_batched_tokens=2048, decode_buckets=1))
+    split = Engine(model, EngineConfig(block_size=4, num_blocks=256, max_num_batched_tokens=2048))
+    expected = whole.generate(prompts, GREEDY)
+    assert split.generate(prompts, GREEDY) == expected == [_alone(model, p) for p in prompts]
+    assert whole.runner.decode_padding_fraction > 0.4  # the short rows' slots were mostly padding
+    assert split.runner.decode_padding_fraction < 0.1
+    assert split.runner.decode_real_slots == whole.runner.decode_real_slots  # the same real work
