@@ -172,7 +172,9 @@ class ChatCompletionRequest(_SamplingFields):
 
 class EmbeddingRequest(_Strict):
     model: str = Field(min_length=1)
-    input: PromptType
+    # strings / token ids for any model; content parts (text, image_url) for an embedding model
+    # with an image encoder (seekdeep.serve.encoders)
+    input: Union[PromptType, list[Union[str, TextPart, ImageURLPart]]]
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(default=None, ge=1)
     user: str | None = None

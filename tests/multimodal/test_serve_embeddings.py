@@ -1,0 +1,146 @@
+"""`/v1/embeddings` for a CLIP-layout model (what `seekdeep align` saves): text and images in one
+space through the official openai client against a real `seekdeep serve` process."""
+
+import base64
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+openai = pytest.importorskip("openai")
+
+from seekdeep.multimodal.align_data import PROMPT, WordTokenizer, caption_words, image_processor  # noqa: E402
+from seekdeep.multimodal.clip import ClipConfig, ClipModel, ClipTextConfig  # noqa: E402
+from seekdeep.multimodal.config import VisionConfig  # noqa: E402
+
+
+def _png(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _image(seed: int) -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("clip-serve") / "clip"
+    tok = WordTokenizer(caption_words())
+    torch.manual_seed(0)
+    text = ClipTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                          num_attention_heads=4, max_position_embeddings=16, pad_token_id=tok.pad_token_id,
+                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    vision = VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                          image_size=16, patch_size=4)
+    model = ClipModel(ClipConfig(text_config=text, vision_config=vision, projection_dim=24))
+    model.init_weights(std=0.3)
+    model.save_pretrained(root)
+    tok.save_pretrained(root)
+    image_processor(16).save_pretrained(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def client(clip_dir):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(clip_dir.parent / "server.log", "w")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "seekdeep.cli", "serve", str(clip_dir), "--host", "127.0.0.1",
+                             "--port", str(port), "--max-images", "3", "--log-level", "warning"],
+                            stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError((clip_dir.parent / "server.log").read_text())
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    yield openai.OpenAI(api_key="unused", base_url=f"{url}/v1", max_retries=0, timeout=60), url
+    proc.terminate()
+    proc.wait(60)
+    log.close()
+
+
+def _local(clip_dir, texts=(), images=()):
+    model = ClipModel.from_pretrained(clip_dir)
+    tok = WordTokenizer.from_pretrained(clip_dir)
+    out = {}
+    with torch.no_grad():
+        if texts:
+            batch = tok(list(texts))
+            out["text"] = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).text_embeds
+        if images:
+            pixels = image_processor(16)(list(images))["pixel_values"]
+            out["image"] = model(pixel_values=pixels).image_embeds
+    return out
+
+
+def test_text_and_image_embeddings_match_the_model_in_one_space(client, clip_dir):
+    api, _ = client
+    texts = [PROMPT.format("seven"), "the digit two"]
+    images = [_image(0), _image(1)]
+    # one request, mixed modalities, order kept
+    reply = api.embeddings.create(model="clip", input=[
+        texts[0], {"type": "image_url", "image_url": {"url": _png(images[0])}},
+        {"type": "text", "text": texts[1]}, {"type": "image_url", "image_url": {"url": _png(images[1])}}])
+    got = torch.tensor([d.embedding for d in sorted(reply.data, key=lambda d: d.index)])
+    local = _local(clip_dir, texts, images)
+    expected = torch.stack([local["text"][0], local["image"][0], local["text"][1], local["image"][1]])
+    assert got.shape == (4, 24)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    assert torch.allclose(got.norm(dim=-1), torch.ones(4), atol=1e-5)
+    # the plain string form (openai's own types) gives the same text vectors; a repeat is a cache hit
+    again = api.embeddings.create(model="clip", input=texts)
+    torch.testing.assert_close(torch.tensor([d.embedding for d in again.data]), local["text"], atol=1e-5, rtol=1e-4)
+    assert again.usage.prompt_tokens == sum(len(t.split()) + 2 for t in texts)
+
+
+def test_models_list_and_health_describe_the_embedding_model(client):
+    api, url = client
+    card = httpx.get(f"{url}/v1/models/clip").json()
+    assert card["kind"] == "embedding" and card["dimensions"] == 24 and card["modalities"] == ["text", "image"]
+    assert [m.id for m in api.models.list().data] == ["clip"]
+    assert httpx.get(f"{url}/health").json()["embedding_models"]["clip"]["dimensions"] == 24
+
+
+@pytest.mark.parametrize("payload, code", [
+    ({"input": [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}, "remote_image_url"),
+    ({"input": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,aGVsbG8="}}]}, "invalid_image"),
+    ({"input": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBO"}}] * 4}, "too_many_images"),
+    ({"input": "x " * 40}, "context_length_exceeded"),
+    ({"input": "hello", "dimensions": 7}, None),
+])
+def test_bad_embedding_inputs_are_400s(client, payload, code):
+    _, url = client
+    r = httpx.post(f"{url}/v1/embeddings", json={"model": "clip", **payload}, timeout=30)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] in ("input", "dimensions")
+    if code is not None:
+        assert err["code"] == code
+
+
+def test_generation_routes_refuse_the_embedding_model(client):
+    api, _ = client
+    with pytest.raises(openai.BadRequestError) as info:
+        api.chat.completions.create(model="clip", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert info.value.body["code"] == "embedding_model"
+    with pytest.raises(openai.BadRequestError):
+        api.completions.create(model="clip", prompt="hi", max_tokens=2)
