@@ -222,3 +222,34 @@ def test_configs_refuse_bad_values():
                draft_model=_llama(2, vocab=VOCAB * 2))
     with pytest.raises(ConfigError, match="draft model"):
         Engine(target, EngineConfig(num_blocks=16), speculative=SpeculativeConfig("draft"))
+
+
+@pytest.mark.slow
+def test_server_drafts_with_the_compact_model_and_reports_acceptance(model_dirs):
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from seekdeep.serve.server import ServerConfig, create_app
+
+    small, large = model_dirs
+    config = ServerConfig(model_dirs=[str(small), str(large)], model_names=["small", "large"], speculative="draft",
+                          num_speculative_tokens=3, engine=EngineConfig(num_blocks=256), shutdown_timeout=5)
+    with TestClient(create_app(config)) as client:
+        deadline = time.monotonic() + 120
+        while (health := client.get("/health")).status_code != 200:
+            assert health.json()["status"] == "loading" and time.monotonic() < deadline, health.json()
+            time.sleep(0.1)
+        body = {"model": "large", "prompt": "def add(a, b):", "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+        first = client.post("/v1/completions", json=body).json()
+        assert first["usage"]["completion_tokens"] == 12
+        again = client.post("/v1/completions", json=body).json()
+        assert again["choices"][0]["text"] == first["choices"][0]["text"]  # greedy: the same tokens every time
+        sampled = client.post("/v1/completions", json={**body, "temperature": 0.8, "seed": 3, "n": 2}).json()
+        assert [c["finish_reason"] for c in sampled["choices"]] == ["length", "length"]
+        metrics = client.get("/metrics").text
+    values = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
+              if line.startswith("seekdeep_spec_decode")}
+    assert values['seekdeep_spec_decode_draft_tokens{model="large"}'] > 0
+    assert 0 <= values['seekdeep_spec_decode_acceptance_rate{model="large"}'] <= 1
+    assert not any('model="small"' in name for name in values)  # the compact model serves without drafting
