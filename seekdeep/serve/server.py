@@ -39,11 +39,14 @@ from seekdeep.serve.embeddings import EmbeddingCache
 from seekdeep.serve.engine import AsyncEngine, Engine, EngineConfig, EngineDeadError, QueueFullError
 from seekdeep.serve.length_predictor import FILE_NAME as LENGTH_PREDICTOR_FILE, LengthPredictor
 from seekdeep.serve.metrics import ServerMetrics
+from seekdeep.serve.encoders import EncoderModel, decode_data_url, is_encoder_dir, load_encoder
 from seekdeep.serve.protocol import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingRequest,
+    ImageURLPart,
+    TextPart,
 )
 from seekdeep.serve.router import ROUTER_NAME, ComplexityRouter
 from seekdeep.serve.sampling import SamplingParams, TokenLogprobs
@@ -154,6 +157,11 @@ def load_served_models(config: ServerConfig) -> list[ServedModel]:
 
     served = []
     for path, name in zip(config.model_dirs, config.model_names):
+        if is_encoder_dir(path):  # a CLIP dual encoder: /v1/embeddings only, no engine
+            served.append(load_encoder(path, name, dtype=config.dtype, device=config.device,
+                                       cache_size=config.embedding_cache_size, max_pixels=config.max_image_pixels))
+            log.info("loaded %s from %s (embedding model: text and images)", name, path)
+            continue
         model = AutoModel.from_pretrained(path, dtype=config.dtype, device=config.device)
         tokenizer = AutoTokenizer.from_pretrained(path)
         if tokenizer.chat_template is None:
@@ -194,31 +202,12 @@ def _image_processor_for(model, path):
 def _decode_images(messages, config: ServerConfig) -> list:
     """Every image_url part of the conversation, decoded, in order. Only inline ``data:`` URLs
     with base64 image bytes are accepted: the server fetches nothing from the network."""
-    from seekdeep.multimodal.image_processing import ImageError, decode_image
-
     urls = [url for m in messages for url in m.image_urls()]
     if len(urls) > config.max_images:
         raise APIError(400, f"messages: {len(urls)} images in one request; the limit is {config.max_images}",
                        param="messages", code="too_many_images")
-    images = []
-    for i, url in enumerate(urls):
-        where = f"messages: image {i}"
-        if not url.startswith("data:"):
-            raise APIError(400, f"{where}: only inline data: URLs (data:image/png;base64,...) are accepted; this server "
-                           f"has no network access to fetch {url[:60]!r}", param="messages", code="remote_image_url")
-        header, sep, payload = url.partition(",")
-        if not sep or not header.endswith(";base64") or not header[5:].startswith("image/"):
-            raise APIError(400, f"{where}: expected data:image/<type>;base64,<bytes>, got {header[:60]!r}",
-                           param="messages", code="invalid_image")
-        try:
-            data = base64.b64decode(payload, validate=True)
-        except (ValueError, TypeError) as exc:
-            raise APIError(400, f"{where}: invalid base64 ({exc})", param="messages", code="invalid_image") from None
-        try:
-            images.append(decode_image(data, field=where, max_pixels=config.max_image_pixels))
-        except ImageError as exc:
-            raise APIError(400, str(exc), param="messages", code="invalid_image") from None
-    return images
+    return [decode_data_url(url, f"messages: image {i}", "messages", config.max_image_pixels)
+            for i, url in enumerate(urls)]
 
 
 def _expand_image_tokens(served: ServedModel, ids: list[int], num_images: int) -> list[int]:
@@ -245,6 +234,7 @@ class _State:
         self.config = config
         self.loader = loader
         self.models: dict[str, ServedModel] = {}
+        self.encoders: dict[str, EncoderModel] = {}  # embedding-only models (no engine)
         self.router: ComplexityRouter | None = None
         self.ready = False
         self.draining = False
@@ -254,10 +244,14 @@ class _State:
 
     def load(self) -> None:
         try:
-            served = self.loader(self.config)
+            loaded = self.loader(self.config)
+            self.encoders = {m.name: m for m in loaded if isinstance(m, EncoderModel)}
+            served = [m for m in loaded if not isinstance(m, EncoderModel)]
             self.models = {m.name: m for m in served}
             names = [m.name for m in served]
-            self.router = ComplexityRouter(names, {m.name: m.max_model_len for m in served}, self.config.route_threshold)
+            if served:
+                self.router = ComplexityRouter(names, {m.name: m.max_model_len for m in served},
+                                               self.config.route_threshold)
             self.ready = True
         except Exception as exc:  # noqa: BLE001 - reported by /health and every request
             log.exception("model loading failed")
@@ -434,7 +428,10 @@ def create_app(config: ServerConfig, loader: Callable[[ServerConfig], list[Serve
         """A named model, or the router's choice for ``auto`` from (prompt tokens, new tokens)."""
         if requested in state.models:
             return state.models[requested]
-        if requested == ROUTER_NAME:
+        if requested in state.encoders:
+            raise APIError(400, f"model: `{requested}` is an embedding model (text and image encoders); it answers "
+                           "/v1/embeddings only", param="model", code="embedding_model")
+        if requested == ROUTER_NAME and state.router is not None:
             first = state.models[state.router.models[0]]
             prompt_tokens, new_tokens = estimate(first)
             chosen = state.router.route(prompt_tokens, new_tokens)
@@ -555,7 +552,9 @@ def create_app(config: ServerConfig, loader: Callable[[ServerConfig], list[Serve
             name: {"running": m.engine.num_running, "waiting": m.engine.num_waiting,
                    "kv_cache_usage": m.engine.kv_cache_usage, "decode_path": m.engine.engine.runner.decode_path,
                    "prefix_cache_hit_rate": m.engine.engine.prefix_cache_hit_rate}
-            for name, m in state.models.items()}}
+            for name, m in state.models.items()},
+            **({"embedding_models": {name: {"dimensions": m.dimensions, "cached": len(m.embedding_cache)}
+                                     for name, m in state.encoders.items()}} if state.encoders else {})}
 
     @app.get("/metrics")
     async def metrics():
@@ -586,7 +585,7 @@ def create_app(config: ServerConfig, loader: Callable[[ServerConfig], list[Serve
 
     @app.get("/v1/models", dependencies=[Depends(require_ready)])
     async def list_models():
-        data = [model_card(m) for m in state.models.values()]
+        data = [model_card(m) for m in state.models.values()] + [m.card() for m in state.encoders.values()]
         if len(state.models) > 1:
             data.append({"id": ROUTER_NAME, "object": "model", "created": min(m.created for m in state.models.values()),
                          "owned_by": "seekdeep", "root": None, "routes_to": list(state.models)})
@@ -594,6 +593,8 @@ def create_app(config: ServerConfig, loader: Callable[[ServerConfig], list[Serve
 
     @app.get("/v1/models/{model_id}", dependencies=[Depends(require_ready)])
     async def get_model(model_id: str):
+        if model_id in state.encoders:
+            return state.encoders[model_id].card()
         if model_id not in state.models:
             raise APIError(404, f"The model `{model_id}` does not exist", param="model", code="model_not_found")
         return model_card(state.models[model_id])
@@ -766,10 +767,41 @@ def create_app(config: ServerConfig, loader: Callable[[ServerConfig], list[Serve
         return await run_generation(request, served, [ids], [plist], req.stream, on_stream, on_done, pixel_values)
 
     # ---- /v1/embeddings
+    async def encoder_embeddings(req: EmbeddingRequest, served: EncoderModel):
+        """Text and image inputs of an embedding-only model, in one shared space."""
+        if req.dimensions is not None and req.dimensions != served.dimensions:
+            raise APIError(400, f"dimensions: this model's embeddings have {served.dimensions} dimensions, got "
+                           f"{req.dimensions}", param="dimensions")
+        images = sum(isinstance(x, ImageURLPart) for x in (req.input if isinstance(req.input, list) else []))
+        if images > config.max_images:  # counted before any image is decoded
+            raise APIError(400, f"input: {images} images in one request; the limit is {config.max_images}",
+                           param="input", code="too_many_images")
+        items = served.parse(req.input)
+        hits = served.embedding_cache.hits
+        vectors = await asyncio.to_thread(served.embed, items)
+        state.metrics.embedding_cache_hits.labels(served.name).inc(served.embedding_cache.hits - hits)
+        state.metrics.embedding_cache_misses.labels(served.name).inc(len(items) - (served.embedding_cache.hits - hits))
+        data = []
+        for i, vector in enumerate(vectors):
+            if req.encoding_format == "base64":
+                value: Any = base64.b64encode(vector.numpy().astype("<f4").tobytes()).decode("ascii")
+            else:
+                value = vector.tolist()
+            data.append({"object": "embedding", "index": i, "embedding": value})
+        tokens = sum(len(v) for kind, v in items if kind == "text")
+        return {"object": "list", "data": data, "model": served.name,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
     @app.post("/v1/embeddings", dependencies=[Depends(require_ready)])
     async def embeddings(req: EmbeddingRequest):
+        if req.model in state.encoders:
+            return await encoder_embeddings(req, state.encoders[req.model])
+
         def encode(served: ServedModel) -> list[list[int]]:
             inp = req.input
+            if any(isinstance(x, (TextPart, ImageURLPart)) for x in (inp if isinstance(inp, list) else [])):
+                raise APIError(400, f"input: {served.name} embeds text only (content parts need an embedding model "
+                               "such as a CLIP directory from `seekdeep align`)", param="input")
             if isinstance(inp, str):
                 return [served.tokenizer.encode(inp)]
             if all(isinstance(x, str) for x in inp):
