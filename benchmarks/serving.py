@@ -36,6 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import cpu_capability_fields, device_name, emit  # noqa: E402
+from serving_speculative import add_arguments as add_speculative_arguments, bench_speculative  # noqa: E402
 
 from seekdeep.models.llama import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from seekdeep.serve.engine import Engine, EngineConfig  # noqa: E402
@@ -331,16 +332,18 @@ def main() -> None:
     parser.add_argument("--skip-server", action="store_true")
     parser.add_argument("--parts", default="throughput,prefix,schedule,ragged,server",
                         help="comma-separated: throughput (vs transformers), prefix (TTFT with a shared system prompt), "
-                        "schedule (length-aware vs FCFS), ragged (decode length buckets), server (HTTP)")
+                        "schedule (length-aware vs FCFS), ragged (decode length buckets), server (HTTP); "
+                        "speculative (drafter / n-gram vs the full model alone, not in the default set)")
     parser.add_argument("--system-len", type=int, default=1024, help="prefix part: shared system prompt tokens")
     parser.add_argument("--trace-requests", type=int, default=24, help="prefix / schedule parts: requests per trace")
     parser.add_argument("--trace-new-tokens", type=int, default=16, help="prefix part: tokens generated per request")
     parser.add_argument("--ragged-max-len", type=int, default=1024, help="ragged part: longest prompt")
     parser.add_argument("--schedule-seqs", type=int, default=4,
                         help="schedule part: max_num_seqs (small, so that requests queue and the order matters)")
+    add_speculative_arguments(parser)
     args = parser.parse_args()
     parts = set(args.parts.split(","))
-    unknown = parts - {"throughput", "prefix", "schedule", "ragged", "server"}
+    unknown = parts - {"throughput", "prefix", "schedule", "ragged", "server", "speculative"}
     if unknown:
         parser.error(f"--parts: unknown {sorted(unknown)}")
     if args.skip_server:
@@ -368,6 +371,8 @@ def main() -> None:
         bench_length_scheduling(model, args, dev_name)
     if "ragged" in parts:
         bench_ragged_decode(model, args, dev_name)
+    if "speculative" in parts:
+        bench_speculative(args, dev_name)
     if not parts & {"throughput", "server"}:
         return
 
