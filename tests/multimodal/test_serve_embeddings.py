@@ -3,17 +3,13 @@ space through the official openai client against a real `seekdeep serve` process
 
 import base64
 import io
-import os
-import socket
-import subprocess
-import sys
-import time
 
 import httpx
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from servers import ServerProcess
 
 openai = pytest.importorskip("openai")
 
@@ -53,29 +49,12 @@ def clip_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(clip_dir):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(clip_dir.parent / "server.log", "w")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "seekdeep.cli", "serve", str(clip_dir), "--host", "127.0.0.1",
-                             "--port", str(port), "--max-images", "3", "--log-level", "warning"],
-                            stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError((clip_dir.parent / "server.log").read_text())
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    yield openai.OpenAI(api_key="unused", base_url=f"{url}/v1", max_retries=0, timeout=60), url
-    proc.terminate()
-    proc.wait(60)
-    log.close()
+    server = ServerProcess([str(clip_dir), "--max-images", "3"], clip_dir.parent / "server.log")
+    try:
+        server.wait_ready(120)
+        yield openai.OpenAI(api_key="unused", base_url=f"{server.url}/v1", max_retries=0, timeout=60), server.url
+    finally:
+        server.stop()
 
 
 def _local(clip_dir, texts=(), images=()):
