@@ -7,7 +7,7 @@ import os
 import pytest
 
 from seekdeep.posttrain.instructions import FunctionTask, function_tasks
-from seekdeep.posttrain.rewards import DoctestReward, LengthReward, RewardSet, RLPrompt, parse_reward
+from seekdeep.posttrain.rewards import DoctestReward, LengthReward, RewardSet, RLPrompt, parse_reward, prefix_reward
 from seekdeep.posttrain.sandbox import run_doctests
 
 ADD_DOC = '''Add two numbers.
@@ -86,6 +86,11 @@ def test_parse_and_length_rewards(tokenizer):
     assert parse_reward(prompt, "   ") == 0.0  # an empty body is not an answer
     length = LengthReward(tokenizer, budget=4)
     assert length(prompt, "x") == 1.0 and length(prompt, " ".join(["x"] * 40)) == 0.0
+    # prefix: the longest leading run of lines that parses under the header, as a share of the lines
+    assert prefix_reward(prompt, "y = x\nreturn y") == 1.0
+    assert prefix_reward(prompt, "y = x\nz = y\nreturn (y +") == pytest.approx(2 / 3)
+    assert prefix_reward(prompt, "if x:\n    return 1\nelse") == pytest.approx(2 / 3)
+    assert prefix_reward(prompt, "return )\nreturn x") == 0.0 and prefix_reward(prompt, "") == 0.0
 
 
 def test_failing_reward_functions_skip_the_sample_and_are_counted():

@@ -62,13 +62,21 @@ def test_grpo_resume_equals_an_uninterrupted_run(base, prompts_jsonl, tmp_path):
     rl(_cfg(base, prompts_jsonl, tmp_path / "whole"))
     shutil.copytree(tmp_path / "whole" / "checkpoints" / "checkpoint-00000002",
                     tmp_path / "split" / "checkpoints" / "checkpoint-00000002")
+    for log in ("metrics.jsonl", "samples.jsonl"):  # as if killed after step 4 with the step-2 checkpoint left
+        shutil.copy(tmp_path / "whole" / log, tmp_path / "split" / log)
     rl(_cfg(base, prompts_jsonl, tmp_path / "split", resume="auto"))
     a = seekdeep.AutoModel.from_pretrained(tmp_path / "whole" / "final").state_dict()
     b = seekdeep.AutoModel.from_pretrained(tmp_path / "split" / "final").state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     whole = [json.loads(x) for x in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
     split = [json.loads(x) for x in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["reward"] for r in whole[2:]] == pytest.approx([r["reward"] for r in split])
+    assert [r["step"] for r in split] == [1, 2, 3, 4]
+    assert [r["reward"] for r in whole] == pytest.approx([r["reward"] for r in split])
+    # the redone steps' samples replace the first attempt's: each step's samples once, as uninterrupted
+    samples = {run: [json.loads(x) for x in (tmp_path / run / "samples.jsonl").read_text().splitlines()]
+               for run in ("whole", "split")}
+    assert len(samples["split"]) == 4 * 2 * 3 and [r["step"] for r in samples["split"]] == sorted(r["step"] for r in samples["split"])
+    assert [r["completion"] for r in samples["split"]] == [r["completion"] for r in samples["whole"]]
 
 
 @pytest.mark.slow
