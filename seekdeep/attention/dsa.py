@@ -192,14 +192,18 @@ class DynamicSparseAttention(nn.Module):
         indexer training never moves the trunk."""
         x = hidden_states.detach()
         b, tq, _ = x.shape
-        q_idx = self.index_q(x).view(b, tq, self.index_heads, self.index_head_dim)  # (B, Tq, Hi, Di)
-        k_idx = self.index_k_norm(self.index_k(x))  # (B, Tq, Di)
+        hi, di = self.index_heads, self.index_head_dim
+        # One matmul for the three projections (one pass over x instead of three).
+        weight = torch.cat([self.index_q.weight, self.index_k.weight, self.index_weights.weight])
+        q_idx, k_idx, w = F.linear(x, weight).split([hi * di, di, hi], dim=-1)
+        q_idx = q_idx.reshape(b, tq, hi, di)  # (B, Tq, Hi, Di)
+        k_idx = self.index_k_norm(k_idx)  # (B, Tq, Di)
         if cache_state is not None:
             past = cache_state.get("index_k")
             if past is not None:
                 k_idx = torch.cat([past.to(k_idx.dtype), k_idx], dim=1)  # (B, Tk, Di)
             cache_state["index_k"] = k_idx.detach()
-        w = self.index_weights(x).float() * self.index_heads**-0.5  # (B, Tq, Hi)
+        w = w.float() * hi**-0.5  # (B, Tq, Hi)
         return q_idx, k_idx, w
 
     def distance_scores(self, q_start: int, tq: int, tk: int, device) -> torch.Tensor | None:
@@ -298,7 +302,15 @@ class DynamicSparseAttention(nn.Module):
         scores_shape = (q.shape[0], q_idx.shape[1], k_idx.shape[1])
         self._check_index_keys(torch.empty(scores_shape, device="meta"), q, k)
         allowed_all = mask.to_bool(q.device)  # (B or 1, 1, Tq, Tk)
-        q_offset, tq = mask.q_offset, q.shape[2]
+        out, kl_sum, kl_rows = self._fused_rows(q, k, v, q_idx, k_idx, w, allowed_all, mask.q_offset, scale, dense)
+        self.indexer_loss = None
+        if self.compute_indexer_loss:
+            self.indexer_loss = kl_sum / kl_rows if kl_rows else kl_sum * 0.0
+        return out
+
+    def _fused_rows(self, q, k, v, q_idx, k_idx, w, allowed_all, q_offset: int, scale, dense: bool):
+        """The row chunks of :meth:`_fused_forward`: (out, KL sum or None, rows with a key)."""
+        tq = q.shape[2]
         outs, kl_sum, kl_rows = [], None, 0
         for start, stop in token_sparse.query_chunks(tq, k.shape[2] - tq):
             k_stop = q_offset + stop  # keys past the chunk's last query slot are never visible to it
@@ -320,10 +332,7 @@ class DynamicSparseAttention(nn.Module):
             if target is not None:
                 part, rows = token_sparse.indexer_kl(scores, target, allowed[:, 0], reduction="sum")
                 kl_sum, kl_rows = part if kl_sum is None else kl_sum + part, kl_rows + rows
-        self.indexer_loss = None
-        if self.compute_indexer_loss:
-            self.indexer_loss = kl_sum / kl_rows if kl_rows else kl_sum * 0.0
-        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+        return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)), kl_sum, kl_rows
 
     def _indexer_loss(self, q, k, scores, allowed, scale) -> torch.Tensor:
         """KL(dense attention summed over heads || softmax(index scores)) over allowed keys.

@@ -55,7 +55,8 @@ def topk_mask(
     q_slots = torch.arange(q_offset, q_offset + tq, device=scores.device)[:, None]  # (Tq, 1)
     k_slots = torch.arange(tk, device=scores.device)[None, :]  # (1, Tk)
     local = (k_slots <= q_slots) & (q_slots - k_slots < local_window)  # (Tq, Tk)
-    ranked = scores.detach().float().masked_fill(local, float("inf")).masked_fill(~allowed, float("-inf"))
+    ranked = scores.detach().float().clone()
+    ranked.masked_fill_(local, float("inf")).masked_fill_(~allowed, float("-inf"))
     threshold = ranked.topk(k, dim=-1, sorted=False).values.amin(-1, keepdim=True)  # (B, Tq, 1) k-th best
     above = ranked > threshold
     tied = ranked == threshold
@@ -167,18 +168,40 @@ class IndexerScores(torch.autograd.Function):
         return grad_q.to(dq), grad_k.to(dk), grad_w.to(dw), None
 
 
+class _IndexerKLSum(torch.autograd.Function):
+    """Sum over rows of KL(target || softmax(scores over allowed keys)) with its closed-form
+    gradient ``softmax * sum(target) - target`` (what autograd through log_softmax gives)."""
+
+    @staticmethod
+    def forward(ctx, scores, target, allowed, rows):
+        masked = scores.float().masked_fill(~allowed, float("-inf"))  # (B, Tq, Tk)
+        lse = torch.logsumexp(masked, -1, keepdim=True)  # (B, Tq, 1), -inf for a row without a key
+        lse = lse.masked_fill(~rows[..., None], 0.0)
+        mass = target.sum(-1, keepdim=True)  # 1 (0 for a row without a key)
+        # target is 0 off the allowed keys, so the cross term needs no mask.
+        kl = torch.xlogy(target, target).sum(-1) - torch.linalg.vecdot(target, scores.float()) + (lse * mass)[..., 0]
+        ctx.save_for_backward(masked, lse, target, mass)
+        return torch.where(rows, kl, 0.0).sum()
+
+    @staticmethod
+    def backward(ctx, grad):
+        masked, lse, target, mass = ctx.saved_tensors
+        probs = masked.sub_(lse).exp_()  # softmax over the allowed keys (0 elsewhere); masked is not reused
+        return probs.mul_(mass).sub_(target).mul_(grad), None, None, None
+
+
 def indexer_kl(scores: torch.Tensor, target: torch.Tensor, allowed: torch.Tensor, *,
                reduction: str = "mean") -> torch.Tensor | tuple[torch.Tensor, int]:
     """KL(target || softmax(scores over allowed keys)), averaged over rows with a key.
 
-    ``scores``, ``target``: (B, Tq, Tk); ``allowed``: (B or 1, Tq, Tk). ``reduction="sum"``
-    returns (sum over rows with a key, their number), for losses assembled from row chunks.
+    ``scores``, ``target``: (B, Tq, Tk), ``target`` 0 off the allowed keys; ``allowed``: (B or
+    1, Tq, Tk). ``reduction="sum"`` returns (sum over rows with a key, their number), for losses
+    assembled from row chunks.
     """
     allowed = allowed.expand_as(scores)
     rows = allowed.any(-1)  # (B, Tq)
-    # Empty rows see every key here so log_softmax stays finite; they are dropped below.
-    log_pred = scores.masked_fill(~(allowed | ~rows[..., None]), float("-inf")).log_softmax(-1)
-    kl = torch.where(allowed, torch.xlogy(target, target) - target * log_pred, 0.0).sum(-1)  # (B, Tq)
+    total = _IndexerKLSum.apply(scores, target, allowed, rows)
+    count = int(rows.sum())
     if reduction == "sum":
-        return kl[rows].sum(), int(rows.sum())
-    return kl[rows].mean() if rows.any() else scores.sum() * 0.0
+        return total, count
+    return total / count if count else scores.sum() * 0.0
