@@ -11,8 +11,10 @@ The repository has no trained model large enough for drafting to pay off on a CP
 scale a forward costs per-op overhead, so a model 4x larger costs ~2x), so the "draft" rows
 use a constructed full model: the compact model with ``--spec-extra-layers`` residual-identity
 layers appended (output projections zero: exactly the compact model's function at ~8x its
-cost). Its acceptance is 1 by construction: those rows measure the ceiling of the machinery
-(drafting, verifying, bookkeeping) at that cost ratio, not a drafter's quality. The "ngram"
+cost). With the compact model as drafter the acceptance is 1 by construction: that row
+measures the ceiling of the machinery (drafting, verifying, bookkeeping) at that cost ratio,
+not a drafter's quality; the "early exit" row drafts with the compact model's first layer
+only, which disagrees with the full model on a measured share of tokens. The "ngram"
 rows need no compact model: prompt lookup on the default model itself, and on the full model,
 with code prompts whose greedy continuations the lookup can follow (a small model's greedy
 output loops; the lookup follows the loop).
@@ -59,6 +61,17 @@ def deepened(model, extra_layers: int):
     return full.eval()
 
 
+def first_layers(model, layers: int):
+    """The model cut after its first ``layers`` layers (final norm and head kept): an early-exit
+    drafter that disagrees with the whole model on a measured share of tokens."""
+    from seekdeep.models.llama import LlamaConfig, LlamaForCausalLM
+
+    cut = LlamaForCausalLM(LlamaConfig.from_hf_dict({**model.config.to_hf_dict(), "num_hidden_layers": layers}))
+    missing, unexpected = cut.load_state_dict(model.state_dict(), strict=False)
+    assert not missing and all(".layers." in k for k in unexpected), (missing, unexpected)
+    return cut.eval()
+
+
 def code_prompts(tokenizer, n: int, length: int) -> list[list[int]]:
     """``n`` prompts of ``length`` tokens cut from standard-library modules (one per module)."""
     from seekdeep.data import stdlib_files
@@ -89,6 +102,7 @@ def bench_speculative(args, dev_name: str) -> None:
     compact = AutoModel.from_pretrained(base_dir, device=args.device).eval()
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     full = deepened(compact, args.spec_extra_layers).to(args.device)
+    early = first_layers(compact, 1).to(args.device)
     n_compact, n_full = compact.num_parameters(), full.num_parameters()
     batches = [int(b) for b in args.spec_batches.split(",")]
     prompts_all = code_prompts(tokenizer, max(batches), args.spec_prompt_len)
@@ -106,6 +120,7 @@ def bench_speculative(args, dev_name: str) -> None:
         systems = {
             "full": engine(full, seqs=batch),
             "full+draft": engine(full, SpeculativeConfig("draft", k), compact, seqs=batch),
+            "full+early": engine(full, SpeculativeConfig("draft", k), early, seqs=batch),
             "full+ngram": engine(full, SpeculativeConfig("ngram", k), seqs=batch),
             "compact": engine(compact, seqs=batch),
             "compact+ngram": engine(compact, SpeculativeConfig("ngram", k), seqs=batch),
@@ -132,6 +147,11 @@ def bench_speculative(args, dev_name: str) -> None:
              "the full model alone (same engine, no speculation)", dev_name, batch=batch, full_model=full_desc,
              outputs_equal=outputs["full+draft"] == outputs["full"], full_vs_compact_cost=round(med["compact"] / med["full"], 2),
              target_ratio=1.5, **stats("full+draft"), **common, runs=rounded["full+draft"], anchor_runs=rounded["full"])
+        emit("speculative_early_exit_drafter_greedy_tokens_per_s", med["full+early"], "output tokens/s", med["full"],
+             "the full model alone", dev_name, batch=batch, full_model=full_desc,
+             drafter="the compact model's first layer + its final norm and head (early exit)",
+             outputs_equal=outputs["full+early"] == outputs["full"], target_ratio=1.5, **stats("full+early"), **common,
+             runs=rounded["full+early"], anchor_runs=rounded["full"])
         emit("speculative_ngram_full_model_greedy_tokens_per_s", med["full+ngram"], "output tokens/s", med["full"],
              "the full model alone", dev_name, batch=batch, full_model=full_desc,
              outputs_equal=outputs["full+ngram"] == outputs["full"], **stats("full+ngram"), **common,
