@@ -59,9 +59,9 @@ class PackingSpec:
     """How values become slots and slots become plaintexts.
 
     bits: quantisation bits per value (r); clip: values are clipped to ``[-clip, clip]``;
-    total_weight: the integer weights of one round sum to this; rounds: how many round sums one
-    ciphertext may accumulate (the Flower server keeps the running sum of every round's
-    aggregate in one ciphertext vector); key_bits: the Paillier modulus size."""
+    total_weight: the integer weights of one round sum to at most this (the slots' headroom);
+    rounds: how many such sums one ciphertext may accumulate (1 on the Flower path, which keeps
+    every round's aggregate apart); key_bits: the Paillier modulus size."""
 
     bits: int = 16
     clip: float = 1.0

@@ -11,7 +11,7 @@ progress line, ``rounds.jsonl``, ``summary.json`` (last) and ``loss.png``.
 Layout of the run directory: ``init/`` (the public initial model every site starts from),
 ``data/client-i/`` (each site's token files), ``keys/`` (``public.json`` for the server,
 ``private.json`` for the clients: this process is the local key holder), ``app/`` (the Flower
-app's pyproject), ``logs/``, ``checkpoints/round-NNNN/`` (the encrypted running sum, written by
+app's pyproject), ``logs/``, ``checkpoints/round-NNNN/`` (every round's encrypted aggregate, written by
 the server), ``final/`` (the global model: the adapter in peft's layout, or the full model).
 """
 
