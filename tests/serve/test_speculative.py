@@ -55,7 +55,7 @@ def test_greedy_equals_the_full_model_alone_across_batch_shapes(target, drafter)
     draft_model = {"self": target, "other": _llama(2, layers=1)}.get(drafter)
     method = "ngram" if drafter == "ngram" else "draft"
     prompts = _prompts((1, 3, 40, 17, 9, 25, 33))
-    n = 40
+    n = 20 if drafter == "other" else 40  # an unrelated drafter costs k drafter steps per token
     expected = [_alone(target, p, n) for p in prompts]
     shapes = [
         dict(block_size=4, num_blocks=256, max_num_batched_tokens=16, max_num_seqs=7),  # chunked prefill beside drafts
