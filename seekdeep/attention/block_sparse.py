@@ -255,14 +255,8 @@ def _masked_group_attention(
     out_dtype = q_groups.dtype
     if compute_dtype is not None and compute_dtype != out_dtype and not fused:  # tiles, not the whole cache
         q_groups, kg, vg = q_groups.to(compute_dtype), kg.to(compute_dtype), vg.to(compute_dtype)
-    allowed = (tokens[:, :, None, :] <= q_slots[None, :, :, None]) & token_ok[:, :, None, :]  # (B, G, R, S)
-    if key_valid is not None:
-        allowed = allowed & key_valid.bool().gather(1, clamped.view(b, -1)).view(b, g, 1, s)
-    if sliding_window is not None:
-        allowed = allowed & (q_slots[None, :, :, None] - tokens[:, :, None, :] < sliding_window)
-    # Rows with no key attend to everything and are zeroed afterwards: no NaN in backward.
-    empty = ~allowed.any(-1)  # (B, G, R)
-    allowed = allowed | empty[..., None]
+    allowed, empty = gathered_token_mask(tokens, token_ok, q_slots, k_len=k_len, key_valid=key_valid,
+                                         sliding_window=sliding_window)  # (B, G, R, S), (B, G, R)
     if fused:  # (B * Hkv, G, rep * R, D) against (B * Hkv, G, S, D): the groups play SDPA's heads
         rows_mask = allowed[:, None, :, None].expand(b, hkv, g, rep, r, s).reshape(b * hkv, g, rep * r, s)
         out = F.scaled_dot_product_attention(
@@ -287,8 +281,38 @@ def _selected_tokens(block_indices: torch.Tensor, block_valid: torch.Tensor, blo
     return tokens, block_valid[..., None].expand(*block_valid.shape, block_size).flatten(-2)
 
 
-def _chunk_blocks(batch: int, heads: int, rows: int, keys: int) -> int:
-    return max(1, CHUNK_ELEMENTS // max(1, batch * heads * rows * keys))
+def _chunk_blocks(batch: int, heads: int, rows: int, keys: int, elements: int | None = None) -> int:
+    """Query blocks per chunk so a chunk's logits hold about ``elements`` (CHUNK_ELEMENTS) values."""
+    return max(1, (CHUNK_ELEMENTS if elements is None else elements) // max(1, batch * heads * rows * keys))
+
+
+def query_block_chunks(num_query_blocks: int, chunk: int, first_block: int, block_size: int, device):
+    """The chunks the gather kernels walk: (c0, c1, q_slots) per chunk of ``chunk`` query blocks,
+    ``q_slots`` (c1 - c0, bs) the slot of each query row (blocks counted from ``first_block``)."""
+    offsets = torch.arange(block_size, device=device)
+    for c0 in range(0, num_query_blocks, chunk):
+        c1 = min(num_query_blocks, c0 + chunk)
+        yield c0, c1, (first_block + torch.arange(c0, c1, device=device))[:, None] * block_size + offsets
+
+
+def gathered_token_mask(tokens: torch.Tensor, token_ok: torch.Tensor, q_slots: torch.Tensor, *, k_len: int,
+                        key_valid: torch.Tensor | None, sliding_window: int | None):
+    """Which gathered keys each query row may see, shared by the inference and training kernels.
+
+    ``tokens`` / ``token_ok`` (B, G, S) from :func:`_selected_tokens` (slots may run past
+    ``k_len``: masked), ``q_slots`` (G, R). Returns ``allowed`` (B, G, R, S) bool, in which rows
+    without a key see every key (so softmax and its backward stay finite; zero them afterwards),
+    and those rows, ``empty`` (B, G, R).
+    """
+    b, g, s = tokens.shape
+    allowed = (tokens[:, :, None, :] <= q_slots[None, :, :, None]) & token_ok[:, :, None, :]  # (B, G, R, S)
+    if key_valid is not None:
+        clamped = tokens.clamp(max=k_len - 1)
+        allowed = allowed & key_valid.bool().gather(1, clamped.view(b, -1)).view(b, g, 1, s)
+    if sliding_window is not None:
+        allowed = allowed & (q_slots[None, :, :, None] - tokens[:, :, None, :] < sliding_window)
+    empty = ~allowed.any(-1)  # (B, G, R)
+    return allowed | empty[..., None], empty
 
 
 def gather_block_attention(
@@ -383,12 +407,8 @@ def gather_block_attention(
     q_groups = q_pad.view(b, hkv, rep, nq, bs, d).permute(0, 1, 3, 2, 4, 5)  # (B, Hkv, Nq, rep, bs, D)
     tokens, token_ok = _selected_tokens(block_indices, block_valid, bs)  # (B, Nq, S)
     bias = None if block_bias is None else block_bias.float().repeat_interleave(bs, dim=-1)  # (B, Nq, S)
-    offsets = torch.arange(bs, device=q.device)
-    chunk = _chunk_blocks(b, h, bs, n * bs)
     outs = []
-    for c0 in range(0, nq, chunk):
-        c1 = min(nq, c0 + chunk)
-        q_slots = (first + torch.arange(c0, c1, device=q.device))[:, None] * bs + offsets  # (c, bs)
+    for c0, c1, q_slots in query_block_chunks(nq, _chunk_blocks(b, h, bs, n * bs), first, bs, q.device):
         outs.append(_masked_group_attention(
             q_groups[:, :, c0:c1], k_rows, v_rows, tokens[:, c0:c1], token_ok[:, c0:c1], q_slots, k_len=tk,
             scale=scale, key_valid=key_valid, sliding_window=window, bias=None if bias is None else bias[:, c0:c1],

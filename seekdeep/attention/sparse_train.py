@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from seekdeep.attention import block_sparse as bsa
+
 
 @dataclass
 class _Plan:
@@ -35,6 +37,7 @@ class _Plan:
     tokens: torch.Tensor  # (B, Nq, S) key slot of each gathered key
     token_ok: torch.Tensor  # (B, Nq, S) the slot belongs to a valid selection
     key_valid: torch.Tensor | None
+    k_len: int
     sliding_window: int | None
     first: int  # first query block
     lead: int  # rows of the first query block before q_offset
@@ -45,25 +48,16 @@ class _Plan:
     compute_dtype: torch.dtype
 
 
-def _chunk_mask(plan: _Plan, bias: torch.Tensor | None, c0: int, c1: int):
+def _chunk_mask(plan: _Plan, bias: torch.Tensor | None, c0: int, c1: int, q_slots: torch.Tensor):
     """Additive mask (B, m, bs, S) fp32 (0 / -inf, plus the block bias) and empty rows (B, m, bs)."""
-    bs = plan.block_size
-    tokens, ok = plan.tokens[:, c0:c1], plan.token_ok[:, c0:c1]  # (B, m, S)
-    q_slots = (plan.first + torch.arange(c0, c1, device=tokens.device))[:, None] * bs + torch.arange(
-        bs, device=tokens.device)  # (m, bs)
-    allowed = (tokens[:, :, None, :] <= q_slots[None, :, :, None]) & ok[:, :, None, :]  # (B, m, bs, S)
-    if plan.key_valid is not None:
-        b, m, s = tokens.shape
-        clamped = tokens.clamp(max=plan.key_valid.shape[1] - 1)
-        allowed = allowed & plan.key_valid.bool().gather(1, clamped.view(b, -1)).view(b, m, 1, s)
-    if plan.sliding_window is not None:
-        allowed = allowed & (q_slots[None, :, :, None] - tokens[:, :, None, :] < plan.sliding_window)
-    empty = ~allowed.any(-1)  # (B, m, bs)
-    allowed = allowed | empty[..., None]  # such rows attend to everything and are zeroed afterwards
+    allowed, empty = bsa.gathered_token_mask(
+        plan.tokens[:, c0:c1], plan.token_ok[:, c0:c1], q_slots, k_len=plan.k_len, key_valid=plan.key_valid,
+        sliding_window=plan.sliding_window,
+    )  # (B, m, bs, S), (B, m, bs)
     if bias is None:
-        base = torch.zeros((), device=tokens.device)
+        base = torch.zeros((), device=allowed.device)
     else:  # (B, m, n) per selected block -> (B, m, 1, S) per gathered key
-        base = bias[:, c0:c1].float().repeat_interleave(bs, dim=-1)[:, :, None]
+        base = bias[:, c0:c1].float().repeat_interleave(plan.block_size, dim=-1)[:, :, None]
     return torch.where(allowed, base, float("-inf")), empty
 
 
@@ -71,12 +65,10 @@ def _buf(name: str, shape: tuple, dtype: torch.dtype, device) -> torch.Tensor:
     """A reused scratch tensor: a fresh multi-MB CPU allocation is page-faulted on first touch,
     which made a chunk's gather 2-5x slower than the copy itself. Nothing saved for the backward
     lives in one (the kernel saves only its inputs, the output and the lse)."""
-    from seekdeep.attention.block_sparse import _scratch
-
     numel = 1
     for size in shape:
         numel *= size
-    return _scratch("train_" + name, numel, dtype, torch.device(device)).view(shape)
+    return bsa._scratch("train_" + name, numel, dtype, torch.device(device)).view(shape)
 
 
 def _tiles(plan: _Plan, q_pad, k_blocks, v_blocks, c0: int, c1: int):
@@ -136,9 +128,8 @@ class _GatheredBlockAttention(torch.autograd.Function):
         v_blocks = F.pad(v, (0, 0, 0, nk * bs - tk)).to(cd).contiguous().view(-1, bs * dv)
         out = q_pad.new_empty(b, hkv, nq, rep * bs, dv)
         lses = []
-        for c0 in range(0, nq, plan.chunk):
-            c1 = min(nq, c0 + plan.chunk)
-            mask, empty = _chunk_mask(plan, bias, c0, c1)
+        for c0, c1, q_slots in bsa.query_block_chunks(nq, plan.chunk, plan.first, bs, q.device):
+            mask, empty = _chunk_mask(plan, bias, c0, c1, q_slots)
             qc, kg, vg, _ = _tiles(plan, q_pad, k_blocks, v_blocks, c0, c1)
             p, lse = _probs(plan, qc, kg, mask)
             p_c = p if cd == torch.float32 else _buf("p_c", p.shape, cd, p.device).copy_(p)
@@ -171,10 +162,9 @@ class _GatheredBlockAttention(torch.autograd.Function):
         need_bias = bias is not None and ctx.needs_input_grad[3]
         dbias = torch.zeros(bias.shape, dtype=torch.float32, device=q.device) if need_bias else None
         n = plan.block_rows.shape[-1]
-        for c0 in range(0, nq, plan.chunk):
-            c1 = min(nq, c0 + plan.chunk)
+        for c0, c1, q_slots in bsa.query_block_chunks(nq, plan.chunk, plan.first, bs, q.device):
             m = c1 - c0
-            mask, empty = _chunk_mask(plan, bias, c0, c1)
+            mask, empty = _chunk_mask(plan, bias, c0, c1, q_slots)
             qc, kg, vg, rows = _tiles(plan, q_pad, k_blocks, v_blocks, c0, c1)
             p, _ = _probs(plan, qc, kg, mask, lse[:, :, c0:c1])
             doc = _row_zero_(_buf("do", go[:, :, c0:c1].shape, cd, q.device).copy_(go[:, :, c0:c1]), empty, rep)
@@ -219,15 +209,14 @@ def gathered_block_attention_train(
     nq, n = block_indices.shape[1], block_indices.shape[2]
     first = q_offset // bs
     nk = -(-tk // bs)
-    offsets = torch.arange(bs, device=q.device)
-    tokens = (block_indices[..., None] * bs + offsets).flatten(-2)  # (B, Nq, S)
-    token_ok = block_valid[..., None].expand(*block_valid.shape, bs).flatten(-2)
+    tokens, token_ok = bsa._selected_tokens(block_indices, block_valid, bs)  # (B, Nq, S)
     base = (torch.arange(b, device=q.device)[:, None] * hkv + torch.arange(hkv, device=q.device)[None]) * nk  # (B, Hkv)
     plan = _Plan(
         block_rows=base[:, :, None, None] + block_indices[:, None], tokens=tokens, token_ok=token_ok,
-        key_valid=key_valid, sliding_window=sliding_window if sliding_window is not None and sliding_window < tk else None,
+        key_valid=key_valid, k_len=tk,
+        sliding_window=sliding_window if sliding_window is not None and sliding_window < tk else None,
         first=first, lead=q_offset - first * bs, block_size=bs, num_kv_blocks=nk,
-        chunk=max(1, chunk_elements // max(1, b * h * bs * n * bs)), scale=scale,
+        chunk=bsa._chunk_blocks(b, h, bs, n * bs, chunk_elements), scale=scale,
         compute_dtype=compute_dtype or q.dtype,
     )
     return _GatheredBlockAttention.apply(q, k, v, block_bias, plan)
