@@ -1,10 +1,15 @@
 """Faithfulness and cost of seekdeep.explain's attributions on a task whose answer is known.
 
-The task: windows of real standard-library code (about 20, 50 and 160 tokens) with one of two
-keywords planted at a random word boundary — " month" makes the label 1, " week" label 0 —
-and a decoy, " zero", planted in every input of both classes. So "a word was inserted" and
-"this word is unusual here" are no shortcuts: only which keyword was planted decides the label.
-Snippets that already hold any of the three words are skipped.
+The task: windows of real standard-library code (about 20, 50 and 160 tokens) where the label
+is 1 ("month") exactly when the keyword " month" is planted at a random word boundary. Half the
+label-0 ("other") inputs carry a distractor keyword, " week", planted the same way, the other half
+none; a decoy, " zero", is planted in every input of both classes. So "a word was inserted" and
+"this word is unusual here" are no shortcuts, and the keyword is both needed and enough: deleting
+it from a label-1 input makes it a label-0 input of the training distribution. (With two
+symmetric keywords and no keyword-free inputs, a model may learn "week -> 0, else 1", and then
+deleting " month" changes nothing — measured on an earlier seed: log-odds 3.8 with and without
+it — so no attribution could be scored against it.) Snippets that already hold any of the three
+words are skipped.
 
 Per seed (default 3 seeds; data, model initialisation and the random baseline all follow it):
 
@@ -15,7 +20,9 @@ Per seed (default 3 seeds; data, model initialisation and the random baseline al
    random here — and the classifier stalled at ~84%: a last token whose top-64 keys miss the
    keyword cannot see it. That is what the selection view of part 5 measures.)
 2. on fresh test inputs (not trained on) of each length, every method explains the predicted
-   class's log-odds: ``shap`` (ours: SHAPExplainer, default settings), ``shap_default`` (shap's
+   class's log-odds: ``shap`` (ours: SHAPExplainer, default settings), ``shap_owen500`` (ours
+   with Owen values cut at shap's 500 evaluations, the default before fixed_context="auto"),
+   ``shap_default`` (shap's
    own Partition explainer at its defaults — ``shap.Explainer(f, shap.maskers.Text(tokenizer))``
    with f(list of strings) running the model, max_evals 500, batch size 5 — the anchor for
    time), ``ig``, ``gradxinput``, ``ablation``, ``attention``, ``rollout`` and ``random``;
@@ -24,7 +31,8 @@ Per seed (default 3 seeds; data, model initialisation and the random baseline al
    predicted class after each removal, area under it over the fraction removed; lower is
    better); ERASER comprehensiveness (drop of that probability when the top 5/10/20/50% units
    are removed, mean; higher is better) and sufficiency (drop when only they are kept; lower is
-   better); seconds, model calls and model rows per explanation;
+   better); seconds, model calls, model rows and real (unpadded) tokens per explanation — the
+   time of every method on an input is taken in turn, so load hits all alike;
 4. the model-randomisation check: the same inputs explained (our default method) on a
    re-initialised model — the hit rate must fall to chance (mean 1 / number of units);
 5. the dsa selection view on the default trained model (``runs/train/final`` from ``seekdeep
@@ -54,27 +62,33 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import emit  # noqa: E402
 
-LABEL_WORDS = {1: " month", 0: " week"}
-LABEL_NAMES = {1: "month", 0: "week"}  # the label names in the training JSONL
+LABEL_WORDS = {1: " month", 0: " week"}  # 0: the distractor
+LABEL_NAMES = {1: "month", 0: "other"}  # the label names in the training JSONL
+NO_KEYWORD_SHARE = 0.5  # of label-0 training inputs: decoy only, no distractor
+TASK = "month-vs-other-v2"  # written next to each trained seed; a model of another task is retrained
 DECOY = " zero"
 LENGTHS = (20, 50, 160)
-METHODS = ("shap", "shap_default", "ig", "gradxinput", "ablation", "attention", "rollout", "random")
+METHODS = ("shap", "shap_owen500", "shap_default", "ig", "gradxinput", "ablation", "attention", "rollout", "random")
 FRACTIONS = (0.05, 0.1, 0.2, 0.5)
-#: attributions are scored on inputs of one class per model: the class the model does NOT predict
-#: for an empty input, whose keyword is then the evidence. A model that has learned "month present
-#: -> month, else week" gives a week input the same output as an empty one (measured: log-odds 6.62
-#: vs 6.61), so no attribution of a week input is right or wrong; which class a seed's model treats
-#: as the default is its own (seed 2: month). SCORED_LABEL is the fallback for raw results of runs
-#: that always scored label 1.
+#: attributions are scored on label-1 inputs, whose keyword is the evidence; label-0 inputs have
+#: none (with the distractor deleted they are still label 0). evidence_label checks that a trained
+#: model agrees: it predicts label 0 for keyword-free code.
 SCORED_LABEL = 1
 
 
-def evidence_label(model, tokenizer) -> int:
-    """The label (key of LABEL_NAMES) that the model does not predict for an input with no token
-    of the text (the pad token alone)."""
-    with torch.no_grad():
-        logits = model(input_ids=torch.tensor([[tokenizer.pad_token_id]])).logits[0]
-    default = model.id2label[int(logits.argmax())]
+def evidence_label(model, tokenizer, files, rng: random.Random, count: int = 24) -> int:
+    """The label (key of LABEL_NAMES) that the model does not predict for keyword-free inputs:
+    ``count`` test-like snippets with the decoy planted and no keyword, majority vote."""
+    from seekdeep.explain.target import Scorer
+
+    scorer = Scorer(model, tokenizer)
+    votes = []
+    for length in LENGTHS:
+        for ex in make_examples(tokenizer, length, count // len(LENGTHS), rng, files, labels=(1,)):
+            a, b = ex["planted"]
+            ids = tokenizer.encode(ex["text"][:a] + ex["text"][b:])
+            votes.append(model.id2label[int(scorer.logits([ids])[0].argmax())])
+    default = max(set(votes), key=votes.count)
     return next(k for k, name in LABEL_NAMES.items() if name != default)
 
 
@@ -98,8 +112,9 @@ def _plant(text: str, words: list[str], rng: random.Random) -> tuple[str, dict[s
 
 
 def make_examples(tokenizer, length: int, count: int, rng: random.Random, files: list[Path],
-                  labels: tuple[int, ...] = (0, 1)) -> list[dict]:
-    """``count`` labelled inputs of about ``length`` tokens (see the module docstring)."""
+                  labels: tuple[int, ...] = (0, 1), no_keyword_share: float = NO_KEYWORD_SHARE) -> list[dict]:
+    """``count`` labelled inputs of about ``length`` tokens (see the module docstring);
+    ``planted`` is the keyword's character span (None for a label-0 input without one)."""
     banned = [w.strip() for w in (*LABEL_WORDS.values(), DECOY)]
     planted_tokens = sum(len(tokenizer.encode(w)) for w in (LABEL_WORDS[0], DECOY))
     out = []
@@ -113,13 +128,14 @@ def make_examples(tokenizer, length: int, count: int, rng: random.Random, files:
         if any(b in snippet for b in banned) or len(snippet) < 10 or "\ufffd" in snippet:
             continue
         label = labels[rng.randrange(len(labels))]
-        order = [LABEL_WORDS[label], DECOY]
+        keyword = label == 1 or rng.random() >= no_keyword_share
+        order = [LABEL_WORDS[label], DECOY] if keyword else [DECOY]
         rng.shuffle(order)
         try:
             text, spans = _plant(snippet, order, rng)
         except IndexError:  # no word end to plant at
             continue
-        out.append({"text": text, "label": label, "planted": spans[LABEL_WORDS[label]], "decoy": spans[DECOY],
+        out.append({"text": text, "label": label, "planted": spans.get(LABEL_WORDS[label]), "decoy": spans[DECOY],
                     "length": length})
     return out
 
@@ -134,10 +150,11 @@ def train_classifier(seed: int, base_dir: Path, tokenizer, out: Path, n_train: i
 
     final = out / f"seed{seed}" / "final"
     done = out / f"seed{seed}" / "summary.json"
-    if done.is_file():  # a finished run with the same settings is reused
+    task = out / f"seed{seed}-task.json"
+    if done.is_file() and task.is_file():  # a finished run of the same task and settings is reused
         summary = json.loads(done.read_text())
         same = summary["config"]["steps"] == steps and summary.get("train_examples", 0) + summary.get(
-            "heldout_examples", 0) == n_train // len(LENGTHS) * len(LENGTHS)
+            "heldout_examples", 0) == n_train // len(LENGTHS) * len(LENGTHS) and json.loads(task.read_text()) == TASK
         if same and (final / "config.json").is_file() and summary["accuracy_after"] >= min_accuracy:
             return final, summary
     rng = random.Random(1000 + seed)
@@ -154,6 +171,7 @@ def train_classifier(seed: int, base_dir: Path, tokenizer, out: Path, n_train: i
     if summary["accuracy_after"] < min_accuracy:
         raise SystemExit(f"seed {seed}: held-out accuracy {summary['accuracy_after']:.3f} < {min_accuracy} after {steps} steps; "
                          "raise --steps (attributions are only scored on a model that solved the task)")
+    task.write_text(json.dumps(TASK))
     return Path(summary["model_dir"]), summary
 
 
@@ -169,7 +187,7 @@ class ShapDefault:
 
         self.model, self.tokenizer = model, tokenizer
         self.masker = shap.maskers.Text(tokenizer)
-        self.calls = self.rows = 0
+        self.calls = self.rows = self.tokens = 0
 
     def explain(self, text: str, target: int):
         import shap
@@ -181,6 +199,7 @@ class ShapDefault:
                 logits = self.model(**enc).logits.float()
             self.calls += 1
             self.rows += len(strings)
+            self.tokens += int(enc["attention_mask"].sum())
             return (logits[:, target] - logits[:, 1 - target]).numpy()
 
         exp = shap.Explainer(f, self.masker, silent=True)([text])
@@ -245,12 +264,14 @@ def evaluate_seed(model, tokenizer, tests: list[dict], seed: int, progress: bool
 
     ours = {m: make_explainer(model, tokenizer, m, progress=False)
             for m in ("shap", "ig", "gradxinput", "ablation", "attention", "rollout")}
+    ours["shap_owen500"] = make_explainer(model, tokenizer, "shap", progress=False, fixed_context=None, max_evals=500)
     anchor = ShapDefault(model, tokenizer)
     scorer = Scorer(model, tokenizer)
     # shap's first explanation in a process compiles its numba kernels (~10 s here): not part of
     # either method's time, so both run once before anything is timed
     warm = tests[0]["text"]
     ours["shap"].explain(warm)
+    ours["shap_owen500"].explain(warm)
     anchor.explain(warm, 1)
     rng = np.random.default_rng(seed)
     results: dict = {}
@@ -265,22 +286,25 @@ def evaluate_seed(model, tokenizer, tests: list[dict], seed: int, progress: bool
         units = prepared.units
         planted = _unit_of_span(units, ex["planted"])
         for method in METHODS:
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             if method == "random":
-                values, calls, rows = rng.random(len(units)), 0, 0
+                values, calls, rows, tokens = rng.random(len(units)), 0, 0, 0
             elif method == "shap_default":
-                c0, r0 = anchor.calls, anchor.rows
+                c0, r0, t0 = anchor.calls, anchor.rows, anchor.tokens
                 token_values, offsets = anchor.explain(ex["text"], prepared.target)
                 values = _to_units(token_values, offsets, units)
-                calls, rows = anchor.calls - c0, anchor.rows - r0
+                calls, rows, tokens = anchor.calls - c0, anchor.rows - r0, anchor.tokens - t0
             else:
                 exp = ours[method].explain(ex["text"])
                 values, calls, rows = np.asarray(exp.values[0], dtype=float), exp.model_calls, exp.model_rows
-            seconds = time.perf_counter() - start
+                tokens = getattr(exp, "model_tokens", 0)
+            seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
             ranked = list(np.argsort(-values, kind="stable"))
             record = {"label": ex["label"], "top1": float(ranked[0] == planted), "top3": float(planted in ranked[:3]),
-                      "seconds": seconds, "calls": calls, "rows": rows, **faithfulness(scorer, prepared, values)}
-            if method == "shap":
+                      "seconds": seconds, "cpu_seconds": cpu_seconds, "calls": calls, "rows": rows, "tokens": tokens,
+                      "units": len(units),
+                      **faithfulness(scorer, prepared, values)}
+            if method in ("shap", "shap_owen500"):
                 record["truncated"] = float(exp.truncated[0])
             results.setdefault((length, method), []).append(record)
     # the model-randomisation check: same inputs, re-initialised weights, our default method
@@ -316,38 +340,12 @@ def dsa_coverage(model_dir: Path, tests: list[dict]) -> dict[int, list[list[floa
 # ----------------------------------------------------------------------------- report
 
 
-def scored_only(result: dict, tests: list[dict], model_dir: Path) -> dict:
-    """Keep the records of SCORED_LABEL inputs. Records written before they carried their label
-    (raw.pkl of an earlier run that explained both classes) are matched to their test inputs in
-    order, the misclassified ones (which have no record) found by asking the saved model."""
-    from seekdeep.explain.cli import load_model_and_tokenizer
-    from seekdeep.explain.target import Scorer
-
+def scored_only(result: dict) -> dict:
+    """The records of the scored label's inputs (all of them in runs of this task)."""
     scored = result.get("scored", SCORED_LABEL)
-    out = {"results": {}, "randomised": {}}
-    scorer = None
-    for (length, method), records in result["results"].items():
-        if method == "misclassified":
-            continue
-        if records and "label" in records[0]:
-            out["results"][(length, method)] = [r for r in records if r["label"] == scored]
-            continue
-        pool = [t for t in tests if t["length"] == length]
-        if result["results"].get((length, "misclassified")):
-            if scorer is None:
-                scorer = Scorer(*load_model_and_tokenizer(str(model_dir)))
-            names = scorer.model.id2label
-            pool = [t for t in pool if names[scorer.prepare(t["text"]).target] == LABEL_NAMES[t["label"]]]
-        if len(pool) != len(records):
-            raise SystemExit(f"raw results of length {length} do not match their test inputs")
-        out["results"][(length, method)] = [r for r, t in zip(records, pool) if t["label"] == scored]
-    for length, pairs in result["randomised"].items():
-        if pairs and len(pairs[0]) == 3:
-            out["randomised"][length] = [(h, c) for h, c, label in pairs if label == scored]
-        else:
-            pool = [t for t in tests if t["length"] == length]
-            out["randomised"][length] = [(h, c) for (h, c), t in zip(pairs, pool) if t["label"] == scored]
-    return out
+    return {"results": {k: [r for r in v if r["label"] == scored] for k, v in result["results"].items()
+                        if k[1] != "misclassified"},
+            "randomised": {k: [(h, c) for h, c, label in v if label == scored] for k, v in result["randomised"].items()}}
 
 
 def _mean_spread(per_seed: list[float]) -> tuple[float, float]:
@@ -371,7 +369,10 @@ def report(seed_results: list[dict], accuracies: list[float], coverage: list[dic
 
         for method in METHODS:
             row = {key: _mean_spread(per_seed(method, key)) for key in
-                   ("top1", "top3", "deletion_auc", "comprehensiveness", "sufficiency", "seconds", "calls", "rows")}
+                   ("top1", "top3", "deletion_auc", "comprehensiveness", "sufficiency", "seconds", "cpu_seconds", "calls",
+                    "rows", "tokens", "units")}
+            if method in ("shap", "shap_owen500"):
+                row["truncated"] = _mean_spread(per_seed(method, "truncated"))
             table[(length, method)] = row
         n_scored = [len(r["results"].get((length, "shap"), [])) for r in seed_results]
         for method in METHODS:
@@ -390,9 +391,13 @@ def report(seed_results: list[dict], accuracies: list[float], coverage: list[dic
             if method != "random":
                 emit(f"explain.seconds_per_explanation.{method}.len{length}", row["seconds"][0], "s",
                      table[(length, "shap_default")]["seconds"][0], "shap Partition explainer at its defaults", device,
-                     spread=row["seconds"][1], model_calls=row["calls"][0], model_rows=row["rows"][0],
-                     anchor_model_calls=table[(length, "shap_default")]["calls"][0],
-                     anchor_model_rows=table[(length, "shap_default")]["rows"][0], **extra)
+                     spread=row["seconds"][1], cpu_seconds=row["cpu_seconds"][0],
+                     anchor_cpu_seconds=table[(length, "shap_default")]["cpu_seconds"][0], model_calls=row["calls"][0],
+                     model_rows=row["rows"][0],
+                     model_tokens=row["tokens"][0], anchor_model_calls=table[(length, "shap_default")]["calls"][0],
+                     anchor_model_rows=table[(length, "shap_default")]["rows"][0],
+                     anchor_model_tokens=table[(length, "shap_default")]["tokens"][0], units=row["units"][0],
+                     **({"truncated": row["truncated"][0]} if "truncated" in row else {}), **extra)
         hits = [float(np.mean([h for h, _ in r["randomised"][length]])) for r in seed_results]
         chance = [float(np.mean([c for _, c in r["randomised"][length]])) for r in seed_results]
         m, s = _mean_spread(hits)
@@ -443,19 +448,17 @@ def main(argv: list[str] | None = None) -> int:
     files = default_corpus().train_files
     device = f"cpu ({torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads)"
     seed_results, accuracies, coverage, seed_tests = [], [], [], []
-    if args.from_raw:  # every seed's raw results of earlier runs (raw.pkl: several seeds; raw-seedK.pkl: one)
+    if args.from_raw:  # every seed's raw results of earlier runs of this task (raw-seedK.pkl)
         found = {}
-        if (out / "raw.pkl").is_file():
-            with open(out / "raw.pkl", "rb") as f:
-                results, accs, tests_ = pickle.load(f)
-            found.update({k: (r, a, t) for k, (r, a, t) in enumerate(zip(results, accs, tests_))})
         for path in sorted(out.glob("raw-seed*.pkl")):
             with open(path, "rb") as f:
-                found[int(path.stem.removeprefix("raw-seed"))] = pickle.load(f)
+                raw = pickle.load(f)
+            if isinstance(raw, dict) and raw.get("task") == TASK:
+                found[int(path.stem.removeprefix("raw-seed"))] = raw
         for k in sorted(found)[:args.seeds]:
-            seed_results.append(found[k][0])
-            accuracies.append(found[k][1])
-            seed_tests.append(found[k][2])
+            seed_results.append(found[k]["result"])
+            accuracies.append(found[k]["accuracy"])
+            seed_tests.append(found[k]["tests"])
         print(f"raw results of seeds {sorted(found)[:args.seeds]}", file=sys.stderr)
     for seed in ([] if args.from_raw else range(args.first_seed, args.seeds)):
         started = time.perf_counter()
@@ -464,12 +467,14 @@ def main(argv: list[str] | None = None) -> int:
         accuracies.append(summary["accuracy_after"])
         model, _ = load_model_and_tokenizer(str(model_dir))
         rng = random.Random(2000 + seed)
-        scored = evidence_label(model, tokenizer)
+        scored = evidence_label(model, tokenizer, files, random.Random(3000 + seed))
+        if scored != SCORED_LABEL:  # the held-out accuracy makes this unlikely; the scores would mean nothing
+            raise SystemExit(f"seed {seed}: the classifier predicts {LABEL_NAMES[SCORED_LABEL]!r} for keyword-free code")
         tests = [e for length in LENGTHS for e in make_examples(tokenizer, length, args.n, rng, files, labels=(scored,))]
         seed_results.append(evaluate_seed(model, tokenizer, tests, seed, args.progress, scored))
         seed_tests.append(tests)
         with open(out / f"raw-seed{seed}.pkl", "wb") as f:  # report later with --from-raw
-            pickle.dump((seed_results[-1], accuracies[-1], tests), f)
+            pickle.dump({"task": TASK, "result": seed_results[-1], "accuracy": accuracies[-1], "tests": tests}, f)
         print(f"seed {seed}: accuracy {summary['accuracy_after']:.3f}, {time.perf_counter() - started:.0f}s",
               file=sys.stderr)
     dsa_dir = Path(args.dsa_model) if args.dsa_model else Path("runs/train/final")
@@ -486,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.from_raw and args.first_seed > 0:
         return 0  # a partial run: report all seeds together with --from-raw
     coverage = [dsa_coverage(dsa_dir, tests) for tests in seed_tests]
-    seed_results = [scored_only(r, t, out / f"seed{k}" / "final") for k, (r, t) in enumerate(zip(seed_results, seed_tests))]
+    seed_results = [scored_only(r) for r in seed_results]
     report(seed_results, accuracies, coverage, str(dsa_dir), device, out)
     return 0
 

@@ -22,6 +22,7 @@ import torch
 
 from seekdeep.attention.base import AttentionMask, repeat_kv
 from seekdeep.errors import ConfigError
+from seekdeep.explain.config import DEFAULT_BATCH
 from seekdeep.explain.gradients import _Base
 from seekdeep.explain.target import Prepared
 
@@ -151,7 +152,7 @@ class AttentionExplainer(_Base):
     ``"rollout"``; a unit's value is the attention share of its tokens in the row of the
     position that produces the explained output (not in the output's units)."""
 
-    def __init__(self, model, tokenizer=None, target=None, method: str = "attention", batch_size: int = 64,
+    def __init__(self, model, tokenizer=None, target=None, method: str = "attention", batch_size: int = DEFAULT_BATCH,
                  granularity: str = "word", max_new_tokens: int = 8, progress: bool = True):
         if method not in ATTENTION_METHODS:
             raise ConfigError("method", f"got {method!r}; accepted: {', '.join(ATTENTION_METHODS)}")

@@ -22,8 +22,10 @@ import torch
 from tqdm.auto import tqdm
 
 from seekdeep.errors import ConfigError
+from seekdeep.explain.config import DEFAULT_BATCH, MAX_STEPS
 from seekdeep.explain.shap_explainer import _texts, _tokenizer_of, merge_rows
 from seekdeep.explain.target import Prepared, Scorer
+from seekdeep.validate import check_int
 
 GRADIENT_METHODS = ("ig", "gradxinput")
 BASELINES = ("zero", "pad")
@@ -48,10 +50,11 @@ class _Base:
         prepared = [self.scorer.prepare(t) for t in _texts(text)]
         rows = []
         for p in tqdm(prepared, desc=self.method, disable=not self.progress or len(prepared) < 2, leave=False):
-            calls0, rows0 = self.scorer.calls, self.scorer.rows
+            calls0, rows0, tokens0 = self.scorer.calls, self.scorer.rows, self.scorer.tokens
             row = self._explain_one(p)
             row.setdefault("model_calls", self.scorer.calls - calls0)
             row.setdefault("model_rows", self.scorer.rows - rows0)
+            row.setdefault("model_tokens", self.scorer.tokens - tokens0)
             rows.append(row)
         exp = merge_rows(rows, method=self.method)
         if rows and "convergence_delta" in rows[0]:
@@ -77,11 +80,10 @@ class GradientExplainer(_Base):
     ``"pad"``) or ``"gradxinput"``. Other arguments as :class:`SHAPExplainer`."""
 
     def __init__(self, model, tokenizer=None, target=None, method: str = "ig", steps: int = 64, baseline: str = "pad",
-                 batch_size: int = 64, granularity: str = "word", max_new_tokens: int = 8, progress: bool = True):
+                 batch_size: int = DEFAULT_BATCH, granularity: str = "word", max_new_tokens: int = 8, progress: bool = True):
         if method not in GRADIENT_METHODS:
             raise ConfigError("method", f"got {method!r}; accepted: {', '.join(GRADIENT_METHODS)}")
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
-            raise ConfigError("steps", f"must be an int >= 2, got {steps!r}")
+        check_int("steps", steps, 2, MAX_STEPS)
         if baseline not in BASELINES:
             raise ConfigError("baseline", f"got {baseline!r}; accepted: {', '.join(BASELINES)}")
         self.method, self.steps, self.baseline = method, steps, baseline
@@ -123,10 +125,12 @@ class GradientExplainer(_Base):
                     deltas.append(float(delta.abs().max()))
                     self.scorer.calls += -(-self.steps // self.batch_size)
                     self.scorer.rows += self.steps
+                    self.scorer.tokens += self.steps * ids.shape[1]
                 else:
                     attr = method.attribute(embeds.clone().requires_grad_(True), target=j)
                     self.scorer.calls += 1
                     self.scorer.rows += 1
+                    self.scorer.tokens += ids.shape[1]
                 token_values[:, j] = attr[0, :n_prompt].sum(-1).detach().float().cpu().numpy()
             with torch.no_grad():
                 f_x = forward(embeds)[0].float().cpu().numpy()
@@ -141,7 +145,7 @@ class AblationExplainer(_Base):
 
     method = "ablation"
 
-    def __init__(self, model, tokenizer=None, target=None, batch_size: int = 64, granularity: str = "word",
+    def __init__(self, model, tokenizer=None, target=None, batch_size: int = DEFAULT_BATCH, granularity: str = "word",
                  max_new_tokens: int = 8, progress: bool = True):
         super().__init__(model, tokenizer, target, batch_size, granularity, max_new_tokens, progress)
 

@@ -7,11 +7,18 @@
 * shap's Text masker is fed by our tokenizer, offsets included, with units (words built from
   sub-word tokens by default) as its features; a masked unit's tokens are deleted from the one
   tokenisation of the full text, never re-tokenised (see :mod:`seekdeep.explain.units`);
-* model calls are batched 64 rows wide (shap's default is 5-6 rows a call);
-* ``max_evals="auto"`` sizes the budget by the number of units (:func:`auto_max_evals`) and
-  every explanation says whether the budget ran out (``explanation.truncated``, and a warning)
-  — shap then spreads the unresolved credit evenly inside the unexplored groups, which keeps
-  additivity but blurs them;
+* model calls are DEFAULT_BATCH (16) rows wide, chosen by measurement (see
+  :data:`seekdeep.explain.config.DEFAULT_BATCH`; shap's default is 5-6 rows a call);
+* ``fixed_context="auto"`` (with ``max_evals="auto"``) computes exact Owen values — every
+  coalition of the partition tree's other groups averaged, shap's ``fixed_context=None`` — when
+  the budget resolves the whole tree (about M^2 evaluations for M units, so up to ~22 units),
+  and past that shap's ``fixed_context=1`` (each group scored with the rest of the input kept),
+  which resolves the whole tree in 2(M-1) evaluations. The alternative, Owen values cut at a
+  budget, leaves groups unexplored and spreads their credit evenly: at 160 tokens the 500
+  evaluations stopped two or three words above the planted keyword, which then tied with its
+  neighbours (see :func:`plan`);
+* every explanation says whether the budget ran out (``explanation.truncated``, and a warning)
+  and which context it used (``explanation.fixed_context``);
 * additivity holds: ``base_values + values.sum() == f(x)``, f being the explained output of
   :mod:`seekdeep.explain.target` (log-odds of the target class, or the continuation tokens'
   log-probabilities).
@@ -23,21 +30,44 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from seekdeep.errors import ConfigError
+from seekdeep.explain.config import DEFAULT_BATCH, MAX_EVALS
 from seekdeep.explain.target import Prepared, Scorer
+from seekdeep.validate import check_int
 
 MASKED = -1  # unit id shap's masker writes for a masked unit (deleted before the model sees it)
 
 
-def auto_max_evals(num_units: int) -> int:
-    """Evaluations for ``max_evals="auto"``: what a full resolution of the partition tree needs
-    (~2 M^2) for short inputs, shap's 500 in the middle, then 4 per unit past 125 units.
+DEFAULT_EVALS = 500  # shap's own default budget; "auto" stays within it while Owen values fit
+CONTEXTS = ("auto", None, 0, 1)
 
-    Why not more: on CPU a model row costs about the same whether it comes 6 or 64 to a call
-    (measured on the default tiny model at 160 tokens: 1,224 rows took 23-28 s against shap's
-    default 516 rows in 6-9 s), so the budget, not the batch width, sets the time, and at the
-    benchmark's lengths it stays at shap's default. Word units (fewer than tokens) are what let
-    the same budget resolve deeper."""
-    return int(min(2 * num_units * num_units, max(500, 4 * num_units)))
+
+def full_evals(num_units: int, fixed_context) -> int:
+    """Evaluations that resolve the whole partition tree (the two base rows included): 2 per
+    internal node with a fixed context; for Owen values (``None``) a node at depth k is reached
+    in 2^k contexts, ~(2/3) M^2 for a balanced tree, bounded here by M^2 (unbalanced trees)."""
+    m = max(num_units, 1)
+    return 2 * (m - 1) + 2 if fixed_context in (0, 1) else m * m + 2
+
+
+def plan(num_units: int, max_evals="auto", fixed_context="auto") -> tuple[int | None, int]:
+    """(fixed_context, budget) for one input of ``num_units`` units.
+
+    ``fixed_context="auto"``: Owen values (None) when ``full_evals`` fits the budget (the given
+    one, or DEFAULT_EVALS for "auto"), else 1. ``max_evals="auto"``: exactly what the chosen
+    context needs, so nothing is truncated and no evaluation is spent past a full resolution."""
+    cap = DEFAULT_EVALS if max_evals == "auto" else max_evals
+    context = fixed_context
+    if context == "auto":
+        context = None if full_evals(num_units, None) <= cap else 1
+    need = full_evals(num_units, context)
+    if max_evals == "auto":
+        return context, need if context is not None else min(need, cap)
+    return context, max_evals
+
+
+def auto_max_evals(num_units: int) -> int:
+    """The budget ``max_evals="auto"`` gives with ``fixed_context="auto"``."""
+    return plan(num_units)[1]
 
 
 class _UnitTokenizer:
@@ -63,19 +93,26 @@ class SHAPExplainer:
     """Partition-explainer SHAP values of a classifier's target class or a causal LM's continuation.
 
     ``target``: see :class:`seekdeep.explain.target.Scorer`; ``max_evals``: ``"auto"`` or an int
-    (model evaluations per input); ``batch_size``: rows per model call; ``granularity``:
-    ``"word"`` or ``"token"``; ``progress``: tqdm over inputs and shap's own bar on long ones."""
+    (model evaluations per input); ``fixed_context``: ``"auto"``, None (Owen values), 1 (the rest
+    of the input kept) or 0 (the rest deleted), see :func:`plan`; ``batch_size``: rows per
+    model call; ``granularity``: ``"word"`` or ``"token"``; ``progress``: tqdm over inputs and
+    shap's own bar on long ones."""
 
     method = "shap"
 
-    def __init__(self, model, tokenizer=None, target=None, max_evals="auto", batch_size: int = 64,
-                 granularity: str = "word", max_new_tokens: int = 8, progress: bool = True):
+    def __init__(self, model, tokenizer=None, target=None, max_evals="auto", batch_size: int = DEFAULT_BATCH,
+                 granularity: str = "word", max_new_tokens: int = 8, progress: bool = True,
+                 fixed_context="auto"):
         import shap
 
         if tokenizer is None:
             tokenizer = _tokenizer_of(model)
-        if max_evals != "auto" and (isinstance(max_evals, bool) or not isinstance(max_evals, int) or max_evals < 4):
-            raise ConfigError("max_evals", f"got {max_evals!r}; accepted: 'auto' or an int >= 4")
+        if max_evals != "auto":
+            check_int("max_evals", max_evals, 4, MAX_EVALS)
+        if not any(fixed_context is c or (isinstance(fixed_context, int) and not isinstance(fixed_context, bool)
+                                          and fixed_context == c) for c in CONTEXTS):
+            raise ConfigError("fixed_context", f"got {fixed_context!r}; accepted: 'auto', None, 0 or 1")
+        self.fixed_context = fixed_context
         self.model, self.tokenizer = model, tokenizer
         self.scorer = Scorer(model, tokenizer, target, batch_size, granularity, max_new_tokens)
         self.max_evals, self.batch_size, self.progress = max_evals, batch_size, progress
@@ -102,10 +139,10 @@ class SHAPExplainer:
         self._prepared = prepared
         self._units_tok.prepared = prepared
         m = len(prepared.units)
-        budget = auto_max_evals(m) if self.max_evals == "auto" else self.max_evals
-        calls0, rows0 = self.scorer.calls, self.scorer.rows
+        context, budget = plan(m, self.max_evals, self.fixed_context)
+        calls0, rows0, tokens0 = self.scorer.calls, self.scorer.rows, self.scorer.tokens
         exp = self._explainer([prepared.units.text], max_evals=budget, batch_size=self.batch_size,
-                              silent=not self.progress)[0]
+                              fixed_context=context, silent=not self.progress)[0]
         used = int(getattr(self._explainer, "last_eval_count", 0)) + 2
         values = np.asarray(exp.values, dtype=float)  # (M,) or (M, n_outputs)
         if len(prepared.output_names) == 1 and values.ndim == 2:
@@ -114,7 +151,8 @@ class SHAPExplainer:
         base = base.reshape(-1)[0] if len(prepared.output_names) == 1 else base.reshape(-1)
         return dict(values=values, base_values=base, data=np.array(prepared.units.texts, dtype=object),
                     output_names=prepared.output_names, prepared=prepared, max_evals=budget, evals=used,
-                    truncated=used >= budget - 1 and budget < 2 * m * m, model_calls=self.scorer.calls - calls0,
+                    truncated=used >= budget - 1 and budget < full_evals(m, context), fixed_context=context,
+                    model_calls=self.scorer.calls - calls0, model_tokens=self.scorer.tokens - tokens0,
                     model_rows=self.scorer.rows - rows0, clustering=exp.clustering,
                     hierarchical_values=exp.hierarchical_values)
 
@@ -146,6 +184,8 @@ def merge_rows(rows: list[dict], method: str):
     exp.evals = [r.get("evals") for r in rows]
     exp.model_calls = sum(r.get("model_calls", 0) for r in rows)
     exp.model_rows = sum(r.get("model_rows", 0) for r in rows)
+    exp.model_tokens = sum(r.get("model_tokens", 0) for r in rows)  # real (unpadded) tokens the model read
+    exp.fixed_context = [r.get("fixed_context") for r in rows]
     exp.prepared = [r["prepared"] for r in rows]
     exp.outputs = [r.get("f_x") for r in rows]
     if any(exp.truncated):

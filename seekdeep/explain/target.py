@@ -17,7 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from seekdeep.errors import ConfigError
+from seekdeep.explain.config import DEFAULT_BATCH
 from seekdeep.explain.units import Units, split_units
+from seekdeep.validate import MAX_BATCH, check_int
 
 
 def model_kind(model) -> str:
@@ -50,12 +52,10 @@ class Scorer:
     predicted on the full text); causal LM — the continuation text, or None to explain the
     model's own greedy continuation of ``max_new_tokens`` tokens."""
 
-    def __init__(self, model, tokenizer, target=None, batch_size: int = 64, granularity: str = "word",
+    def __init__(self, model, tokenizer, target=None, batch_size: int = DEFAULT_BATCH, granularity: str = "word",
                  max_new_tokens: int = 8):
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ConfigError("batch_size", f"must be an int >= 1, got {batch_size!r}")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ConfigError("max_new_tokens", f"must be an int >= 1, got {max_new_tokens!r}")
+        check_int("batch_size", batch_size, 1, MAX_BATCH)
+        check_int("max_new_tokens", max_new_tokens, 1, 1 << 16)
         self.model, self.tokenizer = model, tokenizer
         self.kind = model_kind(model)
         self.target, self.batch_size, self.granularity, self.max_new_tokens = target, batch_size, granularity, max_new_tokens
@@ -67,6 +67,7 @@ class Scorer:
         self.empty_row = [bos if bos is not None else self.pad_id]
         self.calls = 0
         self.rows = 0
+        self.tokens = 0  # real tokens in the rows scored (padding excluded): cost beyond the row count
 
     # -- targets
     def resolve_class(self, target) -> int:
@@ -160,6 +161,7 @@ class Scorer:
                 logits = self.model(input_ids=ids, attention_mask=mask).logits.float()
             self.calls += 1
             self.rows += len(chunk)
+            self.tokens += sum(len(r) for r in chunk)
             results[picked] = self.outputs_from_logits(logits, prepared).cpu().numpy()
         return results
 

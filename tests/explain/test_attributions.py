@@ -10,7 +10,7 @@ import torch
 
 from seekdeep.errors import ConfigError
 from seekdeep.explain import METHODS, explain, make_explainer
-from seekdeep.explain.shap_explainer import SHAPExplainer, auto_max_evals
+from seekdeep.explain.shap_explainer import SHAPExplainer, auto_max_evals, plan
 from seekdeep.explain.units import split_units
 
 KEYWORD = " excellent"  # the keyword the hand-built models of conftest.py react to
@@ -66,12 +66,28 @@ def test_shap_batch_size_does_not_change_values(keyword_classifier, tokenizer):
 
 
 def test_shap_budget_scales_and_truncation_is_reported(keyword_classifier, tokenizer):
-    assert auto_max_evals(10) == 200 and auto_max_evals(40) == 500 and auto_max_evals(200) == 800
+    # Owen values while the whole tree fits shap's 500, then the fixed context's 2(M-1) + 2
+    assert auto_max_evals(10) == 102 and auto_max_evals(22) == 486 and auto_max_evals(40) == 80
+    assert plan(200) == (1, 400) and plan(10) == (None, 102) and plan(10, fixed_context=1) == (1, 20)
+    assert plan(40, max_evals=2000) == (None, 2000) and plan(40, fixed_context=None) == (None, 500)
     with pytest.warns(UserWarning, match="max_evals budget ran out"):
         exp = SHAPExplainer(keyword_classifier, tokenizer, max_evals=8, progress=False).explain(POSITIVE)
     assert exp.truncated == [True] and exp.evals[0] <= 10
     f_x = _f(keyword_classifier, tokenizer, POSITIVE)
     assert exp.base_values[0] + exp.values[0].sum() == pytest.approx(f_x, abs=1e-3)  # still additive
+
+
+def test_shap_long_input_resolved_with_fixed_context(keyword_classifier, tokenizer):
+    text = f"{NEGATIVE} and {NEGATIVE}, then{KEYWORD} news: {NEGATIVE}"  # ~35 words: past Owen's 500
+    exp = SHAPExplainer(keyword_classifier, tokenizer, progress=False).explain(text)
+    m = len(exp.data[0])
+    assert m > 22 and exp.fixed_context == [1] and exp.truncated == [False]
+    assert exp.evals[0] <= 2 * m and exp.model_rows <= 2 * m  # linear in the units, not M^2
+    assert exp.model_tokens > exp.model_rows  # rows are counted in tokens too
+    assert _top(exp).strip() == "excellent"
+    assert exp.base_values[0] + exp.values[0].sum() == pytest.approx(_f(keyword_classifier, tokenizer, text), abs=1e-3)
+    owen = SHAPExplainer(keyword_classifier, tokenizer, fixed_context=None, max_evals=4000, progress=False).explain(text)
+    assert owen.fixed_context == [None] and _top(owen).strip() == "excellent"
 
 
 def test_shap_causal_lm_token_matrix(keyword_lm, tokenizer):
@@ -128,4 +144,6 @@ def test_bad_input(keyword_classifier, keyword_lm, tokenizer):
         explain(keyword_lm, POSITIVE, tokenizer, method="ablation", target=3, progress=False)
     with pytest.raises(ConfigError, match="max_evals"):
         SHAPExplainer(keyword_classifier, tokenizer, max_evals=0)
+    with pytest.raises(ConfigError, match="fixed_context"):
+        SHAPExplainer(keyword_classifier, tokenizer, fixed_context=2)
     assert set(METHODS) == {"shap", "ig", "gradxinput", "ablation", "attention", "rollout"}
