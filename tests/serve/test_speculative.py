@@ -78,6 +78,22 @@ def test_greedy_equals_the_full_model_alone_across_batch_shapes(target, drafter)
     assert alone.generate([prompts[2]], SamplingParams(max_tokens=n, temperature=0)) == [expected[2]]
 
 
+def test_prefix_cache_hits_on_blocks_written_by_verify_steps(target):
+    """A follow-up prompt that extends an earlier request's prompt + output reuses the blocks
+    its verify forwards wrote (rejected drafts left garbage past num_computed in them), and
+    gives the cold run's tokens."""
+    prompt = _prompts((10,))[0]
+    engine = Engine(target, EngineConfig(block_size=4, num_blocks=256), speculative=_spec("draft", 3),
+                    draft_model=_llama(2, layers=1))
+    first = engine.generate([prompt], SamplingParams(max_tokens=30, temperature=0))[0]
+    assert 0 < engine.speculator.num_accepted_tokens < engine.speculator.num_draft_tokens  # kept and rejected drafts
+    follow = prompt + first + _prompts((3,), seed=9)[0]
+    hits_before = engine.scheduler.prefix_hit_tokens
+    assert engine.generate([follow], SamplingParams(max_tokens=16, temperature=0))[0] == _alone(target, follow, 16)
+    assert engine.scheduler.prefix_hit_tokens - hits_before >= 32  # the blocks of prompt + output were hits
+    assert engine.allocator.num_used == 0
+
+
 def test_dsa_backend_verifies_over_paged_index_keys():
     """dsa's top-k selection is not bitwise invariant to how queries are chunked (a key at the
     selection boundary can flip on rounding: observed once in 96 tokens against one-token
