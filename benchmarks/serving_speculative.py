@@ -125,20 +125,29 @@ def bench_speculative(args, dev_name: str) -> None:
             "compact": engine(compact, seqs=batch),
             "compact+ngram": engine(compact, SpeculativeConfig("ngram", k), seqs=batch),
         }
+        # a prompt that repeats itself (its first half twice): what prompt lookup is for
+        repetitive = [p[: len(p) // 2] * 2 for p in prompts]
+        rep_systems = {"compact@rep": engine(compact, seqs=batch),
+                       "compact+ngram@rep": engine(compact, SpeculativeConfig("ngram", k), seqs=batch)}
         for e in systems.values():  # warm-up
             timed(e, prompts[:1], 8)
         runs: dict[str, list[float]] = {name: [] for name in systems}
         outputs: dict[str, list[list[int]]] = {}
+        runs.update({name: [] for name in rep_systems})
         for _ in range(args.repeats):
             for name, e in systems.items():  # interleaved: load drifts on a shared machine
                 seconds, out = timed(e, prompts, args.spec_new_tokens)
+                runs[name].append(batch * args.spec_new_tokens / seconds)
+                outputs.setdefault(name, out)
+            for name, e in rep_systems.items():
+                seconds, out = timed(e, repetitive, args.spec_new_tokens)
                 runs[name].append(batch * args.spec_new_tokens / seconds)
                 outputs.setdefault(name, out)
         med = {name: statistics.median(v) for name, v in runs.items()}
         rounded = {name: [round(x, 2) for x in v] for name, v in runs.items()}
 
         def stats(name):
-            spec = systems[name].speculator
+            spec = {**systems, **rep_systems}[name].speculator
             return dict(acceptance_rate=round(spec.acceptance_rate, 4), tokens_per_step=round(spec.tokens_per_step, 3))
 
         full_desc = (f"compact + {args.spec_extra_layers} residual-identity layers ({n_full / 1e6:.2f}M, "
@@ -160,3 +169,8 @@ def bench_speculative(args, dev_name: str) -> None:
              med["compact"], "the default model alone (no compact model to draft with: prompt lookup)", dev_name,
              batch=batch, outputs_equal=outputs["compact+ngram"] == outputs["compact"], **stats("compact+ngram"),
              **common, runs=rounded["compact+ngram"], anchor_runs=rounded["compact"])
+        emit("speculative_ngram_repetitive_prompt_greedy_tokens_per_s", med["compact+ngram@rep"], "output tokens/s",
+             med["compact@rep"], "the default model alone on the same prompts", dev_name, batch=batch,
+             prompt="each code prompt's first half, twice",
+             outputs_equal=outputs["compact+ngram@rep"] == outputs["compact@rep"],
+             **stats("compact+ngram@rep"), **common, runs=rounded["compact+ngram@rep"], anchor_runs=rounded["compact@rep"])
