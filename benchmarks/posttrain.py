@@ -43,7 +43,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.append(str(Path(__file__).resolve().parent))  # appended: benchmarks/peft.py must not shadow peft
+HERE = Path(__file__).resolve().parent
+# run as a script, benchmarks/ is sys.path[0] and benchmarks/peft.py would shadow the peft package
+# (which TRL imports): only appended
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE] + [str(HERE)]
 from common import cpu_capability_fields, device_name, emit  # noqa: E402
 
 REWARDS = "parse,prefix,length"
@@ -59,11 +62,12 @@ def _mean_std(values):
 def rl_config(args, **kw):
     from seekdeep.posttrain.config import RLConfig
 
-    return RLConfig(steps=args.rl_steps, max_new_tokens=args.max_new_tokens, length_budget=args.max_new_tokens // 2,
+    settings = dict(steps=args.rl_steps, max_new_tokens=args.max_new_tokens, length_budget=args.max_new_tokens // 2,
                     max_body_lines=args.max_body_lines, max_prompt_tokens=args.max_prompt_tokens,
                     group_size=args.group_size, batch_size=args.batch_size, lr=args.lr, kl_beta=args.kl_beta,
                     temperature=args.temperature, rewards=REWARDS, progress=False, overwrite=True,
-                    checkpoint_interval=args.rl_steps, **kw)
+                    checkpoint_interval=args.rl_steps)
+    return RLConfig(**{**settings, **kw})
 
 
 def trl_anchor(args, sft_dir: str, seed: int, out: Path) -> dict | None:
@@ -131,8 +135,9 @@ def run_seed(args, seed: int, base: str, sft_dir: str, eval_set, out: Path) -> d
 
     result = {"seed": seed, "scores": {"base": score(base), "sft": score(sft_dir)}, "runs": {}}
     for algorithm in ("grpo", "dpo"):
+        lr = {"lr": args.dpo_lr} if algorithm == "dpo" else {}
         summary = rl(rl_config(args, base=sft_dir, algorithm=algorithm, seed=seed,
-                               output_dir=str(out / f"{algorithm}-{seed}")))
+                               output_dir=str(out / f"{algorithm}-{seed}"), **lr))
         result["runs"][algorithm] = {k: summary[k] for k in summary if k != "config"}
         result["scores"][f"sft+{algorithm}"] = score(summary["model_dir"])
         print(f"seed {seed} {algorithm}: {summary['train_seconds']:.0f}s, parse rate "
@@ -169,7 +174,8 @@ def report(args, results: list[dict], speed: dict | None, meta: dict) -> None:
     seeds = [r["seed"] for r in results]
     common = dict(seeds=seeds, **meta, samples_per_prompt=args.samples, max_new_tokens=args.max_new_tokens,
                   temperature=args.temperature, rl_steps=args.rl_steps, group_size=args.group_size,
-                  batch_size=args.batch_size, lr=args.lr, kl_beta=args.kl_beta, rewards=REWARDS, **cpu)
+                  batch_size=args.batch_size, lr=args.lr, dpo_lr=args.dpo_lr, kl_beta=args.kl_beta, rewards=REWARDS,
+                  **cpu)
     rows = {name: [r["scores"][name] for r in results] for name in results[0]["scores"]}
     sft_parse = _mean_std([s["parse_rate"] for s in rows["sft"]])[0]
     sft_doc = _mean_std([s["doctest_pass_rate"] for s in rows["sft"]])[0]
@@ -223,7 +229,8 @@ def main() -> None:
     p.add_argument("--max-prompt-tokens", type=int, default=160)
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=1e-3, help="GRPO's learning rate (LoRA)")
+    p.add_argument("--dpo-lr", type=float, default=2e-4, help="DPO's (1e-3 ran its KL to 0.5-2 nats/token in 16 steps)")
     p.add_argument("--kl-beta", type=float, default=0.3)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--no-trl", dest="trl", action="store_false", help="skip the TRL anchor even when trl imports")

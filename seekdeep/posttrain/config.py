@@ -131,7 +131,7 @@ class RLConfig(_Serialisable):
     doctest_timeout: float = 2.0  # seconds per sandboxed doctest run
     max_prompt_tokens: int = 160
     max_body_lines: int = 3  # default prompts: as the default SFT data
-    lr: float | None = None  # None: 1e-3 for LoRA, 5e-5 for full
+    lr: float | None = None  # None: LoRA 1e-3 (grpo) / 2e-4 (dpo: 1e-3 ran its KL away), full 5e-5
     min_lr_ratio: float = 1.0  # RL runs are short: a constant rate after warm-up
     warmup_steps: int = 0
     weight_decay: float = 0.0
@@ -176,4 +176,8 @@ class RLConfig(_Serialisable):
 
     @property
     def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else (1e-3 if self.method == "lora" else 5e-5)
+        if self.lr is not None:
+            return self.lr
+        if self.method == "lora":
+            return 1e-3 if self.algorithm == "grpo" else 2e-4
+        return 5e-5
