@@ -129,25 +129,33 @@ def run_server_bench(model_dir: Path, args) -> dict:
 # ----------------------------------------------------------------------------- Poisson traces
 
 
-def run_trace(engine: Engine, trace: list[tuple[float, list[int], SamplingParams]], tag: str) -> dict[str, list[float]]:
-    """Replay ``(arrival_s, prompt, params)`` in real time against the engine (requests join
-    at their arrival, the loop steps whenever work is queued). Per request: time to first
-    token and end-to-end latency from its arrival, and its output length."""
+def run_trace(engine: Engine, trace: list[tuple[float, list[int], SamplingParams]], tag: str,
+              clock: str = "wall") -> dict[str, list[float]]:
+    """Replay ``(arrival, prompt, params)`` against the engine (requests join at their arrival,
+    the loop steps whenever work is queued). Per request: time to first token and end-to-end
+    latency from its arrival, and its output length. ``clock="wall"``: arrivals and latencies
+    in seconds, in real time; ``clock="steps"``: in engine steps (one step = one time unit),
+    which takes the shared machine's drifting speed out of a comparison of orderings."""
     start = time.perf_counter()
+    steps = 0
     arrival, first, done, produced = {}, {}, {}, {}
     i = 0
     while i < len(trace) or engine.has_unfinished():
-        now = time.perf_counter() - start
+        now = time.perf_counter() - start if clock == "wall" else steps
         while i < len(trace) and trace[i][0] <= now:
             rid = f"{tag}-{i}"
             engine.add_request(rid, trace[i][1], trace[i][2])
             arrival[rid] = trace[i][0]
             i += 1
         if not engine.has_unfinished():
-            time.sleep(max(0.0, trace[i][0] - now))
+            if clock == "wall":
+                time.sleep(max(0.0, trace[i][0] - now))
+            else:
+                steps = math.ceil(trace[i][0])
             continue
         outputs = engine.step()
-        t = time.perf_counter() - start
+        steps += 1
+        t = time.perf_counter() - start if clock == "wall" else steps
         for out in outputs:
             if out.new_token_ids and out.request_id not in first:
                 first[out.request_id] = t
@@ -276,12 +284,17 @@ def bench_length_scheduling(model, args, dev_name: str) -> None:
     # the server's own history: the predicted engine learns from the warm-up requests it finishes
     engines["predicted"].generate([p for p, _, _ in warmup], [sp for _, sp, _ in warmup])
     # rate: 90% of what FCFS sustains on this trace when every request is queued at once
-    start = time.perf_counter()
+    start, steps = time.perf_counter(), engines["fcfs"].num_steps
     engines["fcfs"].generate([p for p, _, _ in measured], [sp for _, sp, _ in measured])
     rate = 0.9 * len(measured) / (time.perf_counter() - start)
-    times = poisson_arrivals(len(measured), rate, random.Random(6))
-    trace = [(t, p, sp) for t, (p, sp, _) in zip(times, measured)]
+    step_rate = 0.9 * len(measured) / (engines["fcfs"].num_steps - steps)
+    times = poisson_arrivals(len(measured), 1.0, random.Random(6))  # unit rate, scaled per clock below
     runs = {k: {"mean": [], "p99": [], "tokens": []} for k in engines}
+    step_runs = {k: {} for k in engines}
+    for name, engine in engines.items():  # the step clock is deterministic: one run each
+        result = run_trace(engine, [(t / step_rate, p, sp) for t, (p, sp, _) in zip(times, measured)], "steps", "steps")
+        step_runs[name] = {"mean": statistics.mean(result["latency"]), "p99": percentile(result["latency"], 99)}
+    trace = [(t / rate, p, sp) for t, (p, sp, _) in zip(times, measured)]
     for rep in range(args.repeats):
         for name, engine in engines.items():
             result = run_trace(engine, trace, f"sched-{rep}")
@@ -300,6 +313,9 @@ def bench_length_scheduling(model, args, dev_name: str) -> None:
              statistics.median(runs["fcfs"][stat]), "FCFS admission, same engine and Poisson trace", dev_name,
              **workload, runs=[round(x, 4) for x in runs["predicted"][stat]],
              anchor_runs=[round(x, 4) for x in runs["fcfs"][stat]])
+        emit(f"serving_length_aware_vs_fcfs_latency_{stat}_steps", step_runs["predicted"][stat], "engine steps",
+             step_runs["fcfs"][stat], "FCFS admission, same engine and trace, time counted in engine steps", dev_name,
+             **{**workload, "arrival_rate_per_step": round(step_rate, 4)})
 
 
 def save_word_tokenizer(model_dir: Path, vocab_size: int) -> None:
