@@ -28,6 +28,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import cpu_capability_fields, device_name, emit  # noqa: E402
 
 
+TEXT_DROP = (0.25, 0.5, 0.75)  # share of caption words replaced by <unk> at test time
+
+
 def stats(values):
     a = np.asarray(values, dtype=np.float64)
     return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
@@ -78,6 +81,17 @@ def main() -> None:
             fit_alignment(model, cfg, train, train_mel)
             after = evaluate_retrieval(model, test, test_mel, tokenizer)
             chance = after["chance"]
+            if objectives == args.objectives[0]:  # text corrupted at test time: words dropped to <unk>
+                from dataclasses import replace
+
+                from seekdeep.multimodal.fusion import corrupt_text
+
+                g = torch.Generator().manual_seed(seed)
+                for p in TEXT_DROP:
+                    ids = corrupt_text(test.input_ids, test.attention_mask, p, tokenizer.unk_token_id, g)
+                    noisy = evaluate_retrieval(model, replace(test, input_ids=ids), test_mel, tokenizer)
+                    rows.setdefault(("text_drop", f"text_to_image@p{p}", "mAP@10", "trained"), []).append(
+                        noisy["text_image"]["text_to_image"]["mAP@10"])
             for name, result in (("trained", after), ("untrained", before)):
                 for group in ("text_image", "audio_text_zero_shot", "text_to_predicted_image"):
                     for direction, m in result.get(group, {}).items():
@@ -88,6 +102,12 @@ def main() -> None:
                     rows.setdefault((objectives, f"zero_shot_{k}", "accuracy", name), []).append(v)
             print(f"# alignment [{objectives}] seed {seed} done ({time.time() - started:.0f} s)", file=sys.stderr, flush=True)
     for (objectives, direction, metric, name), values in sorted(rows.items()):
+        if objectives == "text_drop":  # anchor: the same models on clean text
+            clean = rows[(args.objectives[0], "text_to_image", "mAP@10", "trained")]
+            (m, sd), (cm, csd) = stats(values), stats(clean)
+            emit(f"align/{direction}/mAP@10", m, "fraction", cm, "clean text (same models)", device, std=sd,
+                 anchor_std=csd, objectives=args.objectives[0], **common)
+            continue
         if name != "trained":
             continue
         mean_v, std_v = stats(values)
