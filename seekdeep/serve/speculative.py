@@ -8,8 +8,9 @@ Two proposers:
   request whose computed prefix is trimmed back to what the full model accepted, so it only
   ever recomputes the one or two tokens that differ.
 * :class:`NgramProposer` -- prompt lookup: the most recent earlier occurrence of the last
-  ``n`` tokens (``ngram_max`` down to ``ngram_min``) proposes the tokens that followed it. No
-  model, a deterministic proposal.
+  ``n`` tokens (``ngram_max`` down to ``ngram_min``) proposes the tokens that followed it
+  (continuing into its own proposal when the match is closer than k: a loop). No model, a
+  deterministic proposal.
 
 Verification (:class:`Speculator`): every decoding row's last token plus its drafts go through
 the full model in one forward (rows padded at the end to the longest draft; causal attention
@@ -182,7 +183,12 @@ class NgramProposer:
         for n in range(min(self.ngram_max, len(tokens) - 1), self.ngram_min - 1, -1):
             end = grams[n].get(tuple(tokens[-n:]))
             if end is not None:
-                return tokens[end : end + k]
+                # copy what followed, reading on into the drafts themselves when the match is
+                # recent (a loop shorter than k): the proposal continues the loop
+                drafts: list[int] = []
+                for i in range(end, end + k):
+                    drafts.append(tokens[i] if i < len(tokens) else drafts[i - len(tokens)])
+                return drafts
         return []
 
 

@@ -151,6 +151,8 @@ def test_ngram_lookup_proposes_what_followed_the_latest_match():
     seq.token_ids += [5, 6, 7]  # longest suffix "5 6 7": its latest earlier occurrence is followed by "9 2 5"
     assert proposer.propose(seq, 3) == [9, 2, 5]
     assert proposer.propose(seq, 1) == [9]
+    loop = Sequence("b", [4, 1, 2, 1, 2], 10)  # a loop of period 2: the proposal goes round it
+    assert proposer.propose(loop, 5) == [1, 2, 1, 2, 1]
 
 
 def _exact_joint(model, prompt, n, temperature):
