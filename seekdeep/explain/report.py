@@ -135,10 +135,15 @@ def render_report(explanation, *, model_name: str = "", maps=None, tokens: list[
         truncated = explanation.truncated[row]
         summary.append(("evaluations / budget", f"{explanation.evals[row]} / {explanation.max_evals[row]}"
                         + (" (budget ran out: unexplored groups share their credit evenly)" if truncated else "")))
+        context = (getattr(explanation, "fixed_context", None) or [None])[row]
+        summary.append(("coalitions", "Owen values: every coalition of the other groups averaged" if context is None
+                        else f"fixed context {context}: each group scored with the rest of the input "
+                             + ("kept" if context == 1 else "deleted")))
     if getattr(explanation, "convergence_delta", None):
         summary.append(("IG convergence delta", f"{explanation.convergence_delta[row]:.4g}"))
     notes = {
-        "shap": "Owen values from shap's Partition explainer; a masked unit's tokens are deleted. base + sum = f(x).",
+        "shap": "shap's Partition explainer (Owen values, or a fixed context on long inputs: see 'coalitions'); "
+                "a masked unit's tokens are deleted. base + sum = f(x).",
         "ig": "Integrated Gradients on the token embeddings from the pad-token baseline (captum).",
         "gradxinput": "Gradient x input on the token embeddings (captum). base value = f(x) - sum, not a baseline output.",
         "ablation": "f(x) minus f(x with the unit deleted), captum FeatureAblation. base value = f(x) - sum.",
