@@ -106,7 +106,8 @@ def read_checkpoint_state(model, model_dir: Path, dtype: torch.dtype | None = No
             raise
         except Exception as exc:  # truncated / corrupt file
             raise CheckpointError(f"{file}: unreadable safetensors file ({exc})") from exc
-    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    # a model that nests its LM (a VLM) names its tied head itself
+    tied = set(getattr(model, "tied_weight_keys", ("lm_head.weight",))) if model.config.tie_word_embeddings else set()
     missing = [k for k in expected if k not in state and k not in tied]
     fresh = [k for k in missing if adapter.is_optional(k)]
     hard_missing = [k for k in missing if k not in fresh]

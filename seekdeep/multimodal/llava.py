@@ -15,7 +15,6 @@ Two ways for the image to reach the LM:
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,6 +22,7 @@ from torch import nn
 
 from seekdeep.errors import CheckpointError, ConfigError
 from seekdeep.models import family
+from seekdeep.models.base import StateDictAdapter
 from seekdeep.models.common import CausalLMOutput, KVCache
 from seekdeep.multimodal.config import LlavaConfig
 from seekdeep.multimodal.cross_attention import GatedCrossAttentionBlock, MediaContext, PerceiverResampler
@@ -46,12 +46,66 @@ class LlavaMultiModalProjector(nn.Module):
         return self.linear_2(self.act(self.linear_1(features)))
 
 
+class LlavaStateDictAdapter(StateDictAdapter):
+    """Names of a llava-hf checkpoint (transformers 4: ``language_model.model.*``,
+    ``vision_tower.vision_model.*``; transformers 5: ``model.language_model.*``,
+    ``model.vision_tower.*``) <-> this model's; the text model's own adapter maps the LM part."""
+
+    def __init__(self, config: LlavaConfig):
+        super().__init__(config)
+        _, lm_cls = family(config.text_config.model_type)
+        self.text = lm_cls.adapter_class(config.text_config)
+
+    def from_hf(self, key: str, tensor: torch.Tensor):
+        hf_key = key
+        if key.startswith(("model.vision_tower.", "model.multi_modal_projector.", "model.language_model.")):
+            key = key.removeprefix("model.")
+        if key.startswith("vision_tower."):
+            name = vision_key_from_hf(key)
+            if name is not None:
+                yield f"vision_tower.{name}", tensor
+            return
+        if key.startswith(("multi_modal_projector.", "resampler.", "cross_attention_layers.")):
+            yield key, tensor
+            return
+        if key.startswith(("language_model.model.", "language_model.lm_head.")):
+            lm_key = key.removeprefix("language_model.")
+        elif key.startswith("language_model."):  # transformers 5 in memory: model.language_model.<decoder>
+            lm_key = "model." + key.removeprefix("language_model.")
+        elif key.startswith("lm_head."):
+            lm_key = key
+        else:
+            raise CheckpointError(f"unexpected tensor {hf_key!r} in a llava checkpoint")
+        for name, t in self.text.from_hf(lm_key, tensor):
+            yield f"language_model.{name}", t
+
+    def to_hf(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        lm = {k.removeprefix("language_model."): v for k, v in state_dict.items() if k.startswith("language_model.")}
+        out = {f"language_model.{k}": v for k, v in self.text.to_hf(lm).items()}
+        if self.config.tie_word_embeddings:
+            out.pop("language_model.lm_head.weight", None)
+        for key, value in state_dict.items():
+            if key.startswith("vision_tower."):
+                out["vision_tower.vision_model." + key.removeprefix("vision_tower.")] = value
+            elif not key.startswith("language_model."):
+                out[key] = value
+        return out
+
+    def keeps_fp32(self, key: str) -> bool:
+        return key.startswith("language_model.") and self.text.keeps_fp32(key.removeprefix("language_model."))
+
+    def is_optional(self, key: str) -> bool:
+        return key.startswith("language_model.") and self.text.is_optional(key.removeprefix("language_model."))
+
+
 class LlavaForConditionalGeneration(nn.Module):
     """``model(input_ids=..., pixel_values=...)`` and ``model.generate(input_ids=...,
     pixel_values=..., max_new_tokens=...)`` as transformers' class; ``pixel_values`` holds the
     batch's images in the order their placeholders appear (row by row)."""
 
     config_class = LlavaConfig
+    adapter_class = LlavaStateDictAdapter
+    tied_weight_keys = ("language_model.lm_head.weight",)  # left out of a checkpoint when tie_word_embeddings
 
     def __init__(self, config: LlavaConfig):
         super().__init__()
@@ -227,61 +281,15 @@ class LlavaForConditionalGeneration(nn.Module):
         inputs = {} if pixel_values is None else {"pixel_values": pixel_values}
         return stream_generate(self, input_ids, model_inputs=inputs, **kwargs)
 
-    # -- Hugging Face layout
-    def _hf_to_ours(self, hf_key: str, tensor: torch.Tensor):
-        key = hf_key.removeprefix("model.") if hf_key.startswith(("model.vision_tower.", "model.multi_modal_projector.", "model.language_model.")) else hf_key
-        if key.startswith("vision_tower."):
-            name = vision_key_from_hf(key)
-            if name is not None:
-                yield f"vision_tower.{name}", tensor
-            return
-        if key.startswith(("multi_modal_projector.", "resampler.", "cross_attention_layers.")):
-            yield key, tensor
-            return
-        if key.startswith("language_model.model.") or key.startswith("language_model.lm_head."):
-            lm_key = key.removeprefix("language_model.")
-        elif key.startswith("language_model."):  # transformers 5 in memory: model.language_model.<decoder>
-            lm_key = "model." + key.removeprefix("language_model.")
-        elif key.startswith("lm_head."):
-            lm_key = key
-        else:
-            raise CheckpointError(f"unexpected tensor {hf_key!r} in a llava checkpoint")
-        adapter = self.language_model.adapter_class(self.config.text_config)
-        for name, t in adapter.from_hf(lm_key, tensor):
-            yield f"language_model.{name}", t
-
+    # -- Hugging Face layout (names: LlavaStateDictAdapter; reading and writing: seekdeep.models.loading)
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
         """The state dict under the names llava-hf checkpoints use (transformers 4 and 5 read them)."""
-        state = self.state_dict()
-        out: dict[str, torch.Tensor] = {}
-        lm = {k.removeprefix("language_model."): v for k, v in state.items() if k.startswith("language_model.")}
-        adapter = self.language_model.adapter_class(self.config.text_config)
-        for key, value in adapter.to_hf(lm).items():
-            out[f"language_model.{key}"] = value
-        if self.config.tie_word_embeddings:
-            out.pop("language_model.lm_head.weight", None)
-        for key, value in state.items():
-            if key.startswith("vision_tower."):
-                out["vision_tower.vision_model." + key.removeprefix("vision_tower.")] = value
-            elif not key.startswith("language_model."):
-                out[key] = value
-        return {k: v.detach().contiguous() for k, v in out.items()}
+        return {k: v.detach().contiguous() for k, v in self.adapter_class(self.config).to_hf(self.state_dict()).items()}
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        from safetensors.torch import save_file
+    def save_pretrained(self, save_directory: str | os.PathLike, max_shard_size: int | str = "5GB") -> None:
+        from seekdeep.models.loading import save_pretrained
 
-        from seekdeep.files import atomic_write, write_json_atomic
-
-        out = Path(save_directory)
-        out.mkdir(parents=True, exist_ok=True)
-        state = self.hf_state_dict()
-        atomic_write(out / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-        config = self.config.to_hf_dict()
-        config["dtype"] = str(self.dtype).removeprefix("torch.")
-        write_json_atomic(out / "config.json", config)
-        t = self.config.text_config
-        gen = {k: getattr(t, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id") if getattr(t, k, None) is not None}
-        write_json_atomic(out / "generation_config.json", gen)
+        save_pretrained(self, save_directory, max_shard_size=max_shard_size)
 
     @classmethod
     def from_config(cls, config: LlavaConfig) -> "LlavaForConditionalGeneration":
@@ -293,10 +301,8 @@ class LlavaForConditionalGeneration(nn.Module):
     def from_pretrained(cls, path_or_id: str | os.PathLike, dtype=None, device=None, **overrides: Any) -> "LlavaForConditionalGeneration":
         """A llava directory (transformers' layout); ``overrides`` replace top-level config keys,
         ``text_config`` keys go in ``text_overrides={...}`` (e.g. ``{"attention_backend": "dsa"}``)."""
-        from safetensors import safe_open
-
         from seekdeep.files import read_json
-        from seekdeep.models.loading import _materialise_fresh, parse_dtype, resolve_model_dir, weight_files
+        from seekdeep.models.loading import _materialise_fresh, parse_dtype, read_checkpoint_state, resolve_model_dir
 
         model_dir = resolve_model_dir(path_or_id)
         raw = read_json(model_dir / "config.json")
@@ -311,31 +317,9 @@ class LlavaForConditionalGeneration(nn.Module):
         device = torch.device(device) if device is not None else torch.device("cpu")
         with torch.device("meta"):
             model = cls(config)
-        expected = model.state_dict()
-        state: dict[str, torch.Tensor] = {}
-        for file in weight_files(model_dir):
-            try:
-                with safe_open(str(file), framework="pt", device="cpu") as f:
-                    for hf_key in f.keys():
-                        for key, tensor in model._hf_to_ours(hf_key, f.get_tensor(hf_key)):
-                            if key not in expected:
-                                raise CheckpointError(f"{file}: unexpected tensor {hf_key!r} (no such parameter in {cls.__name__})")
-                            if tuple(tensor.shape) != tuple(expected[key].shape):
-                                raise CheckpointError(f"{file}: shape mismatch for {hf_key!r}: checkpoint {tuple(tensor.shape)}, config.json implies {tuple(expected[key].shape)}")
-                            state[key] = tensor.to(device=device, dtype=torch_dtype if tensor.is_floating_point() else tensor.dtype)
-            except CheckpointError:
-                raise
-            except Exception as exc:
-                raise CheckpointError(f"{file}: unreadable safetensors file ({exc})") from exc
-        tied = {"language_model.lm_head.weight"} if config.tie_word_embeddings else set()
-        adapter = model.language_model.adapter_class(config.text_config)
-        missing = [k for k in expected if k not in state and k not in tied]
-        fresh = [k.removeprefix("language_model.") for k in missing if k.startswith("language_model.") and adapter.is_optional(k.removeprefix("language_model."))]
-        hard = [k for k in missing if k.removeprefix("language_model.") not in fresh]
-        if hard:
-            raise CheckpointError(f"{model_dir}: checkpoint lacks {len(hard)} tensor(s), e.g. {hard[:3]}")
+        state, fresh = read_checkpoint_state(model, model_dir, dtype=torch_dtype, device=device)
         model.load_state_dict(state, strict=False, assign=True)
         if fresh:  # attention-backend parameters (dsa indexer, gate) a plain checkpoint has none of
-            _materialise_fresh(model.language_model, fresh, device, torch_dtype)
+            _materialise_fresh(model, fresh, device, torch_dtype)
         model.language_model.tie_weights()
         return model.eval()
