@@ -256,9 +256,11 @@ def faithfulness(scorer, prepared, values: np.ndarray) -> dict:
             "sufficiency": float(np.mean(p_full - e[1::2]))}
 
 
-def evaluate_seed(model, tokenizer, tests: list[dict], seed: int, progress: bool, scored: int = SCORED_LABEL) -> dict:
+def evaluate_seed(model, tokenizer, tests: list[dict], seed: int, progress: bool, scored: int = SCORED_LABEL,
+                  checkpoint=None) -> dict:
     """Per (length, method): lists of hit / faithfulness / cost numbers; plus the randomised
-    model's hit rate and the dsa coverage per layer."""
+    model's hit rate. ``checkpoint(partial_result)`` is called after each input, so a run cut
+    short still reports the inputs it finished (``--from-raw``)."""
     import copy
 
     from tqdm import tqdm
@@ -278,8 +280,19 @@ def evaluate_seed(model, tokenizer, tests: list[dict], seed: int, progress: bool
     ours["shap_owen500"].explain(warm)
     anchor.explain(warm, 1)
     rng = np.random.default_rng(seed)
+    # the model-randomisation check: same inputs, re-initialised weights, our default method
+    torch.manual_seed(10_000 + seed)
+    random_model = copy.deepcopy(model)
+    random_model.init_weights()
+    random_model.eval()
+    shap_random = make_explainer(random_model, tokenizer, "shap", progress=False)
     results: dict = {}
+    randomised: dict = {}
+    done: list[dict] = []
     for ex in tqdm(tests, desc=f"seed {seed}", disable=not progress):
+        if checkpoint is not None and done:
+            checkpoint({"results": results, "randomised": randomised, "scored": scored, "tests": list(done)})
+        done.append(ex)
         length = ex["length"]
         if ex["label"] != scored:
             continue
@@ -311,22 +324,12 @@ def evaluate_seed(model, tokenizer, tests: list[dict], seed: int, progress: bool
             if method in ("shap", "shap_owen500"):
                 record["truncated"] = float(exp.truncated[0])
             results.setdefault((length, method), []).append(record)
-    # the model-randomisation check: same inputs, re-initialised weights, our default method
-    torch.manual_seed(10_000 + seed)
-    random_model = copy.deepcopy(model)
-    random_model.init_weights()
-    random_model.eval()
-    shap_random = make_explainer(random_model, tokenizer, "shap", progress=False)
-    randomised: dict = {}
-    for ex in tests:
-        if ex["label"] != scored:
-            continue
         exp = shap_random.explain(ex["text"])
         units = exp.prepared[0].units
         values = np.asarray(exp.values[0], dtype=float)
         randomised.setdefault(ex["length"], []).append(
             (float(int(np.argmax(values)) == _unit_of_span(units, ex["planted"])), 1.0 / len(units), ex["label"]))
-    return {"results": results, "randomised": randomised, "scored": scored}
+    return {"results": results, "randomised": randomised, "scored": scored, "tests": tests}
 
 
 def dsa_coverage(model_dir: Path, tests: list[dict]) -> dict[int, list[list[float | None]]]:
@@ -508,11 +511,17 @@ def main(argv: list[str] | None = None) -> int:
         scored = evidence_label(model, tokenizer, files, random.Random(3000 + seed))
         if scored != SCORED_LABEL:  # the held-out accuracy makes this unlikely; the scores would mean nothing
             raise SystemExit(f"seed {seed}: the classifier predicts {LABEL_NAMES[SCORED_LABEL]!r} for keyword-free code")
-        tests = [e for length in LENGTHS for e in make_examples(tokenizer, length, args.n, rng, files, labels=(scored,))]
-        seed_results.append(evaluate_seed(model, tokenizer, tests, seed, args.progress, scored))
+        per_length = [make_examples(tokenizer, length, args.n, rng, files, labels=(scored,)) for length in LENGTHS]
+        tests = [e for group in zip(*per_length) for e in group]  # 20, 50, 160, 20, ...: a cut run has every length
+
+        def save(result, seed=seed, accuracy=summary["accuracy_after"]):  # report later with --from-raw
+            with open(out / f"raw-seed{seed}.pkl.tmp", "wb") as f:
+                pickle.dump({"task": TASK, "result": result, "accuracy": accuracy, "tests": result["tests"]}, f)
+            (out / f"raw-seed{seed}.pkl.tmp").replace(out / f"raw-seed{seed}.pkl")
+
+        seed_results.append(evaluate_seed(model, tokenizer, tests, seed, args.progress, scored, checkpoint=save))
         seed_tests.append(tests)
-        with open(out / f"raw-seed{seed}.pkl", "wb") as f:  # report later with --from-raw
-            pickle.dump({"task": TASK, "result": seed_results[-1], "accuracy": accuracies[-1], "tests": tests}, f)
+        save(seed_results[-1])
         print(f"seed {seed}: accuracy {summary['accuracy_after']:.3f}, {time.perf_counter() - started:.0f}s",
               file=sys.stderr)
     dsa_dir = Path(args.dsa_model) if args.dsa_model else Path("runs/train/final")
