@@ -106,7 +106,8 @@ def trl_anchor(args, sft_dir: str, seed: int, out: Path) -> dict | None:
                             max_steps=cfg.steps, num_iterations=1, loss_type="grpo", scale_rewards="group",
                             max_grad_norm=cfg.grad_clip, weight_decay=0.0, adam_beta2=0.95, logging_steps=1,
                             save_strategy="no", report_to="none", use_cpu=True, seed=seed, disable_tqdm=True,
-                            bf16=False, dataloader_num_workers=0)
+                            bf16=False, dataloader_num_workers=0,
+                            gradient_checkpointing=False)  # TRL's GRPO default is True; seekdeep's run has none
     lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0, task_type="CAUSAL_LM")
     trainer = trl.GRPOTrainer(model=model, reward_funcs=reward, args=config, train_dataset=data, processing_class=tok,
                               peft_config=lora)
@@ -203,7 +204,7 @@ def report(args, results: list[dict], speed: dict | None, meta: dict) -> None:
          device, goal_met=bool(margin > spread), **common)
     for r in results:
         if r.get("trl"):
-            ours, theirs = r["runs"]["grpo"], r["trl"]
+            ours, theirs = r.get("trl_ours") or r["runs"]["grpo"], r["trl"]
             emit("posttrain/grpo_steps_per_s", ours["steps"] / ours["train_seconds"], "steps/s",
                  theirs["steps"] / theirs["seconds"], f"trl {theirs['trl']} GRPOTrainer", device, seed=r["seed"],
                  **common)
@@ -239,15 +240,21 @@ def main() -> None:
     p.add_argument("--out-dir", default="runs/bench-posttrain")
     p.add_argument("--raw-out", help="write this process's raw results here (to merge with --from-raw)")
     p.add_argument("--from-raw", nargs="+", help="only report: merge raw result files of earlier runs")
+    p.add_argument("--trl-only", action="store_true", help="only the TRL anchor for --seeds (merge with --from-raw)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
     if args.from_raw:
         raws = [json.loads(Path(f).read_text()) for f in args.from_raw]
-        results = [r for raw in raws for r in raw["results"]]
+        results = [r for raw in raws for r in raw.get("results", [])]
+        for raw in raws:  # --trl-only files: their anchor replaces the seed's
+            for entry in raw.get("trl_only", []):
+                for r in results:
+                    if r["seed"] == entry["seed"]:
+                        r["trl"], r["trl_ours"] = entry["trl"], entry["ours"]
         speed = next((raw["speed"] for raw in raws if raw.get("speed")), None)
         args.seeds = [r["seed"] for r in results]
-        report(args, results, speed, raws[0]["meta"])
+        report(args, results, speed, next(raw["meta"] for raw in raws if "results" in raw))
         return
 
     import seekdeep
@@ -273,6 +280,17 @@ def main() -> None:
     eval_set = heldout + [q for q in doctested if q not in heldout]
     meta = {"eval_prompts": len(eval_set), "doctest_prompts": len([q for q in eval_set if q.task.doctest]),
             "max_body_lines": args.max_body_lines, "sft_dir": sft_dir, "base": base}
+    if args.trl_only:
+        from seekdeep.recipes.rl import rl
+
+        anchors = []
+        for seed in args.seeds:  # seekdeep's GRPO and TRL's back to back in one process: same load, same settings
+            ours = rl(rl_config(args, base=sft_dir, seed=seed, output_dir=str(out / f"grpo-anchor-{seed}")))
+            anchors.append({"seed": seed, "ours": {k: v for k, v in ours.items() if k != "config"},
+                            "trl": trl_anchor(args, sft_dir, seed, out / f"trl-{seed}")})
+        Path(args.raw_out or out / "trl.json").write_text(json.dumps({"trl_only": anchors}))
+        print(json.dumps(anchors))
+        return
     results = [run_seed(args, seed, base, sft_dir, eval_set, out) for seed in args.seeds]
     speed = sampler_speed(args, sft_dir, eval_set) if args.speed else None
     meta["seconds"] = round(time.perf_counter() - started, 1)
