@@ -87,8 +87,10 @@ def code_prompts(tokenizer, n: int, length: int) -> list[list[int]]:
     raise RuntimeError(f"found only {len(prompts)} standard-library modules of {2 * length}+ tokens")
 
 
-def timed(engine: Engine, prompts: list[list[int]], new_tokens: int) -> tuple[float, list[list[int]]]:
-    params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+def timed(engine: Engine, prompts: list[list[int]], new_tokens: int,
+          temperature: float = 0.0) -> tuple[float, list[list[int]]]:
+    params = [SamplingParams(max_tokens=new_tokens, temperature=temperature, ignore_eos=True, seed=i if temperature else None)
+              for i in range(len(prompts))]
     start = time.perf_counter()
     outputs = engine.generate(prompts, params)
     return time.perf_counter() - start, outputs
@@ -174,3 +176,20 @@ def bench_speculative(args, dev_name: str) -> None:
              prompt="each code prompt's first half, twice",
              outputs_equal=outputs["compact+ngram@rep"] == outputs["compact@rep"],
              **stats("compact+ngram@rep"), **common, runs=rounded["compact+ngram@rep"], anchor_runs=rounded["compact@rep"])
+
+        # sampled (temperature 0.8, seeded): outputs differ from the plain run's draw by draw, their
+        # distribution does not (tests/serve/test_speculative.py checks it); speed and acceptance only
+        sampled = {"full": engine(full, seqs=batch),
+                   "full+early": engine(full, SpeculativeConfig("draft", k), early, seqs=batch)}
+        t_runs: dict[str, list[float]] = {name: [] for name in sampled}
+        for _ in range(args.repeats):
+            for name, e in sampled.items():
+                seconds, _ = timed(e, prompts, args.spec_new_tokens, temperature=0.8)
+                t_runs[name].append(batch * args.spec_new_tokens / seconds)
+        spec = sampled["full+early"].speculator
+        emit("speculative_early_exit_drafter_sampled_tokens_per_s", statistics.median(t_runs["full+early"]),
+             "output tokens/s", statistics.median(t_runs["full"]), "the full model alone, temperature 0.8", dev_name,
+             batch=batch, full_model=full_desc, drafter="the compact model's first layer + its final norm and head",
+             temperature=0.8, acceptance_rate=round(spec.acceptance_rate, 4),
+             tokens_per_step=round(spec.tokens_per_step, 3), **{**common, "greedy": False},
+             runs=[round(x, 2) for x in t_runs["full+early"]], anchor_runs=[round(x, 2) for x in t_runs["full"]])
