@@ -13,17 +13,21 @@ homomorphic sum and the key holder's decryption per parameter.
 with ``--secure none | paillier | secaggplus``; the mean round time (anchor: plaintext).
 
 ``quality``: the federated rounds are run in one process with the ClientApp's own training
-function (``seekdeep.fl.app.client.local_train``) and the server's own aggregation
-(``ServerAggregator``, integer weights, the update deltas clipped and stochastically quantised
-to ``--quant-bits`` exactly as the Paillier path encodes them -- the encryption itself is exact,
-see tests/fl). Flower only moves the bytes, so leaving it out changes no number and makes the
->= 3 seeds affordable on a CPU. Centralized training (the anchor): the same initial model,
-``clients * rounds * local_steps`` steps of the same batch size on the pooled data (also
-reported: ``rounds * local_steps`` steps of ``clients * batch_size``, as many updates as the
-global model gets, on the same examples). Local-only:
-each client ``rounds * local_steps`` steps on its own data. All evaluated on the same
-held-out text: the first ``--eval-batches`` windows of each iid client's held-out side (the
-last 20% of every module, dealt round-robin), averaged over the clients.
+function (``seekdeep.fl.app.client.local_train``), the server's own aggregation
+(``ServerAggregator``, the round's integer weights, the update deltas clipped and
+stochastically quantised to ``--quant-bits`` exactly as the Paillier path encodes them -- the
+encryption itself is exact, see tests/fl) and the clients' server step (``GlobalState``:
+FedAvg, or FedAvgM with ``--server-lr`` / ``--server-momentum``). Flower only moves the bytes,
+so leaving it out changes no number and makes the >= 3 seeds affordable on a CPU. Two
+centralized anchors, the same initial model, the pooled data: "equal total client steps"
+(``clients * rounds * local_steps`` steps of ``batch_size``: as many steps and examples as all
+clients together) and "equal optimizer steps on the pooled batch" (``rounds * local_steps``
+steps of ``clients * batch_size``: as many sequential updates as a client, the same examples);
+every row is reported against both, with the per-seed ratio's mean and spread. Local-only:
+each client ``rounds * local_steps`` steps on its own data. ``--lr`` and ``--schedule`` are
+shared by every arm. All evaluated on the same held-out text: the first ``--eval-batches``
+windows of each iid client's held-out side (the last 20% of every module, dealt round-robin),
+averaged over the clients.
 """
 
 from __future__ import annotations
