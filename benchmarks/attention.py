@@ -15,6 +15,13 @@ gradients too); peak memory of the attention call (CUDA: ``max_memory_allocated`
 inputs; CPU: not measured, no line); decode-step latency with a KV cache of T slots
 (dense: one query against every cached key; dsa: indexer step + the selected blocks).
 
+``--main-job-steps N`` times N training steps (forward, backward, AdamW) of the README main
+job's model instead (``seekdeep train`` defaults: tiny llama, seq 256, batch 16, token-level
+dsa, top-64 with the 32 most recent, distance bias), sdpa against dsa in its dense phase (dense
+attention + indexer KL + straight-through term) and its sparse phase, each with the token kernel
+``auto`` chose and with the ``masked_sdpa`` reference; steps interleaved; wall seconds per step
+(min and median) and the process CPU seconds per step (steadier on a loaded machine).
+
 ``--backend gated`` times the gated backend (dense SDPA plus the learned per-head output gate)
 against the same SDPA anchor instead: forward and forward + backward (gate parameters get their
 gradients), no decode points.
@@ -24,6 +31,7 @@ Usage:
     python benchmarks/attention.py --device cpu --backend gated --dtype fp32 --lengths 256,1024 --threads 1
     python benchmarks/attention.py --device cpu --dtype fp32
     python benchmarks/attention.py --device cuda                # 8K/32K/64K/128K, bf16
+    python benchmarks/attention.py --device cpu --main-job-steps 8  # the README main job's train step
 """
 
 from __future__ import annotations
@@ -216,6 +224,71 @@ def bench_decode(args, t: int, device, dtype, common: dict) -> None:
          dense_matmul_s=round(m_med, 6), speedup_vs_dense_matmul=round(m_med / s_med, 3))
 
 
+def bench_main_job(args, common: dict) -> None:
+    """Interleaved train steps of the README main job's model: sdpa vs dsa per phase and kernel."""
+    import types
+
+    from seekdeep.recipes.train import TrainConfig, apply_phase, build_model
+    from seekdeep.train import param_groups
+
+    tokenizer = types.SimpleNamespace(vocab_size=4096, eos_token_id=0, pad_token_id=1)
+    runs = {}
+    for name, backend, phase, kernel in (("sdpa", "sdpa", "dense", None), ("dsa_dense", "dsa", "dense", "auto"),
+                                         ("dsa_sparse", "dsa", "sparse", "auto"),
+                                         ("dsa_dense_ref", "dsa", "dense", "masked_sdpa"),
+                                         ("dsa_sparse_ref", "dsa", "sparse", "masked_sdpa")):
+        cfg = TrainConfig(attention_backend=backend)
+        model = build_model(cfg, tokenizer, torch.device("cpu"))
+        apply_phase(model, phase)
+        layers = [m for m in model.modules() if isinstance(m, DynamicSparseAttention)]
+        for layer in layers:
+            if kernel is not None:
+                layer.token_kernel = kernel
+        model.train()
+        opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+        runs[name] = (model, opt, layers, cfg)
+    g = torch.Generator().manual_seed(0)
+    cfg = runs["sdpa"][3]
+    batches = [torch.randint(0, 4096, (cfg.batch_size, cfg.seq_len), generator=g) for _ in range(4)]
+
+    def step(name: str, i: int) -> None:
+        model, opt, _, _ = runs[name]
+        batch = batches[i % len(batches)]
+        out = model(batch, labels=batch)
+        loss = out.loss if out.aux_loss is None else out.loss + out.aux_loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    wall: dict[str, list[float]] = {name: [] for name in runs}
+    cpu: dict[str, list[float]] = {name: [] for name in runs}
+    for name in runs:
+        step(name, 0)  # warm-up: optimizer state, allocator
+    for i in range(args.main_job_steps):
+        for name in runs:
+            t0, c0 = time.perf_counter(), time.process_time()
+            step(name, i)
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    tokens = cfg.batch_size * cfg.seq_len
+    anchor_med, anchor_cpu = statistics.median(wall["sdpa"]), min(cpu["sdpa"])
+    for name in runs:
+        if name == "sdpa":
+            continue
+        layers = runs[name][2]
+        med, best, cpu_best = statistics.median(wall[name]), min(wall[name]), min(cpu[name])
+        emit(f"main_job_train_step_{name}", med, "s", anchor_med, "sdpa_train_step", device_name("cpu"),
+             min_s=round(best, 4), anchor_min_s=round(min(wall["sdpa"]), 4), cpu_s=round(cpu_best, 4),
+             anchor_cpu_s=round(anchor_cpu, 4), tokens_per_s=round(tokens / med),
+             tokens_per_s_vs_sdpa=round(anchor_med / med, 3),
+             tokens_per_s_vs_sdpa_min=round(min(wall["sdpa"]) / best, 3),
+             tokens_per_s_vs_sdpa_cpu=round(anchor_cpu / cpu_best, 3),
+             kernel_used=layers[0].last_kernel if layers else None, steps=args.main_job_steps,
+             batch=cfg.batch_size, seq_len=cfg.seq_len, threads=torch.get_num_threads(),
+             **{k: v for k, v in common.items() if k.startswith("cpu_") or k == "capability_caps"})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -236,6 +309,9 @@ def main() -> None:
                         help="dsa block_kernel: auto, gather, gather_fp32, gather_sdpa, flex, flex_eager")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--main-job-steps", type=int, default=0,
+                        help="time this many train steps of the README main job's model (sdpa vs token-level dsa) "
+                             "instead of the attention points")
     args = parser.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -251,6 +327,9 @@ def main() -> None:
     dtype = DTYPES[args.dtype]
     common = dict(dtype=args.dtype, batch=1, heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim,
                   threads=torch.get_num_threads(), **(cpu_capability_fields() if not cuda else {}))
+    if args.main_job_steps:
+        bench_main_job(args, common)
+        return
     if args.backend == "dsa":
         common.update(block_size=args.block_size, budget=args.budget, kernel=args.kernel)
     for t in args.lengths:

@@ -72,8 +72,12 @@ class DynamicSparseAttention(nn.Module):
     """Top-k sparse attention driven by a lightning indexer (see the module docstring).
 
     ``spec.options``: ``topk`` (64) keys per query, ``index_heads`` (4), ``index_head_dim``
-    (32), ``local_window`` (1). Set ``compute_indexer_loss`` to leave the auxiliary KL in
-    ``indexer_loss`` after each forward; set ``dense_warmup`` to attend to every allowed key.
+    (32), ``local_window`` (1), ``token_kernel``: ``auto`` (``fused`` on CPU when the indexer
+    trains or its KL is asked for, else ``masked_sdpa``), ``fused`` (one logit tensor for the
+    KL target and the selected-key attention, hand-written backward, causal query chunks:
+    :mod:`seekdeep.attention.token_sparse`) or ``masked_sdpa`` (SDPA with the top-k mask, the
+    reference). Set ``compute_indexer_loss`` to leave the auxiliary KL in ``indexer_loss``
+    after each forward; set ``dense_warmup`` to attend to every allowed key.
 
     Block mode, ``block_size`` > 1 (1, the default, is the token-level selection above):
 
@@ -92,7 +96,7 @@ class DynamicSparseAttention(nn.Module):
       else matmuls in the kernel's precision (``auto``'s choice under auto and the flex kernels);
     * ``last_kernel`` names the path the latest call took (``dense_sdpa``, ``gather``,
       ``gather_fp32``, ``gather_sdpa``, ``row_gather``, ``row_gather_fp32``,
-      ``row_gather_sdpa``, ``flex``, ``flex_eager``; token mode: ``dense_sdpa`` or ``masked_sdpa``);
+      ``row_gather_sdpa``, ``flex``, ``flex_eager``; token mode: ``dense_sdpa``, ``masked_sdpa`` or ``fused``);
     * padding, sliding windows, GQA and decoding with ``cache_state`` are supported;
       ``local_window`` is token-mode only (ConfigError); the flex kernels cannot train on CPU
       (FlexAttention has no CPU backward: ConfigError);
