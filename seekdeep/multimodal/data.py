@@ -44,6 +44,7 @@ ANSWERS = {
     "count": ("two", "three", "four"),
 }
 SPLITS = {"train": 0, "test": 1, "heldout": 2}
+POSITION_WORDS = ("one", "two", "three", "four")  # a grid column / row, counted from the left / top
 _GRID = 4  # objects sit in the cells of a GRID x GRID layout, jittered
 _BACKGROUND = (245, 245, 245)
 
@@ -68,7 +69,7 @@ class VQASample:
 def vocabulary() -> list[str]:
     """Every word a question or answer can use (for a word-level tokenizer)."""
     words = {"which", "side", "of", "the", "is", "a", "what", "shape", "object", "there", "how", "many", "objects", "are", "?", "question:", "answer:"}
-    words |= set(COLOURS) | set(SHAPES)
+    words |= set(COLOURS) | set(SHAPES) | set(POSITION_WORDS) | {"caption:"}
     for answers in ANSWERS.values():
         words |= set(answers)
     return sorted(words)
@@ -107,6 +108,11 @@ class SpatialVQA:
         return [self[i] for i in range(n)]
 
     # -- scenes
+    @staticmethod
+    def caption(objects: tuple[SceneObject, ...]) -> str:
+        """Every object as 'colour column row shape' (column and row as words), in drawing order."""
+        return " ".join(f"{o.colour} {POSITION_WORDS[o.col]} {POSITION_WORDS[o.row]} {o.shape}" for o in objects)
+
     def _scene(self, rng: random.Random) -> tuple[SceneObject, ...]:
         n = rng.choice((2, 3, 4))
         colours = rng.sample(sorted(COLOURS), n)  # distinct colours: "the red object" is unique

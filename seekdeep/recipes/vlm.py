@@ -46,6 +46,8 @@ class VLMTrainConfig:
     attention_backend: str = "sdpa"
     init_std: float = 0.08  # 0.02 (large-model habit) leaves a 64-wide model's image path too weak to learn from
     position_init: str = "sincos"  # the ViT's patch positions start as 2-D sine-cosine codes (or: normal)
+    question_loss: bool = False  # loss on the question's words too (a colour word predicts its object's shape: binding)
+    caption_every: int = 0  # every k-th training row is a scene caption ('red one three circle ...'); 0: none
     num_latents: int = 0
     media_attention: str = "previous"
     eval_samples: int = 400
@@ -73,6 +75,7 @@ class VLMTrainConfig:
         check_float("weight_decay", self.weight_decay, 0, 10)
         check_int("seed", self.seed, 0, MAX_SEED)
         check_int("num_latents", self.num_latents, 0, 1 << 14)
+        check_int("caption_every", self.caption_every, 0, MAX_BATCH)
         if not isinstance(self.warmup, int) or not 0 <= self.warmup < self.steps:
             raise ConfigError("warmup", f"must be an integer in [0, steps={self.steps}), got {self.warmup!r}")
 
@@ -128,18 +131,32 @@ def prompt_text(sample: VQASample) -> str:
     return f"<image> question: {sample.question} answer:"
 
 
-def encode_batch(processor, samples: list[VQASample], train: bool) -> dict[str, Any]:
-    """Training rows end in the answer word + eos with labels on those two only; evaluation
-    rows stop after 'answer:' (left padded, so the next token is read at the last column)."""
+CAPTION_PROMPT = "<image> caption:"
+
+
+def encode_batch(processor, samples: list[VQASample], train: bool, question_loss: bool = False,
+                 captions: list[bool] | None = None) -> dict[str, Any]:
+    """Training rows end in the answer word + eos with labels on those (and, with
+    ``question_loss``, on the question's words: a colour word must predict its object's shape
+    from the image, which teaches the colour -> object binding every question needs); a
+    caption row (``captions[i]``) is ``<image> caption:`` + every object's colour, column,
+    row and shape, labelled throughout (it teaches where each object is). Evaluation rows
+    stop after 'answer:' (left padded, so the next token is read at the last column)."""
     from seekdeep.multimodal.processing import collate
 
     tok = processor.tokenizer
     rows = []
-    for s in samples:
-        row = processor.encode(prompt_text(s), [s.image])
+    for i, s in enumerate(samples):
+        caption = bool(captions and captions[i])
+        row = processor.encode(CAPTION_PROMPT if caption else prompt_text(s), [s.image])
         if train:
-            answer = tok.encode(s.answer, add_special_tokens=False) + [tok.eos_token_id]
-            row["labels"] = [-100] * len(row["input_ids"]) + answer  # at their own positions, as transformers' labels
+            target = SpatialVQA.caption(s.objects) if caption else s.answer
+            answer = tok.encode(target, add_special_tokens=False) + [tok.eos_token_id]
+            if question_loss and not caption:  # labels on the text after the image, not on bos / placeholders
+                skip = {processor.image_token_id, tok.bos_token_id}
+                row["labels"] = [-100 if t in skip else t for t in row["input_ids"]] + answer
+            else:
+                row["labels"] = [-100] * len(row["input_ids"]) + answer  # at their own positions, as transformers' labels
             row["input_ids"] = row["input_ids"] + answer
         rows.append(row)
     return collate(rows, pad_token_id=tok.pad_token_id, padding_side="right" if train else "left")
@@ -241,7 +258,9 @@ def train_vlm(cfg: VLMTrainConfig) -> dict[str, Any]:
     try:
         while step < cfg.steps:
             model.train()
-            batch = encode_batch(processor, [data[step * cfg.batch_size + i] for i in range(cfg.batch_size)], train=True)
+            captions = [cfg.caption_every > 0 and i % cfg.caption_every == cfg.caption_every - 1 for i in range(cfg.batch_size)]
+            batch = encode_batch(processor, [data[step * cfg.batch_size + i] for i in range(cfg.batch_size)], train=True,
+                                 question_loss=cfg.question_loss, captions=captions)
             loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"],
                          labels=batch["labels"]).loss
             optimizer.zero_grad(set_to_none=True)
@@ -292,6 +311,8 @@ _HELP = {
     "num_latents": "cross_attention only: Perceiver resampler latents per image (0: attend to the patch features)",
     "media_attention": "cross_attention only: previous (the last image before a token) or all_previous",
     "resume": "'auto' (latest checkpoint in output_dir) or a checkpoint path",
+    "question_loss": "train on the question's words too, not only the answer (teaches which object a colour names)",
+    "caption_every": "every k-th training row is a scene caption (colour, column, row, shape of each object); 0: none",
 }
 
 

@@ -18,7 +18,7 @@ TINY = ["--steps", "4", "--batch-size", "4", "--eval-samples", "8", "--eval-ever
 
 def test_gated_variant_trains_and_saves(tmp_path):
     out = tmp_path / "run"
-    assert main(["vlm", str(out), "--fusion", "cross_attention", "--num-latents", "4", *TINY]) == 0
+    assert main(["vlm", str(out), "--fusion", "cross_attention", "--num-latents", "4", "--question-loss", "--caption-every", "2", *TINY]) == 0
     model = seekdeep.AutoModel.from_pretrained(out / "final")
     assert model.config.cross_attention.num_latents == 4
     assert json.loads((out / "summary.json").read_text())["config"]["fusion"] == "cross_attention"
@@ -73,6 +73,31 @@ def test_spatial_answers_follow_the_drawn_positions():
         cell = 12  # the object's colour is drawn at its cell's centre
         cy, cx = obj.row * cell + cell // 2, obj.col * cell + cell // 2
         assert pixels[cy, cx].tolist() != [245, 245, 245]
+
+
+def test_question_loss_and_caption_rows_label_the_right_tokens():
+    from seekdeep.multimodal.image_processing import ImageProcessor, ImageProcessorConfig
+    from seekdeep.multimodal.processing import MultimodalProcessor
+    from seekdeep.recipes.vlm import build_model, build_tokenizer, encode_batch
+
+    cfg = VLMTrainConfig(hidden_size=32, vision_layers=1, text_layers=1)
+    tok = build_tokenizer()
+    proc = MultimodalProcessor.for_model(build_model(cfg, tok), tok, ImageProcessor(ImageProcessorConfig.clip(48)))
+    samples = SpatialVQA("train", 0).take(2)
+    plain = encode_batch(proc, samples, train=True)
+    full = encode_batch(proc, samples, train=True, question_loss=True, captions=[False, True])
+    words = lambda ids: [w for w in tok.convert_ids_to_tokens([i for i in ids if i != -100]) if w != "<pad>"]
+    assert words(plain["labels"][0].tolist()) == [samples[0].answer, "<eos>"]
+    # the question's words (not bos, not the image placeholders) and the answer
+    assert words(full["labels"][0].tolist()) == ["question:", *samples[0].question.split(), "answer:", samples[0].answer, "<eos>"]
+    # a caption row: every object's colour, column, row, shape, as drawn
+    caption = words(full["labels"][1].tolist())
+    assert caption[-1] == "<eos>" and len(caption) == 4 * len(samples[1].objects) + 1
+    for k, o in enumerate(samples[1].objects):
+        assert caption[4 * k : 4 * k + 4] == [o.colour, ("one", "two", "three", "four")[o.col], ("one", "two", "three", "four")[o.row], o.shape]
+    # training rows keep the image: the placeholders are never labelled
+    image_id = proc.image_token_id
+    assert not ((full["input_ids"] == image_id) & (full["labels"] != -100)).any()
 
 
 def test_bad_config_names_the_field():
