@@ -12,8 +12,9 @@ with verifiable rewards (GRPO) or preferences (DPO) (``seekdeep rl``).
 
 from seekdeep.posttrain.config import RLConfig, SFTConfig
 from seekdeep.posttrain.losses import dpo_loss, group_advantages, grpo_loss, token_logprobs
-from seekdeep.posttrain.rewards import DoctestReward, LengthReward, RewardSet, RLPrompt, parse_reward
+from seekdeep.posttrain.rewards import DoctestReward, LengthReward, RewardSet, RLPrompt, parse_reward, prefix_reward
 from seekdeep.posttrain.sandbox import SandboxResult, run_doctests
 
 __all__ = ["DoctestReward", "LengthReward", "RLConfig", "RLPrompt", "RewardSet", "SFTConfig", "SandboxResult",
-           "dpo_loss", "group_advantages", "grpo_loss", "parse_reward", "run_doctests", "token_logprobs"]
+           "dpo_loss", "group_advantages", "grpo_loss", "parse_reward", "prefix_reward", "run_doctests",
+           "token_logprobs"]
