@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import sys
 import time
@@ -147,6 +146,7 @@ def rl(cfg: RLConfig, extra_rewards: dict[str, tuple[Any, float]] | None = None)
     from seekdeep.recipes.sft import default_sft_model, load_base
     from seekdeep.recipes.train import MetricsLog
     from seekdeep.train import PrecisionPolicy, load_checkpoint, prepare_run_dir, resume_checkpoint, save_checkpoint
+    from seekdeep.train.loop import StepEnd, optimizer_step
 
     out = prepare_run_dir(cfg.output_dir, command="rl", overwrite=cfg.overwrite, resume=cfg.resume)
     ckpt_dir = out / "checkpoints"
@@ -200,8 +200,9 @@ def rl(cfg: RLConfig, extra_rewards: dict[str, tuple[Any, float]] | None = None)
           file=sys.stderr)
     params = [p for p in model.parameters() if p.requires_grad]
     bar = tqdm(total=cfg.steps, initial=start_step, desc=cfg.algorithm, disable=not cfg.progress, dynamic_ncols=True)
-    started = time.perf_counter()
-    step, stopped_early, skipped = start_step, False, 0
+    step, skipped = start_step, 0
+    end_of_step = StepEnd(steps=cfg.steps, checkpoint_interval=cfg.checkpoint_interval, max_time=cfg.max_time,
+                          say=bar.write, hint="lower --lr")
     try:
         while step < cfg.steps:
             t0 = time.perf_counter()
@@ -234,11 +235,7 @@ def rl(cfg: RLConfig, extra_rewards: dict[str, tuple[Any, float]] | None = None)
                         loss_total += float(loss.detach()) / len(rows)
                         kl_total += stats["kl"] / len(rows)
                         clip_total += stats["clip_fraction"] / len(rows)
-                    scaler.unscale_(optimizer)
-                    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                    scaler.step(optimizer)
-                    scaler.update()
-                    optimizer.zero_grad(set_to_none=True)
+                    grad_norm, _ = optimizer_step(optimizer, None, scaler, params, cfg.grad_clip)
                 valid = values[~torch.isnan(values)]
                 parts = {name: [v[name] for _, v in scores if name in v] for name in rewards.rewards}
                 record.update({"reward": float(valid.mean()) if valid.numel() else float("nan"),
@@ -261,11 +258,7 @@ def rl(cfg: RLConfig, extra_rewards: dict[str, tuple[Any, float]] | None = None)
                     n = len(batch)
                     loss, stats = dpo_loss(seq_lp[:n], seq_lp[n:], ref_lp[:n], ref_lp[n:], cfg.dpo_beta)
                 scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
+                grad_norm, _ = optimizer_step(optimizer, None, scaler, params, cfg.grad_clip)
                 with torch.no_grad():  # per-token KL estimate to the reference on the pairs' tokens
                     d = (ref_lp - seq_lp.detach()) / cmask.sum(1).clamp(min=1)
                     kl = float((torch.exp(d) - d - 1).mean())
@@ -273,20 +266,14 @@ def rl(cfg: RLConfig, extra_rewards: dict[str, tuple[Any, float]] | None = None)
                 postfix = {"loss": f"{record['loss']:.3f}", "acc": f"{stats['accuracy']:.2f}", "kl": f"{kl:.4f}"}
             scheduler.step()
             step += 1
-            record.update({"lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+            record.update({"lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                            "seconds": time.perf_counter() - t0})
             metrics.write(record)
             bar.update(1)
             bar.set_postfix(postfix)
-            if not math.isfinite(record["loss"]):
-                raise FloatingPointError(f"loss became {record['loss']} at step {step}; lower --lr")
-            out_of_time = cfg.max_time is not None and time.perf_counter() - started > cfg.max_time
-            if step % cfg.checkpoint_interval == 0 or step == cfg.steps or out_of_time:
-                save_checkpoint(ckpt_dir, step, artifact, optimizer, scheduler, scaler, data_state={"step": step},
-                                extra={"config": asdict(cfg)}, keep_last=cfg.keep_last)
-            if out_of_time:
-                stopped_early = True
-                bar.write(f"time budget of {cfg.max_time:.0f}s reached at step {step}")
+            if end_of_step(step, record["loss"], checkpoint=lambda: save_checkpoint(
+                    ckpt_dir, step, artifact, optimizer, scheduler, scaler, data_state={"step": step},
+                    extra={"config": asdict(cfg)}, keep_last=cfg.keep_last)):
                 break
     finally:
         bar.close()
@@ -301,14 +288,14 @@ def rl(cfg: RLConfig, extra_rewards: dict[str, tuple[Any, float]] | None = None)
     head, tail = train[:max(1, len(train) // 4)], train[-max(1, len(train) // 4):]
     key = "reward" if cfg.algorithm == "grpo" else "accuracy"
     summary = {"algorithm": cfg.algorithm, "base": str(base_dir), "method": cfg.method, "steps": step,
-               "stopped_early": stopped_early,
+               "stopped_early": end_of_step.stopped_early,
                f"{key}_first_quarter": sum(r[key] for r in head) / len(head) if train else float("nan"),
                f"{key}_last_quarter": sum(r[key] for r in tail) / len(tail) if train else float("nan"),
                "final_kl": train[-1]["kl"] if train else float("nan"),
                "events": rewards.all_events(), "trainable_parameters": trainable, "total_parameters": total,
                "prompts": len(prompts) if cfg.algorithm == "grpo" else None,
                "pairs": len(pairs) if cfg.algorithm == "dpo" else None,
-               "train_seconds": time.perf_counter() - started, **written, "rewards_plot": str(out / "rewards.png"),
+               "train_seconds": end_of_step.elapsed(), **written, "rewards_plot": str(out / "rewards.png"),
                "config": asdict(cfg)}
     write_json_atomic(out / "summary.json", summary)
     return summary

@@ -15,7 +15,6 @@ checkpoints, ``--resume auto`` and the run-directory rule as the other recipes.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from dataclasses import asdict, fields
@@ -71,6 +70,7 @@ def sft(cfg: SFTConfig) -> dict[str, Any]:
     from seekdeep.posttrain.policy import attach, checkpoint_artifact, make_optimizer, publish_final, restore
     from seekdeep.recipes.train import MetricsLog, plot_losses
     from seekdeep.train import PrecisionPolicy, load_checkpoint, prepare_run_dir, resume_checkpoint, save_checkpoint
+    from seekdeep.train.loop import StepEnd, optimizer_step
 
     out = prepare_run_dir(cfg.output_dir, command="sft", overwrite=cfg.overwrite, resume=cfg.resume)
     ckpt_dir = out / "checkpoints"
@@ -116,8 +116,15 @@ def sft(cfg: SFTConfig) -> dict[str, Any]:
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
     bar = tqdm(total=cfg.steps, initial=start_step, desc="sft", disable=not cfg.progress, dynamic_ncols=True)
-    started = time.perf_counter()
-    step, stopped_early = start_step, False
+    step = start_step
+
+    def run_eval(at: int) -> None:
+        eval_loss = heldout_loss()
+        metrics.write({"kind": "eval", "step": at, "eval_loss": eval_loss})
+        bar.write(f"step {at}: held-out assistant loss {eval_loss:.3f}")
+
+    end_of_step = StepEnd(steps=cfg.steps, eval_interval=cfg.eval_interval, checkpoint_interval=cfg.checkpoint_interval,
+                          max_time=cfg.max_time, say=bar.write)
     try:
         while step < cfg.steps:
             t0 = time.perf_counter()
@@ -129,30 +136,16 @@ def sft(cfg: SFTConfig) -> dict[str, Any]:
                 total_loss += float(loss.detach()) / cfg.grad_accum
                 tokens += int(mask.sum())
                 scaler.scale(loss / cfg.grad_accum).backward()
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
+            grad_norm, _ = optimizer_step(optimizer, scheduler, scaler, params, cfg.grad_clip)
             step += 1
             metrics.write({"kind": "train", "step": step, "loss": total_loss, "lr": scheduler.get_last_lr()[0],
-                           "grad_norm": float(grad_norm), "tokens_per_s": tokens / (time.perf_counter() - t0)})
+                           "grad_norm": grad_norm, "tokens_per_s": tokens / (time.perf_counter() - t0)})
             bar.update(1)
             bar.set_postfix(loss=f"{total_loss:.3f}")
-            if not math.isfinite(total_loss):
-                raise FloatingPointError(f"loss became {total_loss} at step {step}; lower --lr or use --precision fp32")
-            out_of_time = cfg.max_time is not None and time.perf_counter() - started > cfg.max_time
-            if step % cfg.eval_interval == 0 and step < cfg.steps and heldout_examples and not out_of_time:
-                eval_loss = heldout_loss()
-                metrics.write({"kind": "eval", "step": step, "eval_loss": eval_loss})
-                bar.write(f"step {step}: held-out assistant loss {eval_loss:.3f}")
-            if step % cfg.checkpoint_interval == 0 or step == cfg.steps or out_of_time:
-                save_checkpoint(ckpt_dir, step, artifact, optimizer, scheduler, scaler, data_state=batches.state_dict(),
-                                extra={"config": asdict(cfg)}, keep_last=cfg.keep_last)
-            if out_of_time:
-                stopped_early = True
-                bar.write(f"time budget of {cfg.max_time:.0f}s reached at step {step}")
+            if end_of_step(step, total_loss, evaluate=(lambda: run_eval(step)) if heldout_examples else None,
+                           checkpoint=lambda: save_checkpoint(ckpt_dir, step, artifact, optimizer, scheduler, scaler,
+                                                              data_state=batches.state_dict(),
+                                                              extra={"config": asdict(cfg)}, keep_last=cfg.keep_last)):
                 break
     finally:
         bar.close()
@@ -167,10 +160,10 @@ def sft(cfg: SFTConfig) -> dict[str, Any]:
     model.eval()
     written = publish_final(out, model, tokenizer, cfg.method)
     plot_losses(metrics_file, out / "loss.png", f"seekdeep sft: {cfg.method}")
-    summary = {"base": str(base_dir), "method": cfg.method, **data_info, "steps": step, "stopped_early": stopped_early,
+    summary = {"base": str(base_dir), "method": cfg.method, **data_info, "steps": step, "stopped_early": end_of_step.stopped_early,
                "heldout_loss_before": loss_before, "heldout_loss_after": loss_after,
                "trainable_parameters": trainable, "total_parameters": total,
-               "train_seconds": time.perf_counter() - started, **written, "loss_curve": str(out / "loss.png"),
+               "train_seconds": end_of_step.elapsed(), **written, "loss_curve": str(out / "loss.png"),
                "config": asdict(cfg)}
     write_json_atomic(out / "summary.json", summary)
     return summary
