@@ -178,6 +178,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="training steps per model (default: the recipe's)")
     parser.add_argument("--eval-samples", type=int, default=400)
     parser.add_argument("--out", default="runs/bench-vlm")
+    parser.add_argument("--question-loss", action="store_true", help="VLMs: loss on the question's words too (the recipe's flag)")
+    parser.add_argument("--caption-every", type=int, default=0, help="VLMs: every k-th training row a scene caption (0: none)")
     parser.add_argument("--skip-serving", action="store_true")
     parser.add_argument("--serving-repeats", type=int, default=10)
     parser.add_argument("--train-only", action="store_true",
@@ -208,6 +210,7 @@ def main() -> None:
         args.seeds = []
     for seed in args.seeds:
         base = VLMTrainConfig(seed=seed, eval_samples=args.eval_samples, progress=False, overwrite=True,
+                              question_loss=args.question_loss, caption_every=args.caption_every,
                               **({"steps": args.steps} if args.steps else {}))
         for fusion in ("prefix", "cross_attention"):
             cfg = VLMTrainConfig(**{**base.to_dict(), "fusion": fusion, "output_dir": str(out / f"{fusion}-seed{seed}")})
