@@ -120,14 +120,16 @@ class SharedLogitsAttention(torch.autograd.Function):
         h_kv = kf.shape[1]
         g = grad_out.float().reshape(b, h_kv, -1, grad_out.shape[-1])  # (B, Hkv, rep*Tq, Dv)
         p = probs.view(b, h_kv, -1, tk)  # (B, Hkv, rep*Tq, Tk)
-        grad_v = torch.matmul(p.transpose(-1, -2), g)  # (B, Hkv, Tk, Dv)
+        need_q, need_k, need_v, need_scores = ctx.needs_input_grad[:4]  # a frozen trunk needs only the scores'
+        grad_v = torch.matmul(p.transpose(-1, -2), g) if need_v else None  # (B, Hkv, Tk, Dv)
         delta = (g * out.view_as(g)).sum(-1, keepdim=True)  # (B, Hkv, rep*Tq, 1)
         grad_logits = torch.matmul(g, vf.transpose(-1, -2)).sub_(delta).mul_(p)  # zero off the selection
-        grad_q = torch.matmul(grad_logits, kf).mul_(ctx.scale).view(b, h, tq, -1)
-        grad_k = torch.matmul(grad_logits.transpose(-1, -2), qs)  # qs already carries the scale
-        grad_scores = grad_logits.view(b, h, tq, tk).sum(1) if ctx.needs_input_grad[3] else None  # (B, Tq, Tk)
+        grad_q = torch.matmul(grad_logits, kf).mul_(ctx.scale).view(b, h, tq, -1) if need_q else None
+        grad_k = torch.matmul(grad_logits.transpose(-1, -2), qs) if need_k else None  # qs carries the scale
+        grad_scores = grad_logits.view(b, h, tq, tk).sum(1) if need_scores else None  # (B, Tq, Tk)
         dq, dk, dv = ctx.dtypes
-        return grad_q.to(dq), grad_k.to(dk), grad_v.to(dv), grad_scores, None, None, None, None
+        return (None if grad_q is None else grad_q.to(dq), None if grad_k is None else grad_k.to(dk),
+                None if grad_v is None else grad_v.to(dv), grad_scores, None, None, None, None)
 
 
 class IndexerScores(torch.autograd.Function):
