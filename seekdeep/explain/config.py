@@ -14,11 +14,11 @@ METHODS = ("shap", "ig", "gradxinput", "ablation", "attention", "rollout")
 GRANULARITIES = ("word", "token")
 MAX_EVALS = 10**7  # model evaluations per input: a full resolution of 2,000 units needs ~8M
 MAX_STEPS = 1 << 16  # integration points of Integrated Gradients
-#: rows per model call. Measured on CPU (one thread, the trained benchmark classifier, 160-token
-#: inputs, CPU seconds per row, which load does not move): 2.3 / 2.3 / 2.8 / 3.4 ms at 5 / 16 /
-#: 64 / 128 rows for half-masked rows, 4.0 / 3.9 / 4.4 / 4.8 ms for rows missing one word —
-#: wider calls pad more and leave the cache, so on CPU 16 is the widest that costs nothing.
-#: On an accelerator pass more (a model call there costs about the same at 16 or 256 rows).
+#: rows per model call. Measured on CPU (``benchmarks/explain.py --batch-cost``: one thread, the
+#: trained benchmark classifier, a 160-token input, CPU ms per row): 2.2 / 2.4 / 2.6 / 3.0 at
+#: 5 / 16 / 64 / 128 rows for half-masked rows, 3.8 / 4.2 / 5.6 / 6.1 for rows missing one word
+#: — wider calls pad more and leave the cache, so on CPU 16 keeps the per-row cost within ~10%
+#: of 5 with a third of the calls. On an accelerator pass more.
 DEFAULT_BATCH = 16
 
 
