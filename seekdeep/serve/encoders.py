@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,6 +93,8 @@ class EncoderModel:
     embedding_cache: EmbeddingCache
     max_pixels: int
     created: int = field(default_factory=lambda: int(time.time()))
+    # requests run in worker threads: one forward and cache update at a time
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def dimensions(self) -> int:
@@ -141,9 +144,16 @@ class EncoderModel:
         digest.update(repr(value.size).encode())
         return (name, "image", digest.hexdigest())
 
+    def embed(self, items: list[tuple[str, Any]]) -> tuple[list[torch.Tensor], int]:
+        """One forward per modality for the items not in the cache: (normalised vectors in order,
+        how many came from the cache)."""
+        with self.lock:
+            hits = self.embedding_cache.hits
+            vectors = self._embed(items)
+            return vectors, self.embedding_cache.hits - hits
+
     @torch.no_grad()
-    def embed(self, items: list[tuple[str, Any]]) -> list[torch.Tensor]:
-        """One forward per modality for the items not in the cache; normalised vectors in order."""
+    def _embed(self, items: list[tuple[str, Any]]) -> list[torch.Tensor]:
         vectors: list[torch.Tensor | None] = [None] * len(items)
         todo: dict[str, list[int]] = {"text": [], "image": []}
         keys = [self.cache_key(self.name, kind, value) for kind, value in items]

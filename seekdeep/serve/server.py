@@ -777,10 +777,9 @@ def create_app(config: ServerConfig, loader: Callable[[ServerConfig], list[Serve
             raise APIError(400, f"input: {images} images in one request; the limit is {config.max_images}",
                            param="input", code="too_many_images")
         items = served.parse(req.input)
-        hits = served.embedding_cache.hits
-        vectors = await asyncio.to_thread(served.embed, items)
-        state.metrics.embedding_cache_hits.labels(served.name).inc(served.embedding_cache.hits - hits)
-        state.metrics.embedding_cache_misses.labels(served.name).inc(len(items) - (served.embedding_cache.hits - hits))
+        vectors, hits = await asyncio.to_thread(served.embed, items)
+        state.metrics.embedding_cache_hits.labels(served.name).inc(hits)
+        state.metrics.embedding_cache_misses.labels(served.name).inc(len(items) - hits)
         data = []
         for i, vector in enumerate(vectors):
             if req.encoding_format == "base64":

@@ -123,3 +123,20 @@ def test_generation_routes_refuse_the_embedding_model(client):
     assert info.value.body["code"] == "embedding_model"
     with pytest.raises(openai.BadRequestError):
         api.completions.create(model="clip", prompt="hi", max_tokens=2)
+
+
+def test_concurrent_requests_get_their_own_vectors(client, clip_dir):
+    from concurrent.futures import ThreadPoolExecutor
+
+    api, _ = client
+    images = [_image(10 + i) for i in range(4)]
+    local = _local(clip_dir, images=images)["image"]
+
+    def one(i):
+        reply = api.embeddings.create(model="clip", input=[{"type": "image_url", "image_url": {"url": _png(images[i])}}])
+        return torch.tensor(reply.data[0].embedding)
+
+    with ThreadPoolExecutor(4) as pool:  # worker threads share the model and its cache
+        got = list(pool.map(one, [0, 1, 2, 3, 0, 1]))
+    for i, vector in zip([0, 1, 2, 3, 0, 1], got):
+        torch.testing.assert_close(vector, local[i], atol=1e-5, rtol=1e-4)
