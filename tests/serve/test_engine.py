@@ -8,22 +8,17 @@ import torch
 from seekdeep.errors import ConfigError, GenerationError
 from seekdeep.models.common import KVCache
 from seekdeep.models.deepseek_v3 import DeepseekV3Config, DeepseekV3ForCausalLM
-from seekdeep.models.llama import LlamaConfig, LlamaForCausalLM
 from seekdeep.serve.engine import AsyncEngine, Engine, EngineConfig, QueueFullError
 from seekdeep.serve.kv_cache import BlockAllocator, NoFreeBlocksError
 from seekdeep.serve.sampling import SamplingParams
+from tiny_llama import tiny_llama
 
 VOCAB = 256
 GREEDY = SamplingParams(max_tokens=12, temperature=0)
 
 
 def _llama(backend: str = "sdpa", **options):
-    torch.manual_seed(1)
-    cfg = LlamaConfig.from_name("tiny", vocab_size=VOCAB, max_position_embeddings=256, eos_token_id=None,
-                                bos_token_id=None, attention_backend=backend, attention_options=options)
-    model = LlamaForCausalLM(cfg)
-    model.init_weights(std=0.3)  # peaky logits: greedy choices are far from ties
-    return model.eval()
+    return tiny_llama(backend, vocab=VOCAB, **options)
 
 
 @pytest.fixture(scope="module")

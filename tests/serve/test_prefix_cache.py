@@ -6,22 +6,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from seekdeep.models.llama import LlamaConfig, LlamaForCausalLM
 from seekdeep.serve.engine import Engine, EngineConfig
 from seekdeep.serve.kv_cache import BlockAllocator, hash_block
 from seekdeep.serve.sampling import SamplingParams
+from tiny_llama import tiny_llama
 
 VOCAB = 256
 GREEDY = SamplingParams(max_tokens=10, temperature=0)
 
 
 def _llama(backend: str = "sdpa", **options):
-    torch.manual_seed(1)
-    cfg = LlamaConfig.from_name("tiny", vocab_size=VOCAB, max_position_embeddings=256, eos_token_id=None,
-                                bos_token_id=None, attention_backend=backend, attention_options=options)
-    model = LlamaForCausalLM(cfg)
-    model.init_weights(std=0.3)  # peaky logits: greedy choices are far from ties
-    return model.eval()
+    return tiny_llama(backend, vocab=VOCAB, **options)
 
 
 def _tokens(n: int, seed: int) -> list[int]:

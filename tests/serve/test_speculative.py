@@ -10,23 +10,17 @@ import pytest
 import torch
 
 from seekdeep.errors import ConfigError
-from seekdeep.models.llama import LlamaConfig, LlamaForCausalLM
 from seekdeep.serve.engine import Engine, EngineConfig
 from seekdeep.serve.sampling import SamplingParams
 from seekdeep.serve.speculative import NgramProposer, SpeculativeConfig
 from seekdeep.serve.scheduler import Sequence
+from tiny_llama import tiny_llama
 
 VOCAB = 64
 
 
 def _llama(seed: int, layers: int = 2, vocab: int = VOCAB, std: float = 0.3, backend: str = "sdpa", **options):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig.from_name("tiny", vocab_size=vocab, max_position_embeddings=256, eos_token_id=None,
-                                bos_token_id=None, num_hidden_layers=layers, attention_backend=backend,
-                                attention_options=options)
-    model = LlamaForCausalLM(cfg)
-    model.init_weights(std=std)  # std 0.3: peaky logits, greedy choices far from ties
-    return model.eval()
+    return tiny_llama(backend, seed=seed, layers=layers, vocab=vocab, std=std, **options)
 
 
 @pytest.fixture(scope="module")
