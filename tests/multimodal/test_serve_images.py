@@ -3,17 +3,13 @@ process holding a tiny LLaVA-format model and a text-only model."""
 
 import base64
 import io
-import os
-import socket
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 import torch
 from PIL import Image
+from servers import ServerProcess
 
 openai = pytest.importorskip("openai")
 
@@ -31,12 +27,6 @@ def _png(image: Image.Image) -> str:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -58,27 +48,13 @@ def dirs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(dirs):
-    port = _free_port()
-    log = open(dirs / "server.log", "w")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "seekdeep.cli", "serve", str(dirs / "vlm"), str(dirs / "text"), "--host", "127.0.0.1",
-                             "--port", str(port), "--max-images", "2", "--max-image-pixels", "3000", "--log-level", "warning",
-                             "--kv-cache-memory", "16MiB"], stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError((dirs / "server.log").read_text())
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    yield url
-    proc.terminate()
-    proc.wait(60)
-    log.close()
+    proc = ServerProcess([str(dirs / "vlm"), str(dirs / "text"), "--max-images", "2", "--max-image-pixels", "3000",
+                          "--kv-cache-memory", "16MiB"], dirs / "server.log")
+    try:
+        proc.wait_ready(180)
+        yield proc.url
+    finally:
+        proc.stop()
 
 
 @pytest.fixture(scope="module")
