@@ -85,6 +85,7 @@ class RequestOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     new_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at admission (OpenAI's cached_tokens)
 
 
 @dataclass
@@ -298,7 +299,8 @@ class Engine:
                 if not self._requests:
                     self.runner.release()
             outputs.append(
-                RequestOutput(seq.seq_id, new, reason is not None, reason, seq.num_prompt, seq.num_output, lps)
+                RequestOutput(seq.seq_id, new, reason is not None, reason, seq.num_prompt, seq.num_output, lps,
+                              seq.num_cached_tokens)
             )
         return outputs
 

@@ -278,6 +278,7 @@ class _Choice:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     finish_reason: str | None = None
+    num_cached_tokens: int = 0  # prompt tokens this choice found in the prefix cache
     first_token_at: float | None = None
     finished_at: float | None = None
 
@@ -299,6 +300,7 @@ async def _run_choice(served: ServedModel, request_id: str, prompt_ids: list[int
                 text = choice.detok.add(out.new_token_ids, final=out.finished)
                 choice.token_ids.extend(out.new_token_ids)
                 choice.logprobs.extend(out.new_logprobs)
+                choice.num_cached_tokens = out.num_cached_tokens
                 finish = None
                 if choice.detok.stopped:
                     finish = "stop"
@@ -324,6 +326,14 @@ async def _run_choice(served: ServedModel, request_id: str, prompt_ids: list[int
     metrics.e2e.labels(served.name).observe(choice.finished_at - arrival)
     if n > 1 and choice.first_token_at is not None:
         metrics.tpot.labels(served.name).observe((choice.finished_at - choice.first_token_at) / (n - 1))
+
+
+def _cached_tokens(choices: list[_Choice], n: int) -> int:
+    """``usage.prompt_tokens_details.cached_tokens``: per prompt (counted once, like
+    ``prompt_tokens``), the tokens found in the prefix cache by the first of its ``n`` choices
+    to be admitted -- the least of them, since siblings admitted later reuse the blocks the
+    first one computed for this very request."""
+    return sum(min(c.num_cached_tokens for c in choices[i : i + n]) for i in range(0, len(choices), n))
 
 
 async def _wait_or_disconnect(request: Request, tasks: list[asyncio.Task]) -> bool:
@@ -643,7 +653,8 @@ def create_app(config: ServerConfig, loader: Callable[[ServerConfig], list[Serve
         def usage(choices) -> dict:
             prompt_tokens = sum(len(p) for p in prompts)
             completion = sum(len(c.token_ids) for c in choices)
-            return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+            return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion,
+                    "prompt_tokens_details": {"cached_tokens": _cached_tokens(choices, req.n)}}
 
         def chunk(base_id, choices_payload, with_usage=None) -> str:
             payload = {"id": f"cmpl-{base_id}", "object": "text_completion", "created": created, "model": served.name,
@@ -732,7 +743,8 @@ def create_app(config: ServerConfig, loader: Callable[[ServerConfig], list[Serve
 
         def usage(choices) -> dict:
             completion = sum(len(c.token_ids) for c in choices)
-            return {"prompt_tokens": len(ids), "completion_tokens": completion, "total_tokens": len(ids) + completion}
+            return {"prompt_tokens": len(ids), "completion_tokens": completion, "total_tokens": len(ids) + completion,
+                    "prompt_tokens_details": {"cached_tokens": _cached_tokens(choices, req.n)}}
 
         def chunk(base_id, choices_payload, with_usage=None) -> str:
             payload = {"id": f"chatcmpl-{base_id}", "object": "chat.completion.chunk", "created": created,

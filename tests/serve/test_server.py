@@ -213,6 +213,34 @@ def test_metrics_are_prometheus_text(server, client):
     assert 0 < httpx.get(f"{server.url}/health").json()["models"]["large"]["prefix_cache_hit_rate"] <= 1
 
 
+def test_usage_reports_prefix_cache_hits_as_cached_tokens(client, server):
+    # a 40-token prompt no other test sends: cold first (0 cached), then its 2 full blocks of 16 are hits
+    prompt = list(range(300, 340))
+    cold = client.completions.create(model="small", prompt=prompt, max_tokens=3, temperature=0)
+    warm = client.completions.create(model="small", prompt=prompt, max_tokens=3, temperature=0)
+    assert cold.usage.prompt_tokens_details.cached_tokens == 0
+    assert warm.usage.prompt_tokens_details.cached_tokens == 32 and warm.usage.prompt_tokens == 40
+    assert warm.choices[0].text == cold.choices[0].text
+    # n = 2 siblings of a new prompt: the prompt is counted once and was computed by this request
+    fresh = list(range(400, 440))
+    both = client.completions.create(model="small", prompt=fresh, max_tokens=3, temperature=1.0, seed=1, n=2)
+    assert both.usage.prompt_tokens == 40 and both.usage.prompt_tokens_details.cached_tokens == 0
+    # a longer prompt sharing the first 40 tokens: 2 cached blocks; streaming usage carries the same field
+    longer = prompt + list(range(500, 520))
+    stream = client.completions.create(model="small", prompt=longer, max_tokens=3, temperature=0, stream=True,
+                                       stream_options={"include_usage": True})
+    usage = list(stream)[-1].usage
+    assert usage.prompt_tokens == 60 and usage.prompt_tokens_details.cached_tokens == 32
+    # chat: the same conversation twice
+    messages = [{"role": "system", "content": "You answer in Python, briefly and exactly. " * 4},
+                {"role": "user", "content": "print hello"}]
+    first, second = (client.chat.completions.create(model="small", messages=messages, max_tokens=3, temperature=0)
+                     for _ in range(2))
+    bs = 16
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert second.usage.prompt_tokens_details.cached_tokens == (first.usage.prompt_tokens - 1) // bs * bs > 0
+
+
 def test_a_client_that_disconnects_mid_stream_frees_its_kv_blocks(server):
     body = {"model": "small", "prompt": "def main():\n", "max_tokens": 800, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as resp:
