@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from seekdeep.errors import CheckpointError, ConfigError
+from seekdeep.errors import ConfigError
 from seekdeep.files import check_data_path, check_model_path
 from seekdeep.validate import MAX_BATCH, MAX_SEED, MAX_SEQ_LEN, check_device, check_float, check_int
 
@@ -138,19 +138,6 @@ def prepare_distill_data(data: str | None, tokenizer, seq_len: int, progress: bo
     return paths["train"], paths["heldout"], info
 
 
-def _saved_config(checkpoint: Path, cfg: DistillRunConfig) -> DistillRunConfig:
-    """The run's identity comes from the checkpoint; only the budget, output and device may change."""
-    from seekdeep.train import load_checkpoint
-
-    saved = load_checkpoint(checkpoint, restore_rng=False).extra.get("config")
-    if not isinstance(saved, dict) or "temperature" not in saved:
-        raise CheckpointError(f"{checkpoint}: not a `seekdeep distill` checkpoint (no distillation config in it)")
-    known = {f.name for f in fields(DistillRunConfig)}
-    return DistillRunConfig(**{**{k: v for k, v in saved.items() if k in known}, "steps": cfg.steps,
-                               "max_time": cfg.max_time, "resume": cfg.resume, "output_dir": cfg.output_dir,
-                               "progress": cfg.progress, "device": cfg.device, "overwrite": False})
-
-
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -162,14 +149,14 @@ def distill(cfg: DistillRunConfig) -> dict[str, Any]:
     from seekdeep.files import write_json_atomic
     from seekdeep.recipes.train import MetricsLog, apply_phase, evaluate, plot_losses
     from seekdeep.train import (PrecisionPolicy, load_checkpoint, make_scheduler, param_groups, prepare_run_dir,
-                                publish_dir, resume_checkpoint, save_checkpoint)
+                                publish_dir, resume_checkpoint, resumed_config, save_checkpoint)
     from seekdeep.train.loop import StepEnd, optimizer_step
 
     out = prepare_run_dir(cfg.output_dir, command="distill", overwrite=cfg.overwrite, resume=cfg.resume)
     ckpt_dir = out / "checkpoints"
     resume_path = resume_checkpoint(cfg.resume, ckpt_dir)
     if resume_path is not None:
-        cfg = _saved_config(resume_path, cfg)
+        cfg = resumed_config(resume_path, cfg, command="distill", marker="temperature")
     teacher_dir = Path(cfg.teacher) if cfg.teacher else default_teacher()
     if cfg.teacher is None:
         cfg = DistillRunConfig(**{**asdict(cfg), "teacher": str(teacher_dir)})

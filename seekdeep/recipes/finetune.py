@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from seekdeep.errors import CheckpointError, ConfigError
+from seekdeep.errors import ConfigError
 from seekdeep.files import check_data_path, check_model_path
 from seekdeep.validate import MAX_BATCH, MAX_SEED, MAX_SEQ_LEN, check_device, check_float, check_int
 
@@ -284,20 +284,14 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     from seekdeep.peft.io import copy_into_adapter, read_adapter_weights
     from seekdeep.recipes.train import MetricsLog, plot_losses
     from seekdeep.train import (PrecisionPolicy, load_checkpoint, make_scheduler, param_groups, prepare_run_dir,
-                                publish_dir, resume_checkpoint, save_checkpoint)
+                                publish_dir, resume_checkpoint, resumed_config, save_checkpoint)
     from seekdeep.train.loop import StepEnd, optimizer_step
 
     out = prepare_run_dir(cfg.output_dir, command="finetune", overwrite=cfg.overwrite, resume=cfg.resume)
     ckpt_dir = out / "checkpoints"
     resume_path = resume_checkpoint(cfg.resume, ckpt_dir)
     if resume_path is not None:
-        saved = load_checkpoint(resume_path, restore_rng=False).extra.get("config")
-        if not isinstance(saved, dict):
-            raise CheckpointError(f"{resume_path}: not a `seekdeep finetune` checkpoint (no fine-tuning config in it)")
-        known = {f.name for f in fields(FinetuneConfig)}
-        cfg = FinetuneConfig(**{**{k: v for k, v in saved.items() if k in known}, "steps": cfg.steps, "max_time": cfg.max_time,
-                                "resume": cfg.resume, "output_dir": cfg.output_dir, "progress": cfg.progress,
-                                "device": cfg.device, "overwrite": False})
+        cfg = resumed_config(resume_path, cfg, command="finetune")
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     policy = PrecisionPolicy(cfg.precision, device.type)
     base_dir = Path(cfg.base) if cfg.base else default_base(cfg.progress)

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from seekdeep.errors import CheckpointError, DataError
+from seekdeep.errors import DataError
 from seekdeep.posttrain.config import RLConfig
 
 
@@ -145,19 +145,14 @@ def rl(cfg: RLConfig, extra_rewards: dict[str, tuple[Any, float]] | None = None)
     from seekdeep.posttrain.rollout import default_prompts, read_prompts, sample, write_samples
     from seekdeep.recipes.sft import default_sft_model, load_base
     from seekdeep.recipes.train import MetricsLog
-    from seekdeep.train import PrecisionPolicy, load_checkpoint, prepare_run_dir, resume_checkpoint, save_checkpoint
+    from seekdeep.train import PrecisionPolicy, prepare_run_dir, resume_checkpoint, resumed_config, save_checkpoint
     from seekdeep.train.loop import StepEnd, optimizer_step
 
     out = prepare_run_dir(cfg.output_dir, command="rl", overwrite=cfg.overwrite, resume=cfg.resume)
     ckpt_dir = out / "checkpoints"
     resume_path = resume_checkpoint(cfg.resume, ckpt_dir)
     if resume_path is not None:
-        saved = load_checkpoint(resume_path, restore_rng=False).extra.get("config")
-        if not isinstance(saved, dict) or "group_size" not in saved:
-            raise CheckpointError(f"{resume_path}: not a `seekdeep rl` checkpoint (no RL config in it)")
-        keep = {"steps", "max_time", "resume", "output_dir", "progress", "device"}
-        cfg = RLConfig(**{**{k: v for k, v in saved.items() if k not in keep}, **{k: getattr(cfg, k) for k in keep},
-                          "overwrite": False})
+        cfg = resumed_config(resume_path, cfg, command="rl", marker="group_size")
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     policy = PrecisionPolicy(cfg.precision, device.type)
     base = cfg.base or str(default_sft_model(cfg.progress))

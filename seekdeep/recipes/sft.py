@@ -24,7 +24,6 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from seekdeep.errors import CheckpointError
 from seekdeep.posttrain.config import SFTConfig
 
 SFT_BASE_STEPS = 300
@@ -69,19 +68,14 @@ def sft(cfg: SFTConfig) -> dict[str, Any]:
     from seekdeep.posttrain.chat import ChatBatches, assistant_loss, eval_batches, render_records
     from seekdeep.posttrain.policy import attach, checkpoint_artifact, make_optimizer, publish_final, restore
     from seekdeep.recipes.train import MetricsLog, plot_losses
-    from seekdeep.train import PrecisionPolicy, load_checkpoint, prepare_run_dir, resume_checkpoint, save_checkpoint
+    from seekdeep.train import PrecisionPolicy, prepare_run_dir, resume_checkpoint, resumed_config, save_checkpoint
     from seekdeep.train.loop import StepEnd, optimizer_step
 
     out = prepare_run_dir(cfg.output_dir, command="sft", overwrite=cfg.overwrite, resume=cfg.resume)
     ckpt_dir = out / "checkpoints"
     resume_path = resume_checkpoint(cfg.resume, ckpt_dir)
     if resume_path is not None:
-        saved = load_checkpoint(resume_path, restore_rng=False).extra.get("config")
-        if not isinstance(saved, dict) or "max_body_lines" not in saved:
-            raise CheckpointError(f"{resume_path}: not a `seekdeep sft` checkpoint (no SFT config in it)")
-        keep = {"steps", "max_time", "resume", "output_dir", "progress", "device"}
-        cfg = SFTConfig(**{**{k: v for k, v in saved.items() if k not in keep}, **{k: getattr(cfg, k) for k in keep},
-                           "overwrite": False})
+        cfg = resumed_config(resume_path, cfg, command="sft", marker="max_body_lines")
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     policy = PrecisionPolicy(cfg.precision, device.type)
     model, tokenizer, base_dir = load_base(cfg.base, cfg.progress, device)

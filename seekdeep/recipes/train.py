@@ -20,14 +20,14 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from seekdeep.errors import CheckpointError, ConfigError
+from seekdeep.errors import ConfigError
 from seekdeep.files import check_data_path
 from seekdeep.validate import MAX_BATCH, MAX_SEED, MAX_SEQ_LEN, check_device, check_float, check_int
 
@@ -302,8 +302,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run (or resume) a training job; returns a summary dict (also written to summary.json)."""
     from seekdeep.data import TokenWindows, prepare_data
     from seekdeep.files import write_json_atomic
-    from seekdeep.train import (PrecisionPolicy, latest_checkpoint, load_checkpoint, make_scheduler, param_groups,
-                                prepare_run_dir, publish_dir, resume_checkpoint, save_checkpoint)
+    from seekdeep.train import (RUN_FIELDS, PrecisionPolicy, latest_checkpoint, load_checkpoint, make_scheduler,
+                                param_groups, prepare_run_dir, publish_dir, resume_checkpoint, resumed_config,
+                                save_checkpoint)
     from seekdeep.train.loop import StepEnd, optimizer_step
 
     # before anything is written: never replace a finished run unless asked (every rank checks,
@@ -313,11 +314,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     ckpt_dir = out / "checkpoints"
     resume_path = resume_checkpoint(cfg.resume, ckpt_dir)
     if resume_path is not None:
-        saved = _saved_config(resume_path)
-        # the run's identity comes from the checkpoint; only the budget and output may change
-        cfg = TrainConfig(**{**saved, "steps": cfg.steps, "max_time": cfg.max_time, "resume": cfg.resume,
-                             "output_dir": cfg.output_dir, "progress": cfg.progress, "device": cfg.device,
-                             "overwrite": False, "parallel": cfg.parallel})  # a distributed checkpoint may resume on another layout
+        # a distributed checkpoint may resume on another layout: parallel comes from the command line too
+        cfg = resumed_config(resume_path, cfg, command="train", keep=(*RUN_FIELDS, "parallel"),
+                             saved=_saved_config(resume_path))
     run = None
     if cfg.parallel:
         from seekdeep.parallel.recipe import DistributedRun
@@ -502,8 +501,4 @@ def _saved_config(checkpoint: Path) -> dict[str, Any]:
         state = read_trainer_state(checkpoint)
     else:
         state = load_checkpoint(checkpoint, restore_rng=False)
-    saved = (state.extra or {}).get("config")
-    if not isinstance(saved, dict):
-        raise CheckpointError(f"{checkpoint}: not a `seekdeep train` checkpoint (no training config in it)")
-    known = {f.name for f in fields(TrainConfig)}
-    return {k: v for k, v in saved.items() if k in known}
+    return (state.extra or {}).get("config")

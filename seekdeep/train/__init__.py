@@ -2,7 +2,8 @@
 crash-safe checkpoints, run directories and the shared end of a step. Recipes own their
 forward / loss code and combine these."""
 
-from seekdeep.train.checkpoint import TrainingState, latest_checkpoint, load_checkpoint, resume_checkpoint, save_checkpoint
+from seekdeep.train.checkpoint import (RUN_FIELDS, TrainingState, latest_checkpoint, load_checkpoint, resume_checkpoint,
+                                       resumed_config, save_checkpoint)
 from seekdeep.train.evaluation import mean_loss
 from seekdeep.train.loop import StepEnd, optimizer_step
 from seekdeep.train.precision import (
@@ -20,6 +21,7 @@ __all__ = [
     "DEFAULT_FP32_PATTERNS",
     "DynamicLossScaler",
     "PrecisionPolicy",
+    "RUN_FIELDS",
     "RunDirectoryError",
     "StaticLossScaler",
     "StepEnd",
@@ -34,6 +36,7 @@ __all__ = [
     "prepare_run_dir",
     "publish_dir",
     "resume_checkpoint",
+    "resumed_config",
     "save_checkpoint",
     "warmup_cosine",
 ]

@@ -27,7 +27,7 @@ import random
 import re
 import shutil
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -302,6 +302,30 @@ def resume_checkpoint(resume: str | None, run_dir: str | os.PathLike) -> Path | 
     if path is None:
         print(f"no checkpoint in {run_dir}; starting from scratch", file=sys.stderr)
     return path
+
+
+#: what a resumed run may take from the command line instead of the checkpoint: the budget, where
+#: it writes, how it shows progress and where it runs; everything else is the run's identity
+RUN_FIELDS = ("steps", "max_time", "resume", "output_dir", "progress", "device")
+
+
+def resumed_config(checkpoint: Path, current: Any, *, command: str, marker: str | None = None,
+                   keep: tuple[str, ...] = RUN_FIELDS, saved: dict[str, Any] | None = None) -> Any:
+    """The config a resumed ``seekdeep <command>`` run continues with: the run's identity from the
+    config saved in ``checkpoint`` (``saved`` when the caller read it already), only the ``keep``
+    fields from ``current`` (a config dataclass), never ``overwrite``. ``marker`` is a field only
+    this recipe's configs have, so another recipe's checkpoint is refused by name."""
+    if saved is None:
+        saved = load_checkpoint(checkpoint, restore_rng=False).extra.get("config")
+    if not isinstance(saved, dict) or (marker is not None and marker not in saved):
+        raise CheckpointError(f"{checkpoint}: not a `seekdeep {command}` checkpoint (no {command} config in it)")
+    cls = type(current)
+    known = {f.name for f in fields(cls)}
+    values = {k: v for k, v in saved.items() if k in known and k not in keep}
+    values.update({k: getattr(current, k) for k in keep})
+    if "overwrite" in known:
+        values["overwrite"] = False
+    return cls(**values)
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:

@@ -259,3 +259,21 @@ def test_model_shape_mismatch_is_a_checkpoint_error(tmp_path):
     other = LlamaForCausalLM(LlamaConfig.from_name("tiny", vocab_size=VOCAB * 2, tie_word_embeddings=True))
     with pytest.raises(CheckpointError, match="shape"):
         load_checkpoint(path, other)
+
+
+def test_resumed_config_keeps_identity_and_refuses_another_recipes_checkpoint(tmp_path):
+    from seekdeep.recipes.distill import DistillRunConfig
+    from seekdeep.train import resumed_config
+
+    model = LlamaForCausalLM(LlamaConfig.from_name("tiny", vocab_size=VOCAB))
+    saved = DistillRunConfig(temperature=3.0, steps=10, output_dir="a", overwrite=True)
+    path = save_checkpoint(tmp_path, 1, model, extra={"config": {**vars(saved), "gone_field": 1}})
+    current = DistillRunConfig(temperature=1.0, steps=40, output_dir="b", overwrite=True)
+    cfg = resumed_config(path, current, command="distill", marker="temperature")
+    # identity from the checkpoint (an unknown old field dropped), budget and output from the command line
+    assert (cfg.temperature, cfg.steps, cfg.output_dir, cfg.overwrite) == (3.0, 40, "b", False)
+    with pytest.raises(CheckpointError, match="not a `seekdeep sft` checkpoint"):
+        resumed_config(path, current, command="sft", marker="max_body_lines")
+    bare = save_checkpoint(tmp_path / "bare", 1, model)
+    with pytest.raises(CheckpointError, match="not a `seekdeep distill` checkpoint"):
+        resumed_config(bare, current, command="distill")
