@@ -20,6 +20,9 @@ _HELP = {
               "score (default: the model's greedy continuation of --max-new-tokens tokens)",
     "output": "HTML report to write (default: report.html)",
     "max_evals": "shap: model evaluations per input, or auto (grows with the number of words)",
+    "fixed_context": "shap: auto (default: exact Owen values up to ~22 words, fixed context 1 past that), owen "
+                     "(Owen values, cut at --max-evals), 1 (each word group scored with the rest of the text kept) "
+                     "or 0 (with the rest deleted)",
     "granularity": "word (sub-word tokens grouped, default) or token",
     "steps": "ig: integration points (default: 64)",
     "attention_backend": "override the model's attention backend (e.g. eager, dsa)",
@@ -57,6 +60,7 @@ def run_explain(cfg: ExplainConfig) -> dict:
                   max_new_tokens=cfg.max_new_tokens, progress=cfg.progress)
     if cfg.method == "shap":
         kwargs["max_evals"] = cfg.max_evals_value
+        kwargs["fixed_context"] = cfg.fixed_context_value
     if cfg.method == "ig":
         kwargs["steps"] = cfg.steps
     start = time.perf_counter()

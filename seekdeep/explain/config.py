@@ -12,6 +12,8 @@ from seekdeep.validate import MAX_BATCH, MAX_COUNT, check_float, check_int
 
 METHODS = ("shap", "ig", "gradxinput", "ablation", "attention", "rollout")
 GRANULARITIES = ("word", "token")
+#: ``--fixed-context`` values and the SHAPExplainer argument each stands for
+FIXED_CONTEXTS = {"auto": "auto", "owen": None, "0": 0, "1": 1}
 MAX_EVALS = 10**7  # model evaluations per input: a full resolution of 2,000 units needs ~8M
 MAX_STEPS = 1 << 16  # integration points of Integrated Gradients
 #: rows per model call. Measured on CPU (``benchmarks/explain.py --batch-cost``: one thread, the
@@ -29,7 +31,11 @@ class ExplainConfig:
     ``model``: a directory in Hugging Face layout (a sequence classifier or a causal LM, with
     its tokenizer); ``text``: the input; ``target``: a class name / index (classifier, default the
     predicted class) or the continuation to score (causal LM, default the model's own greedy
-    continuation of ``max_new_tokens`` tokens); ``max_evals``: ``auto`` or an int (shap only)."""
+    continuation of ``max_new_tokens`` tokens); ``max_evals``: ``auto`` or an int (shap only);
+    ``fixed_context`` (shap only): ``auto`` (exact Owen values while they fit the budget, else
+    ``1``), ``owen`` (Owen values: every coalition of the partition tree's other groups, cut at
+    ``max_evals``), ``1`` (each group scored with the rest of the input kept) or ``0`` (with the
+    rest deleted)."""
 
     model: str | None = None
     text: str | None = None
@@ -37,6 +43,7 @@ class ExplainConfig:
     target: str | None = None
     output: str = "report.html"
     max_evals: str = "auto"
+    fixed_context: str = "auto"
     batch_size: int = DEFAULT_BATCH
     granularity: str = "word"
     max_new_tokens: int = 8
@@ -59,6 +66,13 @@ class ExplainConfig:
             self.max_evals = str(self.max_evals)
         if self.max_evals != "auto" and not (str(self.max_evals).isdigit() and 4 <= int(self.max_evals) <= MAX_EVALS):
             raise ConfigError("max_evals", f"got {self.max_evals!r}; accepted: 'auto' or an integer in [4, {MAX_EVALS:,}]")
+        if self.fixed_context is None or (isinstance(self.fixed_context, int) and not isinstance(self.fixed_context, bool)):
+            # the SHAPExplainer spelling (None = Owen values, 0, 1) from Python callers
+            self.fixed_context = "owen" if self.fixed_context is None else str(self.fixed_context)
+        if self.fixed_context not in FIXED_CONTEXTS:
+            raise ConfigError("fixed_context", f"got {self.fixed_context!r}; accepted: {', '.join(FIXED_CONTEXTS)}")
+        if self.fixed_context != "auto" and self.method != "shap":
+            raise ConfigError("fixed_context", f"applies to --method shap only, not {self.method!r}; accepted: auto")
         check_int("batch_size", self.batch_size, 1, MAX_BATCH)
         check_int("max_new_tokens", self.max_new_tokens, 1, 1 << 16)
         check_int("steps", self.steps, 2, MAX_STEPS)
@@ -67,6 +81,10 @@ class ExplainConfig:
     @property
     def max_evals_value(self) -> int | str:
         return "auto" if self.max_evals == "auto" else int(self.max_evals)
+
+    @property
+    def fixed_context_value(self) -> int | str | None:
+        return FIXED_CONTEXTS[self.fixed_context]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

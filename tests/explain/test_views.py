@@ -133,3 +133,24 @@ def test_cli_writes_report_and_rejects_bad_input(keyword_classifier, tokenizer, 
                     if "--output" not in argv else ["explain", str(model_dir), *argv]) == 2
         assert f"error: {field}" in capsys.readouterr().err
     assert main(["explain", "--text", "x"]) == 2 and "MODEL" in capsys.readouterr().err
+
+
+def test_cli_fixed_context_flag(keyword_classifier, tokenizer, tmp_path, capsys):
+    """--fixed-context reaches the explainer (the report names the coalitions used) and a bad
+    value, or one given to a method it does not apply to, is refused naming the flag."""
+    model_dir = tmp_path / "clf"
+    keyword_classifier.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    text = "this excellent tool saved me hours"
+    for value, shown in [("1", "fixed context 1: each group scored with the rest of the input kept"),
+                         ("owen", "Owen values: every coalition")]:
+        out = tmp_path / f"report-{value}.html"
+        assert main(["explain", str(model_dir), "--text", text, "--method", "shap", "--fixed-context", value,
+                     "--output", str(out), "--no-progress"]) == 0
+        assert "' excellent'" in capsys.readouterr().out.splitlines()[1]
+        assert shown in out.read_text()
+    for argv in (["--fixed-context", "2"], ["--fixed-context", "none"], ["--fixed-context", "1", "--method", "ig"]):
+        assert main(["explain", str(model_dir), "--text", text, *argv, "--output", str(tmp_path / "bad.html")]) == 2
+        err = capsys.readouterr().err
+        assert "error: --fixed-context" in err and "auto" in err
+    assert not (tmp_path / "bad.html").exists()
