@@ -4,13 +4,17 @@ line per result (mean and std over seeds; anchors measured in the same run).
 - retrieval mAP@10 / R@1/5/10 (multi-positive: same digit), text->image, image->text and,
   zero-shot through the image hub, audio->text; anchors: the same model before training
   (untrained projections) and chance;
-- robustness: concat / sum / gmu / unified image + audio classifiers trained with the same
-  corruption augmentation and modality dropout; normalised area under accuracy-vs-noise per
-  corruption, always with clean accuracy and the gap over the best single-modality model;
-  anchor: concat. The GMU's mean alpha on the image, clean vs the noisiest image / audio level;
+- robustness: concat / sum / gmu / unified classifiers over ``--fusion-modalities`` (image +
+  audio, or with text: caption token drop) trained with the same corruption augmentation and
+  modality dropout; normalised area under accuracy-vs-noise per corruption and the accuracy at
+  the strongest level, always with clean accuracy, the gap over the best single-modality model
+  and the accuracy change with each modality removed; anchor: concat (plus the per-seed paired
+  difference). The GMU's mean alpha per modality, clean vs the strongest corruption;
 - unified vs separate towers: parameters and clean accuracy.
 
     .venv/bin/python benchmarks/multimodal_alignment.py --seeds 3 --align-steps 150 --fusion-steps 150
+    .venv/bin/python benchmarks/multimodal_alignment.py --parts fusion --seeds 5 --fusion-steps 300 --fusion-audio-snr 0
+    .venv/bin/python benchmarks/multimodal_alignment.py --parts fusion --fusion-modalities text,image,audio --fusion-audio-snr 0
     .venv/bin/python benchmarks/multimodal_alignment.py --parts align --objectives contrastive contrastive,distill,missing
 """
 
@@ -49,14 +53,20 @@ def main() -> None:
     parser.add_argument("--fusion-audio-snr", type=float, default=-8.0,
                         help="extra white noise (dB SNR) on the fusion task's audio: at the data's own -4..10 dB the audio "
                              "alone is ~99%% accurate and a fusion model can ignore the image")
+    parser.add_argument("--fusion-modalities", default="image,audio",
+                        help="the fusion classifier's modalities: image,audio (default) or with text, e.g. text,image,audio "
+                             "(text corrupted by token drop: caption words -> <unk>)")
     args = parser.parse_args()
     if args.seeds < 3:
         parser.error("--seeds: tiny-scale quality comparisons need >= 3 seeds")
+    bad = sorted(set(args.fusion_modalities.split(",")) - {"image", "audio", "text"})
+    if bad or not args.fusion_modalities:
+        parser.error(f"--fusion-modalities: unknown {bad}; accepted: a comma list of image, audio, text")
     torch.set_num_threads(args.threads)
 
     from seekdeep.multimodal.align_data import WordTokenizer, caption_words, load_digits_aligned
     from seekdeep.multimodal.fusion import FusionConfig, build_image_audio_model, count_parameters
-    from seekdeep.multimodal.robustness import Featurizer, FusionData, noise_curves, normalised_auc, train_fusion
+    from seekdeep.multimodal.robustness import Featurizer, FusionData, noise_curves, normalised_auc, removal_effects, train_fusion
     from seekdeep.recipes.align import AlignConfig, build_aligned, evaluate_retrieval, fit_alignment
 
     device = device_name("cpu")
@@ -127,11 +137,14 @@ def main() -> None:
     from seekdeep.multimodal.fusion import corrupt_audio
 
     g = torch.Generator().manual_seed(1234)
-    data = FusionData(train.pixel_values, corrupt_audio(train.audio, args.fusion_audio_snr, g), train.labels)
-    held = FusionData(test.pixel_values, corrupt_audio(test.audio, args.fusion_audio_snr, g), test.labels)
-    common = {**common, "fusion_audio_snr_db": args.fusion_audio_snr}
-    variants = {"concat": ("image", "audio"), "sum": ("image", "audio"), "gmu": ("image", "audio"), "unified": ("image", "audio"),
-                "image_only": ("image",), "audio_only": ("audio",)}
+    unk = tokenizer.unk_token_id
+    data = FusionData(train.pixel_values, corrupt_audio(train.audio, args.fusion_audio_snr, g), train.labels, train.input_ids,
+                      train.attention_mask, unk)
+    held = FusionData(test.pixel_values, corrupt_audio(test.audio, args.fusion_audio_snr, g), test.labels, test.input_ids,
+                      test.attention_mask, unk)
+    modalities = tuple(m.strip() for m in args.fusion_modalities.split(",") if m.strip())
+    common = {**common, "fusion_audio_snr_db": args.fusion_audio_snr, "modalities": list(modalities)}
+    variants = {**{f: modalities for f in ("concat", "sum", "gmu", "unified")}, **{f"{m}_only": (m,) for m in modalities}}
     results: dict[str, dict[str, list[float]]] = {v: {} for v in variants}
     params = {}
     for seed in range(args.seeds):
@@ -139,7 +152,7 @@ def main() -> None:
             torch.manual_seed(seed)
             fusion = variant if variant in ("concat", "sum", "gmu", "unified") else "concat"
             cfg = FusionConfig(fusion=fusion, modalities=mods, modality_dropout=0.2 if len(mods) > 1 else 0.0)
-            model = build_image_audio_model(cfg, 16, tuple(train_mel.shape[1:]), mean, std)
+            model = build_image_audio_model(cfg, 16, tuple(train_mel.shape[1:]), mean, std, text_vocab_size=len(tokenizer))
             params[variant] = count_parameters(model)
             train_fusion(model, data, featurize, steps=args.fusion_steps, seed=seed)
             curves = noise_curves(model, held, featurize, seed=seed)
@@ -147,11 +160,17 @@ def main() -> None:
             r.setdefault("clean", []).append(next(iter(curves.values()))[0]["accuracy"])
             for name, curve in curves.items():
                 r.setdefault(f"auc_{name}", []).append(normalised_auc(curve))
-                if "alpha_image" in curve[0]:
-                    r.setdefault(f"alpha_image_clean/{name}", []).append(curve[0]["alpha_image"])
-                    r.setdefault(f"alpha_image_worst/{name}", []).append(curve[-1]["alpha_image"])
+                r.setdefault(f"worst_{name}", []).append(curve[-1]["accuracy"])  # accuracy at the strongest corruption
+                for m in mods:  # the GMU's mean weight on each modality, clean vs the strongest corruption
+                    if f"alpha_{m}" in curve[0]:
+                        r.setdefault(f"alpha_{m}_clean/{name}", []).append(curve[0][f"alpha_{m}"])
+                        r.setdefault(f"alpha_{m}_worst/{name}", []).append(curve[-1][f"alpha_{m}"])
+            if len(mods) > 1:  # accuracy change with each modality removed: ~0 means the model ignores it
+                for k, v in removal_effects(model, held, featurize).items():
+                    if k != "clean":
+                        r.setdefault(k, []).append(v)
             print(f"# fusion seed {seed} {variant} clean {r['clean'][-1]:.3f} ({time.time() - started:.0f} s)", file=sys.stderr, flush=True)
-    best_single = [max(a, b) for a, b in zip(results["image_only"]["clean"], results["audio_only"]["clean"])]
+    best_single = [max(c) for c in zip(*(results[f"{m}_only"]["clean"] for m in modalities))]
     concat = results["concat"]
     for variant in variants:
         r = results[variant]
@@ -159,18 +178,26 @@ def main() -> None:
         gap = stats([c - b for c, b in zip(r["clean"], best_single)])
         emit(f"fusion/{variant}/clean_accuracy", clean_mean, "fraction", stats(concat["clean"])[0], "concat", device, std=clean_std,
              gap_over_best_single_mean=gap[0], gap_over_best_single_std=gap[1], parameters=params[variant], **common)
-        for key in sorted(k for k in r if k.startswith("auc_")):
+        for key in sorted(k for k in r if k.startswith(("auc_", "worst_"))):
             if key not in concat:
                 continue
             m, s = stats(r[key])
             cm, cs = stats(concat[key])
-            emit(f"fusion/{variant}/{key}", m, "normalised AUC", cm, "concat", device, std=s, anchor_std=cs, clean_accuracy=clean_mean,
-                 gap_over_best_single=gap[0], **common)
-        for key in sorted(k for k in r if k.startswith("alpha_image_worst")):
+            # paired over seeds (same data order, same init seed): the spread of the difference, not of each side
+            diff = stats([a - b for a, b in zip(r[key], concat[key])])
+            emit(f"fusion/{variant}/{key}", m, "normalised AUC" if key.startswith("auc_") else "accuracy", cm, "concat", device, std=s, anchor_std=cs, clean_accuracy=clean_mean,
+                 gap_over_best_single=gap[0], paired_diff_mean=diff[0], paired_diff_std=diff[1],
+                 relative_gain=(m / cm - 1) if cm else None, values=[round(v, 4) for v in r[key]],
+                 anchor_values=[round(v, 4) for v in concat[key]], **common)
+        for key in sorted(k for k in r if k.startswith("without_")):
+            m, s = stats(r[key])
+            emit(f"fusion/{variant}/{key}", m, "accuracy change", 0.0, "with every modality", device, std=s, clean_accuracy=clean_mean,
+                 values=[round(v, 4) for v in r[key]], **common)
+        for key in sorted(k for k in r if k.startswith("alpha_") and "_worst/" in k):
             clean_key = key.replace("worst", "clean")
             m, s = stats(r[key])
             cm, cs = stats(r[clean_key])
-            emit(f"fusion/{variant}/{key}", m, "mean alpha (image)", cm, "clean input, same model", device, std=s, anchor_std=cs, **common)
+            emit(f"fusion/{variant}/{key}", m, f"mean alpha ({key.split('_')[1]})", cm, "clean input, same model", device, std=s, anchor_std=cs, **common)
     emit("fusion/unified_vs_separate/parameters", params["unified"], "parameters", params["gmu"], "separate towers + gmu head", device,
          unified_clean=stats(results["unified"]["clean"])[0], separate_clean=stats(results["gmu"]["clean"])[0], **common)
     print(f"# total {time.time() - started:.0f} s", file=sys.stderr)

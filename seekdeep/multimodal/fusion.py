@@ -164,15 +164,18 @@ class UnifiedClassifier(nn.Module):
         for i, name in enumerate(self.config.modalities):
             mask = _present_mask(inputs, present, name, n, device)
             t = self.lengths[name]
+            token_valid = torch.ones(n, t, dtype=torch.bool, device=device)
             if mask.any():
-                x = self.stems[name](inputs[name])  # (N, T, H)
+                x = self.stems[name](inputs[name])  # (N, T, H), or ((N, T, H), (N, T) valid) for padded text
+                if isinstance(x, tuple):
+                    x, token_valid = x
                 if x.shape[1:] != (t, self.config.hidden_size):
                     raise ConfigError("inputs", f"{name}: stem gave {tuple(x.shape[1:])}, expected ({t}, {self.config.hidden_size})")
             else:
                 x = torch.zeros(n, t, self.config.hidden_size, device=device)
             type_emb = self.type_embedding.weight[i]
             tokens += [x + self.positions[name] + type_emb, (self.missing[name] + type_emb).expand(n, 1, -1)]
-            valid += [mask[:, None].expand(n, t), ~mask[:, None]]
+            valid += [mask[:, None] & token_valid, ~mask[:, None]]
         x = torch.cat(tokens, dim=1)  # (N, sum T + M, H)
         keep = torch.cat(valid, dim=1)  # (N, sum T + M)
         x = self.norm(self.trunk(x, src_key_padding_mask=~keep))
@@ -268,6 +271,35 @@ class AudioTower(nn.Module):
         return self.encoder.encode_features(mel)
 
 
+class TextTower(nn.Module):
+    """The aligned encoders' causal text transformer (:mod:`seekdeep.multimodal.clip`), pooled at
+    the end token; its input is the padded ``input_ids`` alone (the mask is ``ids != pad``), so
+    a text batch is one tensor like the other modalities."""
+
+    def __init__(self, text: nn.Module, pad_token_id: int):
+        super().__init__()
+        self.text = text
+        self.pad_token_id = pad_token_id
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.text(input_ids, (input_ids != self.pad_token_id).long())[1]
+
+
+class TokenStem(nn.Module):
+    """Token embeddings for the unified trunk, right-padded to ``length``; pads are masked out."""
+
+    def __init__(self, vocab_size: int, hidden: int, length: int, pad_token_id: int):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, hidden)
+        self.length, self.pad_token_id = length, pad_token_id
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if input_ids.shape[1] > self.length:
+            raise ConfigError("inputs", f"text: {input_ids.shape[1]} tokens; accepted: at most {self.length}")
+        ids = F.pad(input_ids, (0, self.length - input_ids.shape[1]), value=self.pad_token_id)  # (N, length)
+        return self.embed(ids), ids != self.pad_token_id
+
+
 class PatchStem(nn.Module):
     def __init__(self, channels: int, hidden: int, patch: int):
         super().__init__()
@@ -289,20 +321,47 @@ class MelStem(nn.Module):
 
 
 def build_image_audio_model(config: FusionConfig, image_size: int, mel_shape: tuple[int, int], mel_mean: torch.Tensor,
-                            mel_std: torch.Tensor, patch_size: int = 4, tower_layers: int = 1, init_std: float = 0.3) -> nn.Module:
-    """Separate towers (a tiny ViT of :mod:`seekdeep.multimodal.vision` + the audio encoder,
-    ``tower_layers`` blocks each) with a concat / sum / gmu head, or the unified trunk with the
-    same width and ``config.num_layers`` blocks shared by both modalities."""
+                            mel_std: torch.Tensor, patch_size: int = 4, tower_layers: int = 1, init_std: float = 0.3,
+                            text_vocab_size: int | None = None, text_length: int = 16,
+                            text_special_ids: tuple[int, int, int] = (0, 1, 3)) -> nn.Module:
+    """Separate towers (a tiny ViT of :mod:`seekdeep.multimodal.vision`, the audio encoder and,
+    when ``"text"`` is one of ``config.modalities``, the CLIP text transformer; ``tower_layers``
+    blocks each) with a concat / sum / gmu head, or the unified trunk with the same width and
+    ``config.num_layers`` blocks shared by every modality. Text needs ``text_vocab_size``;
+    ``text_special_ids`` = (pad, bos, eos) of the tokenizer (WordTokenizer's by default)."""
     from seekdeep.multimodal.audio import AudioConfig, AudioEncoder
     from seekdeep.multimodal.config import VisionConfig
     from seekdeep.multimodal.vision import VisionTransformer
 
+    unknown = sorted(set(config.modalities) - {"image", "audio", "text"})
+    if unknown:
+        raise ConfigError("modalities", f"unknown modality {unknown[0]!r}; accepted: image, audio, text")
+    if "text" in config.modalities:
+        check_int("text_vocab_size", text_vocab_size, lo=4, hi=1 << 24)
+        check_int("text_length", text_length, lo=3, hi=4096)
     h = config.hidden_size
     n_mels, frames = mel_shape
+    pad_id, bos_id, eos_id = text_special_ids
     if config.fusion == "unified":
-        stems = {"image": PatchStem(3, h, patch_size), "audio": MelStem(n_mels, h, mel_mean, mel_std)}
-        lengths = {"image": (image_size // patch_size) ** 2, "audio": (frames + 1) // 2}
-        return UnifiedClassifier(config, {m: stems[m] for m in config.modalities}, {m: lengths[m] for m in config.modalities})
+        stems = {"image": lambda: PatchStem(3, h, patch_size), "audio": lambda: MelStem(n_mels, h, mel_mean, mel_std),
+                 "text": lambda: TokenStem(text_vocab_size, h, text_length, pad_id)}
+        lengths = {"image": (image_size // patch_size) ** 2, "audio": (frames + 1) // 2, "text": text_length}
+        return UnifiedClassifier(config, {m: stems[m]() for m in config.modalities}, {m: lengths[m] for m in config.modalities})
+    towers = {}
+    if "text" in config.modalities:
+        from seekdeep.multimodal.clip import ClipTextConfig, ClipTextTransformer
+
+        text = ClipTextTransformer(ClipTextConfig(vocab_size=text_vocab_size, hidden_size=h, intermediate_size=2 * h,
+                                                  num_hidden_layers=tower_layers, num_attention_heads=config.num_heads,
+                                                  max_position_embeddings=text_length, pad_token_id=pad_id, bos_token_id=bos_id,
+                                                  eos_token_id=eos_id))
+        with torch.no_grad():  # the same init as the aligned encoders' text tower (ClipModel.init_weights)
+            for mod in text.modules():
+                if isinstance(mod, (nn.Linear, nn.Embedding)):
+                    nn.init.normal_(mod.weight, std=init_std)
+                    if getattr(mod, "bias", None) is not None:
+                        nn.init.zeros_(mod.bias)
+        towers["text"] = TextTower(text, pad_id)
     vit = VisionTransformer(VisionConfig(hidden_size=h, intermediate_size=2 * h, num_hidden_layers=tower_layers, num_attention_heads=config.num_heads,
                                          image_size=image_size, patch_size=patch_size))
     vit.init_weights(std=init_std, position_init="sincos")  # at 0.02 a 32-wide ViT starts collapsed (pooled cos ~0.999)
@@ -311,5 +370,5 @@ def build_image_audio_model(config: FusionConfig, image_size: int, mel_shape: tu
     with torch.no_grad():
         audio.feature_mean.copy_(mel_mean)
         audio.feature_std.copy_(mel_std)
-    towers = {"image": ImageTower(vit), "audio": AudioTower(audio)}
+    towers.update({"image": ImageTower(vit), "audio": AudioTower(audio)})
     return FusionClassifier(config, {m: towers[m] for m in config.modalities}, {m: h for m in config.modalities})

@@ -1,7 +1,8 @@
-"""Training and probing fusion models under a noisy or missing modality (image + audio digits):
-the same corruption augmentation for every variant, accuracy-vs-noise curves with the GMU's
-mean alpha per level, accuracy with a modality removed, and the normalised area under the
-curve (mean accuracy over the levels / clean accuracy)."""
+"""Training and probing fusion models under a noisy or missing modality (image + audio (+ text)
+digits): the same corruption augmentation for every variant, accuracy-vs-noise curves with the
+GMU's mean alpha per level, accuracy with a modality removed, and the normalised area under the
+curve (mean accuracy over the levels / clean accuracy). Text is corrupted by token drop: each
+caption word replaced by ``<unk>`` with probability p."""
 
 from __future__ import annotations
 
@@ -12,12 +13,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from seekdeep.errors import ConfigError
 from seekdeep.multimodal.audio import AudioConfig, LogMel
-from seekdeep.multimodal.fusion import corrupt_audio, corrupt_image, fusion_loss, modality_dropout
+from seekdeep.multimodal.fusion import corrupt_audio, corrupt_image, corrupt_text, fusion_loss, modality_dropout
 
 IMAGE_NOISE = (0.0, 0.5, 1.0, 2.0, 4.0)  # Gaussian std in normalised pixel units
 AUDIO_SNR = (math.inf, 20.0, 10.0, 0.0, -10.0)  # dB
 OCCLUSION = (0.0, 0.25, 0.5, 0.75, 1.0)  # fraction of the image area
+TEXT_DROP = (0.0, 0.25, 0.5, 0.75, 1.0)  # probability of each caption word becoming <unk>
 
 
 @dataclass
@@ -25,6 +28,9 @@ class FusionData:
     pixel_values: torch.Tensor  # (N, 3, H, W)
     audio: torch.Tensor  # (N, samples) waveforms
     labels: torch.Tensor  # (N,)
+    input_ids: torch.Tensor | None = None  # (N, T) right-padded captions, for models with a text modality
+    attention_mask: torch.Tensor | None = None  # (N, T)
+    unk_token_id: int = 2
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -41,6 +47,21 @@ class Featurizer:
         return self.mel(waveform)
 
 
+def _noise_images(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Gaussian std U(0, 4), or (30%) an occlusion of U(0, 1) of the area."""
+    std = torch.rand(len(pixels), 1, 1, 1, generator=generator) * 4
+    noisy = pixels + std * torch.randn(pixels.shape, generator=generator)
+    occl = corrupt_image(pixels, "occlusion", float(torch.rand(1, generator=generator)), generator)
+    use_occl = (torch.rand(len(pixels), generator=generator) < 0.3)[:, None, None, None]
+    return torch.where(use_occl, occl, noisy)
+
+
+def _noise_audio(audio: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """White noise at U(-10, 30) dB SNR per clip."""
+    return torch.cat([corrupt_audio(audio[i : i + 1], float(torch.rand(1, generator=generator)) * 40 - 10, generator)
+                      for i in range(len(audio))]) if len(audio) else audio
+
+
 def augment(pixels: torch.Tensor, audio: torch.Tensor, generator: torch.Generator, p: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
     """With probability ``p`` per sample, corrupt one modality (chosen evenly) at a random level
     drawn from the test ranges: image Gaussian std U(0, 4) or occlusion U(0, 1), audio SNR U(-10, 30) dB."""
@@ -50,15 +71,40 @@ def augment(pixels: torch.Tensor, audio: torch.Tensor, generator: torch.Generato
     pixels, audio = pixels.clone(), audio.clone()
     idx = torch.nonzero(hit & image_side).flatten()
     if len(idx):
-        std = torch.rand(len(idx), 1, 1, 1, generator=generator) * 4
-        noisy = pixels[idx] + std * torch.randn(pixels[idx].shape, generator=generator)
-        occl = corrupt_image(pixels[idx], "occlusion", float(torch.rand(1, generator=generator)), generator)
-        use_occl = (torch.rand(len(idx), generator=generator) < 0.3)[:, None, None, None]
-        pixels[idx] = torch.where(use_occl, occl, noisy)
+        pixels[idx] = _noise_images(pixels[idx], generator)
     idx = torch.nonzero(hit & ~image_side).flatten()
-    for i in idx.tolist():
-        audio[i : i + 1] = corrupt_audio(audio[i : i + 1], float(torch.rand(1, generator=generator)) * 40 - 10, generator)
+    if len(idx):
+        audio[idx] = _noise_audio(audio[idx], generator)
     return pixels, audio
+
+
+def augment_with_text(pixels: torch.Tensor, audio: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, unk_id: int,
+                      generator: torch.Generator, p: float = 0.5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`augment` over three modalities: with probability ``p`` per sample one of image /
+    audio / text (evenly) is corrupted, text by token drop at a rate drawn from U(0, 1)."""
+    n = len(pixels)
+    hit = torch.rand(n, generator=generator) < p
+    which = torch.randint(3, (n,), generator=generator)  # 0 image, 1 audio, 2 text
+    pixels, audio, input_ids = pixels.clone(), audio.clone(), input_ids.clone()
+    idx = torch.nonzero(hit & (which == 0)).flatten()
+    if len(idx):
+        pixels[idx] = _noise_images(pixels[idx], generator)
+    idx = torch.nonzero(hit & (which == 1)).flatten()
+    if len(idx):
+        audio[idx] = _noise_audio(audio[idx], generator)
+    idx = torch.nonzero(hit & (which == 2)).flatten()
+    for i in idx.tolist():  # a drop rate per caption
+        rate = float(torch.rand(1, generator=generator))
+        input_ids[i : i + 1] = corrupt_text(input_ids[i : i + 1], attention_mask[i : i + 1], rate, unk_id, generator)
+    return pixels, audio, input_ids
+
+
+def _needs_text(model: nn.Module, data: FusionData) -> bool:
+    if "text" not in model.config.modalities:
+        return False
+    if data.input_ids is None or data.attention_mask is None:
+        raise ConfigError("data", "the model has a text modality: FusionData needs input_ids and attention_mask")
+    return True
 
 
 def train_fusion(model: nn.Module, data: FusionData, featurize: Featurizer, steps: int = 200, batch_size: int = 64, lr: float = 3e-3,
@@ -67,12 +113,17 @@ def train_fusion(model: nn.Module, data: FusionData, featurize: Featurizer, step
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     modalities = model.config.modalities
+    text = _needs_text(model, data)
     losses = []
     model.train()
     for step in range(steps):
         idx = torch.randint(len(data), (batch_size,), generator=g)
-        pixels, audio = augment(data.pixel_values[idx], data.audio[idx], g, augment_p)
-        inputs = {"image": pixels, "audio": featurize(audio)}
+        if text:
+            pixels, audio, ids = augment_with_text(data.pixel_values[idx], data.audio[idx], data.input_ids[idx], data.attention_mask[idx],
+                                                   data.unk_token_id, g, augment_p)
+        else:  # two modalities: the augmentation (and its random stream) of the image + audio models
+            (pixels, audio), ids = augment(data.pixel_values[idx], data.audio[idx], g, augment_p), None
+        inputs = {"image": pixels, "audio": featurize(audio), "text": ids}
         present = modality_dropout(batch_size, modalities, model.config.modality_dropout, g)
         out = model({m: inputs[m] for m in modalities}, {m: present[m] for m in modalities})
         loss = fusion_loss(out, data.labels[idx])
@@ -88,10 +139,13 @@ def train_fusion(model: nn.Module, data: FusionData, featurize: Featurizer, step
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: FusionData, featurize: Featurizer, image_kind: str = "gaussian", image_level: float = 0.0,
-             audio_snr: float = math.inf, drop: str | None = None, seed: int = 0, batch_size: int = 256) -> dict[str, float]:
+             audio_snr: float = math.inf, drop: str | None = None, seed: int = 0, batch_size: int = 256,
+             text_drop: float = 0.0) -> dict[str, float]:
     """Accuracy (and the GMU's mean per-modality alpha) with the image corrupted by
-    ``image_kind`` at ``image_level``, the audio at ``audio_snr`` dB, or modality ``drop`` removed."""
+    ``image_kind`` at ``image_level``, the audio at ``audio_snr`` dB, caption words dropped to
+    ``<unk>`` with probability ``text_drop``, or modality ``drop`` removed."""
     g = torch.Generator().manual_seed(10_000 + seed)
+    text = _needs_text(model, data)
     model.eval()
     correct, alphas, preds = 0, [], []
     for start in range(0, len(data), batch_size):
@@ -99,7 +153,10 @@ def evaluate(model: nn.Module, data: FusionData, featurize: Featurizer, image_ki
         pixels = data.pixel_values[sl]
         if image_level > 0:
             pixels = corrupt_image(pixels, image_kind, image_level, g)
-        inputs = {"image": pixels, "audio": featurize(corrupt_audio(data.audio[sl], audio_snr, g))}
+        inputs = {"image": pixels, "audio": featurize(corrupt_audio(data.audio[sl], audio_snr, g)), "text": None}
+        if text:
+            ids = data.input_ids[sl]
+            inputs["text"] = corrupt_text(ids, data.attention_mask[sl], text_drop, data.unk_token_id, g) if text_drop > 0 else ids
         inputs = {m: (None if m == drop else inputs[m]) for m in model.config.modalities}
         if all(v is None for v in inputs.values()):
             raise ValueError(f"dropping {drop!r} leaves no modality")
@@ -125,6 +182,8 @@ def noise_curves(model: nn.Module, data: FusionData, featurize: Featurizer, seed
         curves["image_occlusion"] = [{"level": lv, **evaluate(model, data, featurize, "occlusion", lv, seed=seed)} for lv in OCCLUSION]
     if "audio" in mods:
         curves["audio_snr"] = [{"level": lv, **evaluate(model, data, featurize, audio_snr=lv, seed=seed)} for lv in AUDIO_SNR]
+    if "text" in mods:
+        curves["text_drop"] = [{"level": lv, **evaluate(model, data, featurize, text_drop=lv, seed=seed)} for lv in TEXT_DROP]
     return curves
 
 

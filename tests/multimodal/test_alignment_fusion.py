@@ -19,21 +19,38 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-def model(fusion):
+TRIMODAL = ("text", "image", "audio")
+
+
+def model(fusion, modalities=("image", "audio")):
     torch.manual_seed(0)
-    m = build_image_audio_model(FusionConfig(fusion=fusion, hidden_size=16, num_heads=2), 8, (8, 9), torch.zeros(8), torch.ones(8))
+    m = build_image_audio_model(FusionConfig(fusion=fusion, modalities=modalities, hidden_size=16, num_heads=2), 8, (8, 9),
+                                torch.zeros(8), torch.ones(8), text_vocab_size=12, text_length=8)
     with torch.no_grad():  # non-zero missing embeddings so that using them is visible
         for p in m.missing.values():
             p.normal_()
     return m.eval()
 
 
+def _captions():
+    """Right-padded ids (pad 0, bos 1, eos 3) of four captions of different lengths."""
+    rows = [[1, 5, 6, 7, 8, 3], [1, 9, 3], [1, 4, 10, 11, 3], [1, 2, 3]]
+    ids = torch.zeros(4, 6, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+    return ids
+
+
+@pytest.mark.parametrize("modalities", [("image", "audio"), TRIMODAL], ids=["image+audio", "text+image+audio"])
 @pytest.mark.parametrize("fusion", FUSIONS)
-def test_mixed_modality_batch_equals_per_sample(fusion):
-    m = model(fusion)
+def test_mixed_modality_batch_equals_per_sample(fusion, modalities):
+    m = model(fusion, modalities)
     g = torch.Generator().manual_seed(0)
-    x = {"image": torch.randn(4, 3, 8, 8, generator=g), "audio": torch.randn(4, 8, 9, generator=g)}
-    present = {"image": torch.tensor([True, False, True, True]), "audio": torch.tensor([True, True, False, True])}
+    x = {"image": torch.randn(4, 3, 8, 8, generator=g), "audio": torch.randn(4, 8, 9, generator=g), "text": _captions()}
+    x = {k: x[k] for k in modalities}
+    present = {"image": torch.tensor([True, False, True, True]), "audio": torch.tensor([True, True, False, True]),
+               "text": torch.tensor([False, True, True, True])}
+    present = {k: present[k] for k in modalities}
     with torch.no_grad():
         mixed = m(x, present).logits
         for i in range(4):
@@ -47,17 +64,38 @@ def test_mixed_modality_batch_equals_per_sample(fusion):
         torch.testing.assert_close(m(scrambled, absent).logits, m({"image": x["image"]}).logits, atol=1e-5, rtol=1e-5)
 
 
-def test_gmu_alpha_is_the_seeds_sigmoid_for_two_modalities():
-    m = model("gmu")
-    x = {"image": torch.randn(3, 3, 8, 8), "audio": torch.randn(3, 8, 9)}
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_text_padding_and_token_drop(fusion):
+    m = model(fusion, TRIMODAL)
+    ids = _captions()
+    x = {"image": torch.randn(4, 3, 8, 8), "audio": torch.randn(4, 8, 9)}
+    with torch.no_grad():
+        wide = m({**x, "text": torch.cat([ids, torch.zeros(4, 2, dtype=torch.long)], 1)}).logits
+        torch.testing.assert_close(wide, m({**x, "text": ids}).logits, atol=1e-5, rtol=1e-5)  # pads are masked out
+        dropped = corrupt_text(ids, (ids != 0).long(), 1.0, unk_id=2)
+        assert (m({**x, "text": dropped}).logits - m({**x, "text": ids}).logits).abs().max() > 1e-4  # the words matter
+    if fusion == "unified":
+        with pytest.raises(ConfigError, match="inputs"):
+            m({**x, "text": torch.ones(4, 9, dtype=torch.long)})  # longer than text_length
+    with pytest.raises(ConfigError, match="text_vocab_size"):
+        build_image_audio_model(FusionConfig(fusion=fusion, modalities=TRIMODAL), 8, (8, 9), torch.zeros(8), torch.ones(8))
+    with pytest.raises(ConfigError, match="modalities"):
+        build_image_audio_model(FusionConfig(fusion=fusion, modalities=("image", "video")), 8, (8, 9), torch.zeros(8), torch.ones(8))
+
+
+@pytest.mark.parametrize("modalities", [("image", "audio"), ("text", "image")])
+def test_gmu_alpha_is_the_seeds_sigmoid_for_two_modalities(modalities):
+    m = model("gmu", modalities)  # the seed's alpha = sigmoid(W . [h_text, h_image])
+    x = {"image": torch.randn(3, 3, 8, 8), "audio": torch.randn(3, 8, 9), "text": _captions()[:3]}
+    x = {k: x[k] for k in modalities}
     with torch.no_grad():
         out = m(x)
         torch.testing.assert_close(out.alpha.sum(-1), torch.ones(3))
-        hs = [torch.tanh(m.proj[k](m.towers[k](x[k]))) for k in ("image", "audio")]
+        hs = [torch.tanh(m.proj[k](m.towers[k](x[k]))) for k in modalities]
         w, b = m.gate.weight, m.gate.bias
-        alpha_image = torch.sigmoid(torch.cat(hs, -1) @ (w[0] - w[1]) + (b[0] - b[1]))  # sigmoid(W . [h_i, h_a])
-        torch.testing.assert_close(out.alpha[:, 0], alpha_image, atol=1e-6, rtol=1e-5)
-        torch.testing.assert_close(out.fused, alpha_image[:, None] * hs[0] + (1 - alpha_image[:, None]) * hs[1], atol=1e-6, rtol=1e-5)
+        alpha_first = torch.sigmoid(torch.cat(hs, -1) @ (w[0] - w[1]) + (b[0] - b[1]))  # sigmoid(W . [h_1, h_2])
+        torch.testing.assert_close(out.alpha[:, 0], alpha_first, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(out.fused, alpha_first[:, None] * hs[0] + (1 - alpha_first[:, None]) * hs[1], atol=1e-6, rtol=1e-5)
 
 
 def test_unified_trunk_has_fewer_parameters_and_errors():
@@ -95,3 +133,34 @@ def test_modality_dropout_and_corruptions():
     mask = torch.tensor([[1, 1, 1, 1, 1, 0]])
     dropped_ids = corrupt_text(ids, mask, 1.0, unk_id=2)
     assert dropped_ids.tolist() == [[1, 2, 2, 2, 3, 0]]
+
+
+def test_text_fusion_augmentation_and_token_drop_curve():
+    from seekdeep.multimodal.robustness import Featurizer, FusionData, augment_with_text, evaluate, noise_curves
+
+    g = torch.Generator().manual_seed(0)
+    n = 300
+    ids = _captions().repeat(n // 4, 1)
+    mask = (ids != 0).long()
+    pixels, audio = torch.randn(n, 3, 8, 8, generator=g), torch.randn(n, 800, generator=g)
+    new_pixels, new_audio, new_ids = augment_with_text(pixels, audio, ids, mask, 2, g, p=1.0)
+    changed = torch.stack([(new_pixels != pixels).flatten(1).any(1), (new_audio != audio).any(1), (new_ids != ids).any(1)], 1)
+    assert changed.sum(1).max() == 1  # one modality per sample, never two
+    image_share, audio_share, text_share = changed.float().mean(0).tolist()
+    # a third each; a caption shows a change only when a word was drawn (rate U(0, 1), one caption is "<unk>" already)
+    assert 0.25 < image_share < 0.42 and 0.25 < audio_share < 0.42 and 0.1 < text_share < image_share
+    assert ((new_ids != ids) <= (new_ids == 2)).all() and (new_ids[:, 0] == 1).all()  # words -> <unk>; bos, eos, pads kept
+    featurize = Featurizer()
+    mel = featurize(audio[:8])
+    torch.manual_seed(0)
+    m = build_image_audio_model(FusionConfig(fusion="gmu", modalities=TRIMODAL, hidden_size=16, num_heads=2), 8, tuple(mel.shape[1:]),
+                                torch.zeros(mel.shape[1]), torch.ones(mel.shape[1]), text_vocab_size=12, text_length=8).eval()
+    data = FusionData(pixels[:40], audio[:40], torch.arange(40) % 10, ids[:40], mask[:40], 2)
+    curves = noise_curves(m, data, featurize)
+    assert set(curves) == {"image_gaussian", "image_occlusion", "audio_snr", "text_drop"}
+    assert all("alpha_text" in point for point in curves["text_drop"])
+    every_word = FusionData(data.pixel_values, data.audio, data.labels, corrupt_text(data.input_ids, data.attention_mask, 1.0, 2), mask[:40], 2)
+    assert curves["text_drop"][-1]["accuracy"] == evaluate(m, every_word, featurize)["accuracy"]  # p = 1: every word dropped
+    assert curves["text_drop"][-1]["alpha_text"] == pytest.approx(evaluate(m, every_word, featurize)["alpha_text"])
+    with pytest.raises(ConfigError, match="data"):
+        evaluate(m, FusionData(data.pixel_values, data.audio, data.labels), featurize)

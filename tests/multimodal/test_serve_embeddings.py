@@ -140,3 +140,84 @@ def test_concurrent_requests_get_their_own_vectors(client, clip_dir):
         got = list(pool.map(one, [0, 1, 2, 3, 0, 1]))
     for i, vector in zip([0, 1, 2, 3, 0, 1], got):
         torch.testing.assert_close(vector, local[i], atol=1e-5, rtol=1e-4)
+
+
+# -- a CLIP embedding model beside language models in one `seekdeep serve` process
+
+
+@pytest.fixture(scope="module")
+def lm_dirs(tmp_path_factory):
+    """Two tiny random llamas sharing one byte-level BPE (a routed pair: 'small' first)."""
+    from seekdeep.data import stdlib_files
+    from seekdeep.models.llama import LlamaConfig, LlamaForCausalLM
+    from seekdeep.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("lm-serve")
+    tok = train_tokenizer([str(p) for p in stdlib_files(limit_bytes=200_000)], vocab_size=512)
+    dirs = []
+    for name, layers in (("small", 1), ("large", 2)):
+        torch.manual_seed(layers)
+        cfg = LlamaConfig.from_name("tiny", vocab_size=tok.vocab_size, max_position_embeddings=256, bos_token_id=None,
+                                    eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, num_hidden_layers=layers)
+        model = LlamaForCausalLM(cfg)
+        model.init_weights()
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+        dirs.append(root / name)
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def mixed(lm_dirs, clip_dir):
+    small, large = lm_dirs
+    # the encoder between the pair: the router and the compact/full order count language models only
+    server = ServerProcess([str(small), str(clip_dir), str(large), "--route-threshold", "8", "--num-blocks", "64"],
+                           clip_dir.parent / "mixed.log")
+    try:
+        server.wait_ready(180)
+        yield openai.OpenAI(api_key="unused", base_url=f"{server.url}/v1", max_retries=0, timeout=60), server.url
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+def test_clip_served_beside_language_models(mixed, clip_dir, lm_dirs):
+    from seekdeep.auto import AutoModel, AutoTokenizer
+
+    api, url = mixed
+    cards = {m["id"]: m for m in httpx.get(f"{url}/v1/models").json()["data"]}
+    assert sorted(cards) == ["auto", "clip", "large", "small"]
+    assert cards["clip"]["kind"] == "embedding" and cards["small"].get("kind") != "embedding"
+    health = httpx.get(f"{url}/health").json()
+    assert sorted(health["models"]) == ["large", "small"] and list(health["embedding_models"]) == ["clip"]
+
+    # each language model answers completions with its own greedy continuation
+    for name, path in zip(("small", "large"), lm_dirs):
+        model, tok = AutoModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+        ids = tok.encode("def add(a, b):")
+        with torch.no_grad():
+            expected = model.generate(torch.tensor([ids]), max_new_tokens=4)[0, len(ids):].tolist()  # greedy
+        if tok.eos_token_id in expected:
+            expected = expected[: expected.index(tok.eos_token_id) + 1]
+        reply = api.completions.create(model=name, prompt="def add(a, b):", max_tokens=4, temperature=0)
+        assert reply.model == name and reply.choices[0].text == tok.decode(expected, skip_special_tokens=True)
+    # "auto" routes between the language models, never to the encoder
+    short = api.completions.create(model="auto", prompt="x", max_tokens=2, temperature=0)
+    long = api.completions.create(model="auto", prompt="x", max_tokens=20, temperature=0)
+    assert (short.model, long.model) == ("small", "large")
+    # the embedding model answers /v1/embeddings with text and images in one space; a completion sent to it is a 400
+    image = _image(3)
+    reply = api.embeddings.create(model="clip", input=["the digit two", {"type": "image_url", "image_url": {"url": _png(image)}}])
+    local = _local(clip_dir, ["the digit two"], [image])
+    torch.testing.assert_close(torch.tensor([d.embedding for d in reply.data]), torch.cat([local["text"], local["image"]]),
+                               atol=1e-5, rtol=1e-4)
+    for call in (lambda: api.completions.create(model="clip", prompt="hi", max_tokens=2),
+                 lambda: api.chat.completions.create(model="clip", messages=[{"role": "user", "content": "hi"}], max_tokens=2)):
+        with pytest.raises(openai.BadRequestError) as info:
+            call()
+        assert info.value.status_code == 400 and info.value.body["code"] == "embedding_model"
+    # a language model's /v1/embeddings stays its pooled hidden states (text only; image parts are the encoder's)
+    lm = api.embeddings.create(model="small", input="def add(a, b):")
+    assert len(lm.data[0].embedding) == AutoModel.from_pretrained(lm_dirs[0]).config.hidden_size != 24
+    r = httpx.post(f"{url}/v1/embeddings", json={"model": "small", "input": [{"type": "image_url", "image_url": {"url": _png(image)}}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "input"
