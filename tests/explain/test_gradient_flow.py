@@ -76,3 +76,61 @@ def test_recorder_hooks_record_grad_and_update_norms(tokenizer, tmp_path):
     saved = json.loads((tmp_path / "grad_flow.json").read_text())
     assert len(saved["history"]) == 3 and (tmp_path / "grad_flow.png").stat().st_size > 1000
     assert set(paths) == {"json", "png"}
+
+
+def _tensorboard_scalars(log_dir) -> dict[str, dict[int, float]]:
+    """tag -> {step: value} from every event file under ``log_dir``, read with tensorboard's own loader."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.util.tensor_util import make_ndarray
+
+    scalars: dict[str, dict[int, float]] = {}
+    for path in sorted(log_dir.rglob("events.out.tfevents.*")):
+        for event in EventFileLoader(str(path)).Load():
+            for value in event.summary.value:
+                # the loader hands scalars over as 0-d tensors (simple_value converted)
+                scalars.setdefault(value.tag, {})[event.step] = float(make_ndarray(value.tensor))
+    return scalars
+
+
+def test_recorder_writes_tensorboard_scalars(tokenizer, tmp_path):
+    """With tensorboard installed, every recorded step's grad / update norms are in the event file."""
+    pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed")
+    model = _lm(tokenizer)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
+    recorder = GradientFlowRecorder(model, optimizer, GradFlowConfig(every=2), log_dir=tmp_path / "tb")
+    ids = torch.randint(0, tokenizer.vocab_size, (2, 12))
+    for _ in range(5):
+        optimizer.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+    recorder.close()
+    scalars = _tensorboard_scalars(tmp_path / "tb")
+    layers = set(recorder.history[0]["grad_norm"])
+    assert set(scalars) == {f"{kind}/{layer}" for kind in ("grad_norm", "update_norm") for layer in layers}
+    for record in recorder.history:  # steps 1, 3, 5
+        for kind in ("grad_norm", "update_norm"):
+            for layer, value in record[kind].items():
+                assert scalars[f"{kind}/{layer}"][record["step"]] == pytest.approx(value, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_train_grad_flow_writes_tensorboard(tmp_path):
+    """`seekdeep train --grad-flow`: the recipe's run_dir/tensorboard holds the per-layer norms
+    next to its training metrics."""
+    pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed")
+    from seekdeep.data.corpus import stdlib_root
+    from seekdeep.recipes.train import TrainConfig, train
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("textwrap.py", "shlex.py"):
+        (data / name).write_text((stdlib_root() / name).read_text(encoding="utf-8"), encoding="utf-8")
+    train(TrainConfig(data=str(data), vocab_size=300, seq_len=32, batch_size=4, steps=2, eval_interval=2,
+                      eval_batches=1, checkpoint_interval=2, warmup_steps=1, sample_tokens=2,
+                      output_dir=str(tmp_path / "run"), progress=False, grad_flow=True))
+    flow = json.loads((tmp_path / "run" / "grad_flow.json").read_text())
+    scalars = _tensorboard_scalars(tmp_path / "run" / "tensorboard")
+    record = flow["history"][0]
+    for layer, value in record["grad_norm"].items():
+        assert scalars[f"grad_norm/{layer}"][record["step"]] == pytest.approx(value, rel=1e-6)
+    assert {f"update_norm/{layer}" for layer in record["update_norm"]} <= set(scalars)
