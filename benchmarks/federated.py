@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import tempfile
 import time
@@ -151,22 +152,25 @@ def _pooled_windows(paths, seq_len, batch_size, seed, tmp: Path, name: str):
 
 def _schedule(args, total_steps: int):
     """The learning rate of global step t of ``total_steps``: constant, or cosine to 10% (the
-    same curve for the federated and the centralized runs, each over its own steps)."""
+    same curve for the federated and the centralized runs, each over its own steps of the
+    largest budget: the smaller budgets are points along it)."""
     if args.schedule == "constant":
         return lambda t: args.lr_value
     return lambda t: args.lr_value * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, total_steps) / total_steps)))
 
 
-def _federate(init_dir: Path, clients, cfg, strategy: str, seed: int, args):
-    """The federated rounds in one process: each client runs the ClientApp's ``local_train`` from
-    the global model, its delta is quantised exactly as the Paillier path encodes it, the
-    server's aggregator sums them with the round's integer weights, and the key holders'
-    :class:`GlobalState` applies the server step (FedAvg or FedAvgM)."""
-    from seekdeep.data import TokenWindows
+def _federate(init_dir: Path, clients, cfg, strategy: str, seed: int, args, evaluate, budgets) -> dict[int, float]:
+    """The federated rounds in one process: each client runs the ClientApp's ``local_train``
+    from the global model on its own stream (``site_windows``, as the ClientApp reads it), its
+    delta is quantised exactly as the Paillier path encodes it, the server's aggregator sums
+    them with the round's integer weights, and the key holders' :class:`GlobalState` applies
+    the server step (FedAvg or FedAvgM). Returns the global model's held-out loss after each
+    round in ``budgets``."""
     from seekdeep.fl import paillier
     from seekdeep.fl.aggregation import ServerAggregator
     from seekdeep.fl.app.client import local_train
-    from seekdeep.fl.app.common import GlobalState, flat_trainable, load_flat, load_initial_model, model_layout, packing_spec
+    from seekdeep.fl.app.common import (GlobalState, flat_trainable, load_flat, load_initial_model, model_layout,
+                                        packing_spec, site_windows)
 
     spec = packing_spec(cfg)
     model = load_initial_model(init_dir, cfg.method)
@@ -177,6 +181,7 @@ def _federate(init_dir: Path, clients, cfg, strategy: str, seed: int, args):
     rng = np.random.default_rng(seed)
     mu = cfg.proximal_mu if strategy == "fedprox" else 0.0
     lr = _schedule(args, cfg.rounds * cfg.local_steps)
+    losses = {}
     for round_no in range(1, cfg.rounds + 1):
         deltas = []
         global_vector = init_vector + state.delta
@@ -184,8 +189,7 @@ def _federate(init_dir: Path, clients, cfg, strategy: str, seed: int, args):
         for i, client in enumerate(clients):
             torch.manual_seed(seed * 100 + i)
             load_flat(model, cfg.method, layout, global_vector)
-            windows = TokenWindows(Path(client["dir"]) / "train.bin", cfg.seq_len, cfg.batch_size,
-                                   seed=seed * 7919 + 1000 * i + round_no)
+            windows = site_windows(Path(client["dir"]) / "train.bin", cfg, i, round_no)
             local_train(model, windows, cfg.local_steps, cfg.learning_rate, cfg.method, mu,
                         lr_at=lambda t, o=offset: lr(o + t))
             delta = flat_trainable(model, cfg.method, layout) - global_vector
@@ -194,99 +198,140 @@ def _federate(init_dir: Path, clients, cfg, strategy: str, seed: int, args):
         weights, _ = paillier.round_weights([1.0] * len(clients), spec.total_weight)
         summed = server.accumulate([server.check(d, None) for d in deltas], weights)
         state.apply(summed / sum(weights), cfg)
-    load_flat(model, cfg.method, layout, init_vector + state.delta)
-    return model
+        if round_no in budgets:
+            load_flat(model, cfg.method, layout, init_vector + state.delta)
+            losses[round_no] = evaluate(model)
+    return losses
+
+
+def _train_curve(model, windows, steps: int, lr_value: float, cfg, args, evaluate, at_steps: dict[int, int],
+                 proximal_mu: float = 0.0) -> dict[int, float]:
+    """One run of ``steps`` steps (one optimizer), evaluated after ``at_steps[r]`` steps for
+    every budget r; returns {r: held-out loss}."""
+    from seekdeep.fl.app.client import local_train
+
+    wanted = {n: r for r, n in at_steps.items()}
+    losses = {}
+
+    def after(n: int) -> None:
+        if n in wanted:
+            losses[wanted[n]] = evaluate(model)
+
+    args.lr_value = lr_value
+    local_train(model, windows, steps, lr_value, cfg.method, proximal_mu, lr_at=_schedule(args, steps),
+                after_step=after)
+    return losses
 
 
 def quality(args) -> None:
+    """Held-out perplexity against the budget (rounds): the federated arms after each round in
+    ``--budgets``, every other arm after the same data and the steps its definition gives that
+    budget, all on one fixed evaluation set, per seed (the same initial model and data for
+    every arm of a seed), ratios taken per seed."""
     from dataclasses import replace
 
     from seekdeep.auto import AutoTokenizer
-    from seekdeep.data import TokenWindows
-    from seekdeep.fl.app.client import local_train
-    from seekdeep.fl.app.common import load_initial_model
+    from seekdeep.fl.app.common import load_initial_model, site_windows
     from seekdeep.fl.config import FLConfig
     from seekdeep.recipes.fl import _heldout_losses, build_client_data, build_initial_model
 
     device = _device()
-    rows: dict[str, list[float]] = {}
+    budgets = sorted(set(args.budgets))
+    total_rounds = budgets[-1]
+    rows: dict[tuple[str, int], list[float]] = {}
     k = 3
-    anchor_a = "centralized, equal total client steps"
-    anchor_b = "centralized, equal optimizer steps on the pooled batch"
+    anchor_a = "centralized A: equal total client steps"
+    anchor_b = "centralized B: equal optimizer steps on the pooled batch"
+    started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fl-quality-") as tmp:
         tmp = Path(tmp)
-        for seed in range(args.seeds):
-            for split in ("iid", "package"):
-                cfg = FLConfig(base=args.base, method=args.method, split=split, rounds=args.rounds,
+        for seed in args.seed_list:
+            seed_started = time.perf_counter()
+            for split in args.splits:
+                cfg = FLConfig(base=args.base, method=args.method, split=split, rounds=total_rounds,
                                local_steps=args.local_steps, batch_size=args.batch_size, seq_len=args.seq_len,
                                eval_batches=args.eval_batches, seed=seed, progress=False, output_dir=str(tmp),
                                lr=args.lr, proximal_mu=args.proximal_mu, num_clients=k)
-                args.lr_value = cfg.learning_rate
                 init_dir = tmp / f"init-{seed}"
                 if not init_dir.exists():
                     build_initial_model(cfg, init_dir)
                 clients = build_client_data(cfg, AutoTokenizer.from_pretrained(init_dir / "model"), tmp / f"data-{split}")
-
                 if split == "iid":
-                    # every model is measured on the iid clients' held-out text: each holds a share of every
-                    # package's modules, so their mean is the same mix for both splits
+                    # one fixed evaluation set for every arm and budget: the first eval_batches * eval_batch_size
+                    # windows of each iid client's held-out side (each holds a share of every package's modules,
+                    # so their mean is the same mix for both splits)
                     eval_clients = clients
+                    eval_cfg = replace(cfg, batch_size=args.eval_batch_size)
 
-                def pooled_loss(model) -> float:
-                    return float(np.mean(_heldout_losses(model, eval_clients, cfg)))
+                def evaluate(model) -> float:
+                    return float(np.mean(_heldout_losses(model, eval_clients, eval_cfg)))
 
+                def record(name: str, losses: dict[int, float]) -> None:
+                    for r in budgets:
+                        rows.setdefault((name, r), []).append(losses[r])
+                    print(json.dumps({"seed": seed, "arm": name, "loss": {r: losses[r] for r in budgets},
+                                      "load": os.getloadavg()[0], "t": round(time.perf_counter() - started, 1)}),
+                          file=sys.stderr, flush=True)
+
+                steps_per_client = total_rounds * cfg.local_steps
                 if split == "iid":  # the pooled data is the same for both splits: train centralized once
                     central_lr = args.central_lr or cfg.learning_rate
-                    for name, steps, batch in ((anchor_a, k * cfg.rounds * cfg.local_steps, cfg.batch_size),
-                                               (anchor_b, cfg.rounds * cfg.local_steps, k * cfg.batch_size)):
+                    for name, mult, batch in ((anchor_a, k, cfg.batch_size), (anchor_b, 1, k * cfg.batch_size)):
                         torch.manual_seed(seed)
                         central = load_initial_model(init_dir, cfg.method)
                         windows = _pooled_windows([Path(c["dir"]) / "train.bin" for c in clients], cfg.seq_len,
                                                   batch, seed, tmp, f"pooled-{seed}-{batch}")
-                        args.lr_value = central_lr
-                        local_train(central, windows, steps, central_lr, cfg.method, lr_at=_schedule(args, steps))
-                        rows.setdefault(name, []).append(pooled_loss(central))
-                    args.lr_value = cfg.learning_rate
-                    rows.setdefault("initial", []).append(pooled_loss(load_initial_model(init_dir, cfg.method)))
-                server = dict(server_lr=args.server_lr, server_momentum=args.server_momentum)
+                        record(name, _train_curve(central, windows, mult * steps_per_client, central_lr, cfg, args,
+                                                  evaluate, {r: mult * r * cfg.local_steps for r in budgets}))
+                    rows.setdefault(("initial", 0), []).append(evaluate(load_initial_model(init_dir, cfg.method)))
                 variants = [("fedavg", "", {})]
                 if args.server_lr != 1.0 or args.server_momentum != 0.0:
                     tag = f" (server lr {args.server_lr}, momentum {args.server_momentum})"
-                    variants += [("fedavg", tag, server), ("fedprox", tag, server)]
-                else:
+                    variants += [("fedavg", tag, dict(server_lr=args.server_lr, server_momentum=args.server_momentum))]
+                if args.fedprox:
                     variants += [("fedprox", "", {})]
                 for strategy, tag, extra in variants:
-                    model = _federate(init_dir, clients, replace(cfg, **extra), strategy, seed, args)
-                    rows.setdefault(f"{strategy} {split}{tag}", []).append(pooled_loss(model))
-                local = []
-                for i, client in enumerate(clients):
-                    torch.manual_seed(seed * 100 + i)
-                    model = load_initial_model(init_dir, cfg.method)
-                    windows = TokenWindows(Path(client["dir"]) / "train.bin", cfg.seq_len, cfg.batch_size,
-                                           seed=seed * 7919 + 1000 * i)
-                    steps = cfg.rounds * cfg.local_steps
-                    local_train(model, windows, steps, cfg.learning_rate, cfg.method, lr_at=_schedule(args, steps))
-                    local.append(pooled_loss(model))
-                rows.setdefault(f"local-only {split} (mean of clients)", []).append(float(np.mean(local)))
-                print(json.dumps({"seed": seed, "split": split, **{k_: v[-1] for k_, v in rows.items()}}),
-                      file=sys.stderr)
-    anchors = {name: [math.exp(x) for x in rows[name]] for name in (anchor_a, anchor_b)}
-    for name, losses in rows.items():
+                    args.lr_value = cfg.learning_rate
+                    record(f"{strategy} {split}{tag}", _federate(init_dir, clients, replace(cfg, **extra), strategy,
+                                                                 seed, args, evaluate, budgets))
+                if args.local_only and (split == "iid" or args.local_package):
+                    per_client = []
+                    for i, client in enumerate(clients):
+                        torch.manual_seed(seed * 100 + i)
+                        model = load_initial_model(init_dir, cfg.method)
+                        windows = site_windows(Path(client["dir"]) / "train.bin", cfg, i, 1)  # the same stream
+                        per_client.append(_train_curve(model, windows, steps_per_client, cfg.learning_rate, cfg, args,
+                                                       evaluate, {r: r * cfg.local_steps for r in budgets}))
+                    record(f"local-only {split} (mean of clients)",
+                           {r: float(np.mean([c[r] for c in per_client])) for r in budgets})
+            print(json.dumps({"seed": seed, "seconds": round(time.perf_counter() - seed_started, 1),
+                              "load": os.getloadavg()[0],
+                              **{f"{n} @{r}": round(math.exp(v[-1]), 2) for (n, r), v in rows.items()}}),
+                  file=sys.stderr, flush=True)
+    seeds = len(args.seed_list)
+    definitions = {anchor_a: "clients * r * local_steps steps of batch_size on the pooled data (as many steps and "
+                             "examples as all clients together)",
+                   anchor_b: "r * local_steps steps of clients * batch_size (as many sequential updates as a client, "
+                             "the same examples)"}
+    for (name, r), losses in rows.items():
         ppl = [math.exp(x) for x in losses]
-        for anchor_name, anchor_ppl in anchors.items():
+        for anchor_name in (anchor_a, anchor_b):
+            anchor_ppl = [math.exp(x) for x in rows[(anchor_name, r)]] if r else [math.nan] * seeds
             # the ratio per seed (same initial model and data), then its mean and spread
             ratios = [p / a for p, a in zip(ppl, anchor_ppl)]
             emit(f"held-out perplexity: {name}", float(np.mean(ppl)), "ppl", float(np.mean(anchor_ppl)), anchor_name,
-                 device, std=float(np.std(ppl)), seeds=len(ppl), per_seed=[round(p, 3) for p in ppl],
+                 device, budget_rounds=r, client_steps=k * r * args.local_steps,
+                 examples=k * r * args.local_steps * args.batch_size, std=float(np.std(ppl)), seeds=seeds,
+                 seed_list=args.seed_list, per_seed=[round(p, 3) for p in ppl],
+                 ratio_per_seed=[round(x, 4) for x in ratios],
                  ratio_per_seed_mean=float(np.mean(ratios)), ratio_per_seed_std=float(np.std(ratios)),
-                 method=args.method, rounds=args.rounds, local_steps=args.local_steps, batch_size=args.batch_size,
+                 method=args.method, local_steps=args.local_steps, batch_size=args.batch_size,
                  seq_len=args.seq_len, clients=k, lr=args.lr, central_lr=args.central_lr or args.lr,
                  schedule=args.schedule, server_lr=args.server_lr, server_momentum=args.server_momentum,
-                 anchor_definition={anchor_a: f"{k * args.rounds * args.local_steps} steps of batch {args.batch_size} "
-                                              "on the pooled data (as many steps and examples as all clients together)",
-                                    anchor_b: f"{args.rounds * args.local_steps} steps of batch {k * args.batch_size} "
-                                              "(as many sequential updates as a client, the same examples)"}[anchor_name],
-                 aggregation="in-process, ServerAggregator + 16-bit stochastic quantisation")
+                 eval_windows_per_client=args.eval_batches * args.eval_batch_size,
+                 anchor_definition=definitions[anchor_name],
+                 aggregation="in-process, ServerAggregator + 16-bit stochastic quantisation",
+                 load_end=os.getloadavg()[0], seconds=round(time.perf_counter() - started, 1))
 
 
 def main() -> int:
@@ -301,8 +346,21 @@ def main() -> int:
     parser.add_argument("--local-steps", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--eval-batches", type=int, default=8)
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--eval-batches", type=int, default=12,
+                        help="quality: evaluation batches per client (the same windows for every arm and budget)")
+    parser.add_argument("--eval-batch-size", type=int, default=16, help="quality: windows per evaluation batch")
+    parser.add_argument("--seeds", type=int, default=3, help="quality: seeds 0..N-1 (or --seed-list)")
+    parser.add_argument("--seed-list", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                        help="quality: comma-separated seeds (e.g. to run seeds in parallel processes)")
+    parser.add_argument("--budgets", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                        help="quality: comma-separated rounds at which every arm is evaluated (default: 2,4,8,16,32)")
+    parser.add_argument("--fedprox", action="store_true", help="quality: also FedProx (--proximal-mu)")
+    parser.add_argument("--splits", type=lambda s: s.split(","), default=["iid", "package"],
+                        help="quality: comma-separated splits (iid first: it defines the anchors and the eval set)")
+    parser.add_argument("--no-local-only", dest="local_only", action="store_false",
+                        help="quality: skip the local-only models (the floor)")
+    parser.add_argument("--local-package", action="store_true",
+                        help="quality: also the local-only models of the by-package split")
     parser.add_argument("--lr", type=float, default=None, help="quality: client (and centralized) learning rate")
     parser.add_argument("--central-lr", type=float, default=None, help="quality: centralized lr (default: --lr)")
     parser.add_argument("--server-lr", type=float, default=1.0, help="quality: FedAvg(M) server learning rate")
@@ -313,6 +371,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: the machine is shared; spinning OpenMP threads stall when oversubscribed)")
     args = parser.parse_args()
+    if args.splits[0] != "iid" or not set(args.splits) <= {"iid", "package"}:
+        parser.error(f"--splits: iid first, then optionally package; got {args.splits}")
     torch.set_num_threads(args.threads)
     if args.part == "crypto":
         crypto(args)
@@ -320,7 +380,9 @@ def main() -> int:
         args.rounds, args.local_steps = args.rounds or 2, args.local_steps or 10
         rounds(args)
     else:
-        args.rounds, args.local_steps = args.rounds or 4, args.local_steps or 10
+        args.local_steps = args.local_steps or 8
+        args.budgets = args.budgets or ([args.rounds] if args.rounds else [2, 4, 8, 16, 32])
+        args.seed_list = args.seed_list if args.seed_list is not None else list(range(args.seeds))
         quality(args)
     return 0
 

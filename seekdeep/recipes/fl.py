@@ -293,8 +293,17 @@ def run_fl(cfg: FLConfig, *, node_faults: dict[int, dict[str, Any]] | None = Non
     saved = out / "fl-config.json"
     resuming = cfg.resume == "auto" and saved.is_file() and (out / "init" / "layout.json").is_file()
     if resuming:
+        # the run's identity from its saved config; --rounds (and the round timeout) from this command,
+        # as `seekdeep train --resume auto` takes --steps: a larger --rounds extends a finished run
         cfg = replace(FLConfig.from_dict(read_json(saved)), progress=cfg.progress, resume="auto", overwrite=False,
-                      output_dir=cfg.output_dir)
+                      output_dir=cfg.output_dir, rounds=cfg.rounds, round_timeout=cfg.round_timeout)
+        done = len(_read_rounds(out / "rounds.jsonl"))
+        if cfg.rounds < done:
+            raise ConfigError("rounds", f"{cfg.rounds}, but the run in {out} completed {done} rounds; accepted: "
+                              f"--rounds >= {done} (larger continues it)")
+        if cfg.rounds > done:  # extending: the old summary no longer describes the run until it finishes again
+            (out / "summary.json").unlink(missing_ok=True)
+        write_json_atomic(saved, cfg.to_dict())
         init_info = read_json(out / "init-info.json")
     else:
         for stale in ("rounds.jsonl", "server-error.json"):
@@ -349,8 +358,10 @@ def run_fl(cfg: FLConfig, *, node_faults: dict[int, dict[str, Any]] | None = Non
     started = time.perf_counter()
     previous = _raise_on_sigterm()
     try:
-        federation.start()
-        code = federation.run(app_dir, on_poll=poll)
+        code = 0
+        if done_before < cfg.rounds:  # every round done (a run stopped after its last round): only the evaluation
+            federation.start()
+            code = federation.run(app_dir, on_poll=poll)
     finally:  # also on Ctrl-C, SIGTERM or a failure: every process group we started is stopped
         federation.stop()
         bar.close()
@@ -427,7 +438,8 @@ HELP = {
     "server_lr": "server learning rate: the global step is server_lr times the mean client delta (1: FedAvg)",
     "server_momentum": "FedAvgM server momentum (0: FedAvg); applied by the key-holding clients",
     "clip": "per-round update deltas are clipped to [-clip, clip] before quantisation (default: 0.1)",
-    "resume": "'auto': continue the run in --output-dir after its last completed round",
+    "resume": "'auto': continue the run in --output-dir after its last completed round (its settings, --rounds "
+              "aside: a larger --rounds extends a finished run)",
 }
 
 

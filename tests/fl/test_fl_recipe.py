@@ -22,6 +22,16 @@ def _home(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("SEEKDEEP_HOME", str(tmp_path_factory.getbasetemp() / "seekdeep-home"))
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The evaluation and local-only training in this process: one thread (on a loaded 2-core
+    machine two OpenMP threads wait on each other: 0.2 s of evaluation took 4-9 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     from seekdeep.data import iter_documents, package_files
@@ -75,46 +85,59 @@ def test_lora_federation_dropout_resume_and_malformed_update(base, tmp_path):
     """One federated-LoRA run through real Flower processes (3 clients, packed Paillier):
 
     - round 1: client 0's SuperNode is stopped once it got the message (it leaves: the SuperLink
-      answers for it at once); the round completes with the other two;
+      answers for it at once); the round completes with the other two; the run finishes;
+    - `--resume auto --rounds 3` extends the finished run (as `seekdeep train` does with a larger
+      --steps): a fresh federation runs round 2, every fresh node gets round 1's aggregate from
+      the server's checkpoint; client 2 sends one ciphertext too few in round 2: rejected
+      (wrong-shape), the round goes on with the two others;
     - the SuperLink (and the ServerApp it runs) is then killed: the run stops with a message
-      naming --resume, and `--resume auto` starts a fresh federation that continues at round 2
-      (every fresh node gets round 1's aggregate from the server's checkpoint);
-    - round 2: client 2 sends one ciphertext too few; it is rejected (wrong-shape) and the
-      round goes on with the two others."""
+      naming --resume, and `--resume auto` continues at round 3 (rounds 1-2's aggregates to
+      each fresh node); a smaller --rounds than the rounds done is refused."""
+    from seekdeep.errors import ConfigError
     from seekdeep.fl.federation import FederationError
     from seekdeep.recipes.fl import run_fl
 
     out = tmp_path / "run"
-    # (a resumed run takes its settings from the saved config: local_only is set from the start)
+    # (a resumed run takes its settings, --rounds aside, from the saved config: local_only is set from the start)
     settings = dict(method="lora", lora="r=2,alpha=8,targets=q_proj,v_proj", lr=0.05, min_clients=1, local_only=True)
     left = []
 
-    def drop_client_0_then_kill_the_server(federation):
+    def drop_client_0(federation):
         if not left and _received(federation, 0):
             federation.kill("supernode-0", signal.SIGTERM)
             left.append(True)
-        if (out / "rounds.jsonl").is_file() and (out / "rounds.jsonl").read_text().count("\n") >= 1:
+
+    first = run_fl(_cfg(base, out, **settings, rounds=1), on_federation=drop_client_0)
+    assert left and first["rounds"] == 1 and (out / "summary.json").is_file()
+
+    def kill_the_server_after_round_2(federation):
+        if (out / "rounds.jsonl").read_text().count("\n") >= 2:
             federation.kill("superlink")
 
     with pytest.raises(FederationError, match="--resume auto"):
-        run_fl(_cfg(base, out, **settings), on_federation=drop_client_0_then_kill_the_server)
-    assert left and not (out / "summary.json").exists()
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["round-0001"]
-    summary = run_fl(_cfg(base, out, **settings, resume="auto"),
-                     node_faults={2: {"fault": "shape", "fault-round": 2}})
-    assert summary["resumed_after_round"] == 1 and summary["rounds"] == 2
+        run_fl(_cfg(base, out, **settings, rounds=3, resume="auto"), on_federation=kill_the_server_after_round_2,
+               node_faults={2: {"fault": "shape", "fault-round": 2}})
+    assert not (out / "summary.json").exists()  # the extended run is unfinished until its last round
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["round-0001", "round-0002"]
+    summary = run_fl(_cfg(base, out, **settings, rounds=3, resume="auto"))
+    assert summary["resumed_after_round"] == 2 and summary["rounds"] == 3
+    with pytest.raises(ConfigError, match="rounds"):
+        run_fl(_cfg(base, out, **settings, rounds=2, resume="auto"))
     rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rounds] == [1, 2]
+    assert [r["round"] for r in rounds] == [1, 2, 3]
     assert rounds[0]["accepted"] == 2  # the dropped client did not hold the round back
     assert [r["reason"] for r in rounds[0]["rejected"]] == ["client-error"]
     assert "Node Unavailable" in rounds[0]["rejected"][0]["detail"]
     assert rounds[1]["accepted"] == 2 and [r["reason"] for r in rounds[1]["rejected"]] == ["wrong-shape"]
+    assert rounds[2]["accepted"] == 3 and not rounds[2]["rejected"]
     assert rounds[0]["weights"] == rounds[1]["weights"] == [1, 1] and rounds[1]["weights_exact"]
     # uplink: one round's slots (19 bits at 1024-bit keys: 53 values per 256-byte ciphertext);
-    # downlink after the resume: round 1's aggregate to each fresh node
+    # downlink after each restart: every aggregate so far to each fresh node
     values = summary["init"]["update_values"]
-    assert rounds[1]["aggregate_bytes"] == -(-values // 53) * 256 == rounds[1]["sent_bytes"][0]
+    aggregate = -(-values // 53) * 256
+    assert rounds[0]["aggregate_bytes"] == rounds[1]["aggregate_bytes"] == aggregate
     assert rounds[0]["sent_bytes"] == [0, 0, 0]
+    assert rounds[1]["sent_bytes"] == [aggregate] * 3 and rounds[2]["sent_bytes"] == [2 * aggregate] * 3
     # every process the run started is gone, children included
     assert not any(_alive(pid) for pid in json.loads((out / "processes.json").read_text()).values())
     # outputs
@@ -122,10 +145,10 @@ def test_lora_federation_dropout_resume_and_malformed_update(base, tmp_path):
     assert (out / "final" / "adapter_model.safetensors").is_file()
     assert values < summary["init"]["model_parameters"] / 10  # adapters only
     assert len(summary["local_only"]) == 3
-    # training went on from round 1's model, not from scratch (lr is high enough that a LoRA
-    # step on a random base shows)
+    # training went on from the previous rounds' model, not from scratch (lr is high enough that
+    # a LoRA step on a random base shows)
     curve = [loss for _, loss in summary["global_loss_per_round"]]
-    assert curve[2] != pytest.approx(curve[1], abs=1e-4) and curve[1] != pytest.approx(curve[0], abs=1e-4)
+    assert len(curve) == 4 and all(b != pytest.approx(a, abs=1e-4) for a, b in zip(curve, curve[1:]))
     # key custody: nothing the server side saw holds the private key's primes; the public modulus it did get
     private = json.loads((out / "keys" / "private.json").read_text())
     public_n = json.loads((out / "keys" / "public.json").read_text())["n"]
@@ -143,9 +166,8 @@ def test_secaggplus_round_survives_a_dropout(base, tmp_path, monkeypatch):
     vectors), the unmask stage rebuilds them from the survivors' shares, and the global model
     is the mean of the two survivors' weights. A relative --output-dir, as `seekdeep fl` gets by
     default (the Flower processes run elsewhere)."""
-    from seekdeep.data import TokenWindows
     from seekdeep.fl.app.client import local_train
-    from seekdeep.fl.app.common import flat_trainable, load_initial_model, model_layout
+    from seekdeep.fl.app.common import flat_trainable, load_initial_model, model_layout, site_windows
     from seekdeep.recipes.fl import run_fl
 
     monkeypatch.chdir(tmp_path)
@@ -174,8 +196,7 @@ def test_secaggplus_round_survives_a_dropout(base, tmp_path, monkeypatch):
     torch.set_num_threads(1)  # as the ClientApps ran (one core each): the same float reductions
     for partition in survivors:
         model = load_initial_model(out / "init", "full")
-        windows = TokenWindows(out / "data" / f"client-{partition}" / "train.bin", cfg.seq_len, cfg.batch_size,
-                               seed=cfg.seed + 1000 * partition + 1)
+        windows = site_windows(out / "data" / f"client-{partition}" / "train.bin", cfg, partition, 1)
         local_train(model, windows, cfg.local_steps, cfg.learning_rate, "full")
         trained.append(flat_trainable(model, "full", model_layout(model, "full")))
     torch.set_num_threads(threads)

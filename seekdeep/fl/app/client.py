@@ -34,7 +34,7 @@ from flwr.clientapp import ClientApp
 
 from seekdeep.errors import ConfigError
 from seekdeep.fl.app.common import (GlobalState, RunSettings, flat_trainable, load_flat, load_initial_model, model_layout,
-                                    packing_spec, trainable_tensors)
+                                    packing_spec, site_windows, trainable_tensors)
 
 app = ClientApp()
 STATE_KEY = "seekdeep-fl-global"
@@ -70,8 +70,7 @@ class _Site:
         load_flat(self.model, cfg.method, self.layout, self.global_vector)
         self.round = int(msg.content["config"]["round"])
         self.fault = str(node.get("fault", "")) if int(node.get("fault-round", 0)) == self.round else ""
-        self.windows = TokenWindows(self.train_path, cfg.seq_len, cfg.batch_size,
-                                    seed=cfg.seed + 1000 * self.partition + self.round)
+        self.windows = site_windows(self.train_path, cfg, self.partition, self.round)
         self.heldout = TokenWindows(self.heldout_path, cfg.seq_len, cfg.batch_size, shuffle=False)
 
     def _global_state(self, msg: Message) -> GlobalState:
@@ -103,10 +102,13 @@ class _Site:
         self.context.state[STATE_KEY + "-info"] = ConfigRecord({"aggregates": self.state.aggregates})
 
 
-def local_train(model, windows, steps: int, lr: float, method: str, proximal_mu: float = 0.0, lr_at=None) -> float:
+def local_train(model, windows, steps: int, lr: float, method: str, proximal_mu: float = 0.0, lr_at=None,
+                after_step=None) -> float:
     """``steps`` AdamW steps on ``windows``; FedProx adds ``mu / 2 * ||w - w_start||^2`` over the
     trainable tensors. ``lr_at(i)`` (optional): the learning rate of step i (a schedule shared
-    by the federated and the centralized runs). Returns the mean training loss."""
+    by the federated and the centralized runs). ``after_step(n)`` (optional): called after the
+    n-th step (the benchmark evaluates a run at several budgets with one optimizer; it may put
+    the model in eval mode, training resumes in train mode). Returns the mean training loss."""
     params = [p for p in trainable_tensors(model, method).values() if p.requires_grad]
     anchors = [p.detach().clone() for p in params] if proximal_mu > 0 else None
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -125,6 +127,9 @@ def local_train(model, windows, steps: int, lr: float, method: str, proximal_mu:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
+        if after_step is not None:
+            after_step(i + 1)
+            model.train()
     model.eval()
     return total / steps
 

@@ -82,6 +82,20 @@ def load_initial_model(init_dir: Path, method: str):
     return model
 
 
+def site_windows(path: Path, cfg: FLConfig, partition: int, round_no: int):
+    """A site's training stream positioned at the start of round ``round_no``: one seeded
+    permutation per epoch over all rounds (``seed + 1000 * partition``), so every window is
+    read once per epoch, as a centralized run reads the pooled data, and a restarted client
+    starts round ``round_no`` exactly where it would have."""
+    from seekdeep.data import TokenWindows
+
+    windows = TokenWindows(path, cfg.seq_len, cfg.batch_size, seed=cfg.seed + 1000 * partition)
+    done = (round_no - 1) * cfg.local_steps * cfg.batch_size  # windows read by the earlier rounds
+    windows.load_state_dict(dict(windows.state_dict(), epoch=done // windows.num_windows,
+                                 cursor=done % windows.num_windows))
+    return windows
+
+
 def trainable_tensors(model, method: str) -> dict[str, torch.Tensor]:
     """The live tensors an update carries: the adapter's (LoRA) or every parameter (full)."""
     if method == "lora":

@@ -27,7 +27,7 @@ from flwr.server import LegacyContext, ServerApp, ServerConfig
 from flwr.server.strategy import FedAvg, FedProx
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 
-from seekdeep.fl.app.common import RunSettings, flat_trainable, load_flat, load_initial_model, model_layout
+from seekdeep.fl.app.common import RunSettings, flat_trainable, load_flat, load_initial_model, model_layout, site_windows
 
 CLIPPING_RANGE = 8.0
 
@@ -177,8 +177,7 @@ class _SecAggClient(NumPyClient):
         heldout = TokenWindows(data_dir / "heldout.bin", cfg.seq_len, cfg.batch_size, shuffle=False)
         eval_loss = mean_loss(model, heldout.eval_batches(cfg.eval_batches))
         round_no = int(config.get("round", 1))
-        windows = TokenWindows(data_dir / "train.bin", cfg.seq_len, cfg.batch_size,
-                               seed=cfg.seed + 1000 * partition + round_no)
+        windows = site_windows(data_dir / "train.bin", cfg, partition, round_no)  # as the Paillier ClientApp
         mu = float(config.get("proximal_mu", 0.0))
         train_loss = local_train(model, windows, cfg.local_steps, cfg.learning_rate, cfg.method, mu)
         weights = flat_trainable(model, cfg.method, layout).astype(np.float32)
