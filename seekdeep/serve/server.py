@@ -137,7 +137,12 @@ def _speculation(config: ServerConfig, loaded: list, model, tokenizer) -> dict:
 
     if config.speculative == "ngram":
         return {"speculative": SpeculativeConfig("ngram", config.num_speculative_tokens)}
-    if config.speculative != "draft" or len(loaded) != len(config.model_dirs) - 1:
+    # embedding models (CLIP directories) neither draft nor get drafted for: count language models only
+    loaded = [m for m in loaded if not isinstance(m, EncoderModel)]
+    lm_dirs = [d for d in config.model_dirs if not is_encoder_dir(d)]
+    if config.speculative == "draft" and len(lm_dirs) < 2:
+        raise ConfigError("speculative", "'draft' needs two language models (embedding models do not draft)")
+    if config.speculative != "draft" or len(loaded) != len(lm_dirs) - 1:
         return {}
     compact = loaded[0]
     def vocab(tok) -> dict:

@@ -221,3 +221,32 @@ def test_clip_served_beside_language_models(mixed, clip_dir, lm_dirs):
     assert len(lm.data[0].embedding) == AutoModel.from_pretrained(lm_dirs[0]).config.hidden_size != 24
     r = httpx.post(f"{url}/v1/embeddings", json={"model": "small", "input": [{"type": "image_url", "image_url": {"url": _png(image)}}]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "input"
+
+
+@pytest.mark.parametrize("encoder_at", [0, 2], ids=["encoder-first", "encoder-last"])
+def test_draft_speculation_pairs_the_language_models_around_an_encoder(lm_dirs, clip_dir, encoder_at):
+    """--speculative draft: the first language model drafts for the last one, wherever the
+    embedding model's directory sits in the list."""
+    from seekdeep.serve.encoders import EncoderModel
+    from seekdeep.serve.engine import EngineConfig
+    from seekdeep.serve.server import ServerConfig, load_served_models
+
+    dirs = [str(p) for p in lm_dirs]
+    dirs.insert(encoder_at, str(clip_dir))
+    served = load_served_models(ServerConfig(model_dirs=dirs, speculative="draft", engine=EngineConfig(num_blocks=32)))
+    try:
+        lms = {m.name: m for m in served if not isinstance(m, EncoderModel)}
+        assert sorted(lms) == ["large", "small"] and [m.name for m in served if isinstance(m, EncoderModel)] == ["clip"]
+        assert lms["large"].engine.engine.speculator is not None and lms["small"].engine.engine.speculator is None
+    finally:
+        for m in served:
+            if not isinstance(m, EncoderModel):
+                m.engine.shutdown(drain=False)
+
+
+def test_draft_speculation_needs_two_language_models(lm_dirs, clip_dir):
+    from seekdeep.errors import ConfigError
+    from seekdeep.serve.server import ServerConfig, load_served_models
+
+    with pytest.raises(ConfigError, match="speculative"):  # two directories, but one is an embedding model
+        load_served_models(ServerConfig(model_dirs=[str(clip_dir), str(lm_dirs[0])], speculative="draft"))
