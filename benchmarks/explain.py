@@ -50,6 +50,7 @@ CPU time an explanation needs hardly moves with the machine's load). Usage:
     python benchmarks/explain.py --first-seed 1 --seeds 2   # one seed per process, then
     python benchmarks/explain.py --from-raw --seeds 3       # the report over all seeds
     python benchmarks/explain.py --batch-cost               # CPU ms per row vs rows per call
+    python benchmarks/explain.py --dsa-stall --n 24         # why a dsa classifier stalls at ~84%
 """
 
 from __future__ import annotations
@@ -390,6 +391,42 @@ def batch_cost(model, tokenizer, files, device: str, sizes=(5, 16, 64, 128), row
                  f"{sizes[0]} rows a call", device, units=m, rows=rows)
 
 
+def dsa_stall(model_dir: Path, files, device: str, n: int = 24, seed: int = 0) -> None:
+    """Why a classifier fine-tuned on the dsa layout stalls at ~84%: the dense-trained classifier
+    run with the dsa backend and the indexer the recipe would leave it (random: finetune freezes
+    the base's indexer, and the base here is untrained). Per length: accuracy dense vs dsa, and
+    for label-1 inputs the share whose keyword token is among the keys each layer kept for the
+    scored (last) query. Inputs that fit in the top-k keys run dense; past that the last query
+    cannot see the keyword when its layer's indexer drops it."""
+    from seekdeep.explain.attention import capture_attention
+    from seekdeep.explain.cli import load_model_and_tokenizer
+
+    for backend in (None, "dsa"):
+        torch.manual_seed(seed)  # the indexer's random initialisation
+        model, tokenizer = load_model_and_tokenizer(str(model_dir), backend)
+        rng = random.Random(7000 + seed)
+        for length in LENGTHS:
+            correct, kept = [], []
+            for ex in make_examples(tokenizer, length, n, rng, files):
+                enc = tokenizer.backend_tokenizer.encode(ex["text"])
+                ids = torch.tensor([enc.ids])
+                with torch.no_grad():
+                    predicted = model.id2label[int(model(input_ids=ids).logits[0].argmax())]
+                correct.append(predicted == LABEL_NAMES[ex["label"]])
+                if backend == "dsa" and ex["label"] == 1:
+                    a, b = ex["planted"]
+                    where = [i for i, (s, e) in enumerate(enc.offsets) if s < b and e > a]
+                    maps = capture_attention(model, ids)
+                    kept.append([1.0 if sel is None else float(sel[0, -1, where].any()) for sel in maps.selected])
+            extra = {}
+            if kept:
+                extra = {"keyword_kept_by_last_query_per_layer": [float(np.mean(k)) for k in zip(*kept)],
+                         "label1_inputs": len(kept)}
+            emit(f"explain.dsa_stall.accuracy.{backend or 'dense'}.len{length}", float(np.mean(correct)), "fraction",
+                 None, "none", device, inputs=len(correct), model=str(model_dir),
+                 attention_options=dict(model.config.attention_options or {}), **extra)
+
+
 # ----------------------------------------------------------------------------- report
 
 
@@ -488,6 +525,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--from-raw", action="store_true", help="report from the raw results of earlier runs in OUT")
     parser.add_argument("--first-seed", type=int, default=0, help="run seeds FIRST_SEED..SEEDS-1 (parallel runs)")
     parser.add_argument("--batch-cost", action="store_true", help="only: CPU time per row vs rows per call, seed 0's model")
+    parser.add_argument("--dsa-stall", action="store_true", help="only: seed FIRST_SEED's classifier with the dsa "
+                        "backend and a random indexer: accuracy per length, keyword kept by the last query per layer")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     from seekdeep.cli import make_default_model
@@ -509,6 +548,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch_cost:
         model_dir, _ = train_classifier(0, base_dir, tokenizer, out, args.train, args.steps, files, args.min_accuracy)
         batch_cost(load_model_and_tokenizer(str(model_dir))[0], tokenizer, files, device)
+        return 0
+    if args.dsa_stall:
+        model_dir, _ = train_classifier(args.first_seed, base_dir, tokenizer, out, args.train, args.steps, files,
+                                        args.min_accuracy)
+        dsa_stall(model_dir, files, device, n=args.n, seed=args.first_seed)
         return 0
     if args.from_raw:  # every seed's raw results of earlier runs of this task (raw-seedK.pkl)
         found = {}
