@@ -18,10 +18,13 @@ from seekdeep.files import atomic_write, atomic_write_text
 
 
 @torch.no_grad()
-def contribution_report(model, data, featurize, index=None, image_noise: float = 2.0, audio_snr: float = 0.0, seed: int = 0) -> dict[str, Any]:
+def contribution_report(model, data, featurize, index=None, image_noise: float = 2.0, audio_snr: float = 0.0, text_drop: float = 0.5,
+                        seed: int = 0) -> dict[str, Any]:
     """Per-sample rows for ``index`` (default: the first 16 samples; an int: one input): label,
-    prediction and alpha clean / with the image noised / with the audio noised / with either removed."""
-    from seekdeep.multimodal.fusion import corrupt_audio, corrupt_image
+    prediction and every modality's alpha, clean / with each modality noised (image Gaussian
+    ``image_noise``, audio at ``audio_snr`` dB, caption words dropped with ``text_drop``) / with
+    each modality removed."""
+    from seekdeep.multimodal.fusion import corrupt_audio, corrupt_image, corrupt_text
 
     if index is None:
         index = list(range(min(16, len(data))))
@@ -29,27 +32,31 @@ def contribution_report(model, data, featurize, index=None, image_noise: float =
         index = [index]
     idx = torch.tensor(index)
     g = torch.Generator().manual_seed(seed)
-    pixels, audio, labels = data.pixel_values[idx], data.audio[idx], data.labels[idx]
     mods = model.config.modalities
-    variants = {
-        "clean": {"image": pixels, "audio": featurize(audio)},
-        "image noised": {"image": corrupt_image(pixels, "gaussian", image_noise, g), "audio": featurize(audio)},
-        "audio noised": {"image": pixels, "audio": featurize(corrupt_audio(audio, audio_snr, g))},
-        "image removed": {"image": None, "audio": featurize(audio)},
-        "audio removed": {"image": pixels, "audio": None},
-    }
+    pixels, audio, labels = data.pixel_values[idx], data.audio[idx], data.labels[idx]
+    clean = {"image": pixels, "audio": featurize(audio)}
+    noised = {"image": lambda: corrupt_image(pixels, "gaussian", image_noise, g), "audio": lambda: featurize(corrupt_audio(audio, audio_snr, g))}
+    if "text" in mods:
+        ids, mask = data.input_ids[idx], data.attention_mask[idx]
+        clean["text"] = ids
+        noised["text"] = lambda: corrupt_text(ids, mask, text_drop, data.unk_token_id, g)
+    clean = {m: clean[m] for m in mods}
+    variants = {"clean": clean}
+    for m in mods:
+        variants[f"{m} noised"] = {**clean, m: noised[m]()}
+    if len(mods) > 1:
+        for m in mods:
+            variants[f"{m} removed"] = {**clean, m: None}
     rows = [{"index": int(i), "label": int(y)} for i, y in zip(idx, labels)]
     for name, inputs in variants.items():
-        inputs = {m: inputs[m] for m in mods}
-        if all(v is None for v in inputs.values()) or (name.endswith("removed") and len(mods) < 2):
-            continue
         out = model(inputs)
         pred = out.logits.argmax(-1)
-        for r, p, a in zip(rows, pred, out.alpha if out.alpha is not None else [None] * len(rows)):
+        for k, (r, p) in enumerate(zip(rows, pred)):
             r[f"pred ({name})"] = int(p)
-            if a is not None:
-                r[f"alpha_{mods[0]} ({name})"] = round(float(a[0]), 3)
-    return {"samples": rows, "image_noise": image_noise, "audio_snr": audio_snr}
+            if out.alpha is not None:  # the GMU's weights; two modalities: the first one's (the other has 1 - it)
+                for j, m in enumerate(mods[:1] if len(mods) == 2 else mods):
+                    r[f"alpha_{m} ({name})"] = round(float(out.alpha[k, j]), 3)
+    return {"samples": rows, "image_noise": image_noise, "audio_snr": audio_snr, "text_drop": text_drop, "modalities": list(mods)}
 
 
 def _figure(curves: dict[str, list[dict[str, float]]], removal: dict[str, float]):
@@ -115,14 +122,14 @@ def write_dashboard(out_dir: str | Path, curves: dict[str, list[dict[str, float]
 <style>body{{font-family:sans-serif;margin:1.5em}} table{{border-collapse:collapse;font-size:12px}}
 td,th{{border:1px solid #ccc;padding:2px 6px;text-align:right}} tr.miss{{background:#fde2e2}} h2{{margin-top:1.4em}}</style></head>
 <body><h1>{html.escape(title)}</h1>
-<p>alpha_{html.escape(report.get('first_modality', 'image'))} is the GMU's per-sample weight on the first modality (1 - alpha on the other).
+<p>alpha_m is the GMU's per-sample weight on modality m (with two modalities only the first one's is shown; the other gets 1 - alpha).
 A modality the model relies on shows a large accuracy drop when removed; a robust gate lowers its alpha for the corrupted modality.
 Rows in red have at least one wrong prediction.</p>
 <img src="data:image/png;base64,{base64.b64encode(png).decode()}" alt="noise-response curves">
 <h2>Accuracy change with a modality removed</h2><table>{removal_rows}</table>
 <h2>Noise-response curves</h2><table><tr><th>corruption</th><th>level</th><th>accuracy</th><th>mean alpha</th></tr>
 {curve_rows}</table>
-<h2>Per-sample predictions and alpha (image noise std {report['image_noise']}, audio SNR {report['audio_snr']} dB)</h2>
+<h2>Per-sample predictions and alpha (image noise std {report['image_noise']}, audio SNR {report['audio_snr']} dB, caption words dropped with p {report.get('text_drop', 0)})</h2>
 <table>{table}</table></body></html>
 """
     atomic_write_text(out / "dashboard.html", page)

@@ -164,3 +164,13 @@ def test_text_fusion_augmentation_and_token_drop_curve():
     assert curves["text_drop"][-1]["alpha_text"] == pytest.approx(evaluate(m, every_word, featurize)["alpha_text"])
     with pytest.raises(ConfigError, match="data"):
         evaluate(m, FusionData(data.pixel_values, data.audio, data.labels), featurize)
+    # the dashboard's per-sample rows: every modality noised and removed, all three alphas
+    from seekdeep.multimodal.dashboard import contribution_report
+
+    rows = contribution_report(m, data, featurize, index=[0, 5], text_drop=1.0)["samples"]
+    assert [r["index"] for r in rows] == [0, 5]
+    assert {f"pred ({m} {how})" for m in TRIMODAL for how in ("noised", "removed")} <= set(rows[0])
+    assert sum(rows[1][f"alpha_{m} (text removed)"] for m in TRIMODAL) == pytest.approx(1.0, abs=2e-3)
+    with torch.no_grad():
+        alone = m({"image": data.pixel_values[5:6], "audio": featurize(data.audio[5:6])})
+    assert rows[1]["pred (text removed)"] == int(alone.logits.argmax()) and rows[1]["alpha_text (text removed)"] == round(float(alone.alpha[0, 0]), 3)
