@@ -13,21 +13,25 @@ homomorphic sum and the key holder's decryption per parameter.
 with ``--secure none | paillier | secaggplus``; the mean round time (anchor: plaintext).
 
 ``quality``: the federated rounds are run in one process with the ClientApp's own training
-function (``seekdeep.fl.app.client.local_train``), the server's own aggregation
+function (``seekdeep.fl.app.client.local_train``) on each client's own stream
+(``site_windows``, as the ClientApp reads it), the server's own aggregation
 (``ServerAggregator``, the round's integer weights, the update deltas clipped and
 stochastically quantised to ``--quant-bits`` exactly as the Paillier path encodes them -- the
 encryption itself is exact, see tests/fl) and the clients' server step (``GlobalState``:
 FedAvg, or FedAvgM with ``--server-lr`` / ``--server-momentum``). Flower only moves the bytes,
-so leaving it out changes no number and makes the >= 3 seeds affordable on a CPU. Two
-centralized anchors, the same initial model, the pooled data: "equal total client steps"
-(``clients * rounds * local_steps`` steps of ``batch_size``: as many steps and examples as all
-clients together) and "equal optimizer steps on the pooled batch" (``rounds * local_steps``
-steps of ``clients * batch_size``: as many sequential updates as a client, the same examples);
-every row is reported against both, with the per-seed ratio's mean and spread. Local-only:
-each client ``rounds * local_steps`` steps on its own data. ``--lr`` and ``--schedule`` are
-shared by every arm. All evaluated on the same held-out text: the first ``--eval-batches``
-windows of each iid client's held-out side (the last 20% of every module, dealt round-robin),
-averaged over the clients.
+so leaving it out changes no number and makes the >= 3 seeds affordable on a CPU. Every arm is
+evaluated at every budget of ``--budgets`` (rounds r): the federated arms after round r, the
+others after the same examples and the steps their definition gives r (one run per arm, one
+optimizer, evaluated along the way). Two centralized anchors, the same initial model, the
+pooled data: A, "equal total client steps" (``clients * r * local_steps`` steps of
+``batch_size``: as many steps and examples as all clients together) and B, "equal optimizer
+steps on the pooled batch" (``r * local_steps`` steps of ``clients * batch_size``: as many
+sequential updates as a client, the same examples); every row is reported against both, with
+the per-seed ratio's mean and spread. Local-only: each client ``r * local_steps`` steps on its
+own data. ``--lr`` and ``--schedule`` are shared by every arm. All evaluated on one fixed
+held-out set: the first ``--eval-batches * --eval-batch-size`` windows of each iid client's
+held-out side (the last 20% of every module, dealt round-robin), averaged over the clients.
+``--plot``: the curves as a PNG.
 """
 
 from __future__ import annotations
@@ -223,6 +227,31 @@ def _train_curve(model, windows, steps: int, lr_value: float, cfg, args, evaluat
     return losses
 
 
+def _plot_curves(rows, budgets, steps_per_round: int, path: Path) -> None:
+    """Held-out perplexity (mean over seeds, band: min..max) against the client steps of each
+    budget, one line per arm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in dict.fromkeys(n for n, r in rows if r):
+        ppl = np.exp(np.array([rows[(name, r)] for r in budgets]))  # (budgets, seeds)
+        xs = [r * steps_per_round for r in budgets]
+        ax.plot(xs, ppl.mean(1), "o-", label=name)
+        ax.fill_between(xs, ppl.min(1), ppl.max(1), alpha=0.2)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("total client steps (= centralized A's steps; the same examples for every arm)")
+    ax.set_ylabel("held-out perplexity")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def quality(args) -> None:
     """Held-out perplexity against the budget (rounds): the federated arms after each round in
     ``--budgets``, every other arm after the same data and the steps its definition gives that
@@ -309,6 +338,8 @@ def quality(args) -> None:
                               **{f"{n} @{r}": round(math.exp(v[-1]), 2) for (n, r), v in rows.items()}}),
                   file=sys.stderr, flush=True)
     seeds = len(args.seed_list)
+    if args.plot:
+        _plot_curves(rows, budgets, k * args.local_steps, Path(args.plot))
     definitions = {anchor_a: "clients * r * local_steps steps of batch_size on the pooled data (as many steps and "
                              "examples as all clients together)",
                    anchor_b: "r * local_steps steps of clients * batch_size (as many sequential updates as a client, "
@@ -354,6 +385,7 @@ def main() -> int:
                         help="quality: comma-separated seeds (e.g. to run seeds in parallel processes)")
     parser.add_argument("--budgets", type=lambda s: [int(x) for x in s.split(",")], default=None,
                         help="quality: comma-separated rounds at which every arm is evaluated (default: 2,4,8,16,32)")
+    parser.add_argument("--plot", default=None, help="quality: write the perplexity curves to this PNG")
     parser.add_argument("--fedprox", action="store_true", help="quality: also FedProx (--proximal-mu)")
     parser.add_argument("--splits", type=lambda s: s.split(","), default=["iid", "package"],
                         help="quality: comma-separated splits (iid first: it defines the anchors and the eval set)")
