@@ -79,20 +79,26 @@ def augment(pixels: torch.Tensor, audio: torch.Tensor, generator: torch.Generato
 
 
 def augment_with_text(pixels: torch.Tensor, audio: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, unk_id: int,
-                      generator: torch.Generator, p: float = 0.5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`augment` over three modalities: with probability ``p`` per sample one of image /
-    audio / text (evenly) is corrupted, text by token drop at a rate drawn from U(0, 1)."""
+                      generator: torch.Generator, p: float = 0.5,
+                      modalities: tuple[str, ...] = ("image", "audio", "text")) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`augment` with text: with probability ``p`` per sample one of the model's
+    ``modalities`` (evenly) is corrupted, text by token drop at a rate drawn from U(0, 1)."""
+    kinds = [k for k in ("image", "audio", "text") if k in modalities]
     n = len(pixels)
     hit = torch.rand(n, generator=generator) < p
-    which = torch.randint(3, (n,), generator=generator)  # 0 image, 1 audio, 2 text
+    which = torch.randint(len(kinds), (n,), generator=generator)  # index into kinds
     pixels, audio, input_ids = pixels.clone(), audio.clone(), input_ids.clone()
-    idx = torch.nonzero(hit & (which == 0)).flatten()
+
+    def chosen(kind: str) -> torch.Tensor:
+        return torch.nonzero(hit & (which == kinds.index(kind))).flatten() if kind in kinds else torch.zeros(0, dtype=torch.long)
+
+    idx = chosen("image")
     if len(idx):
         pixels[idx] = _noise_images(pixels[idx], generator)
-    idx = torch.nonzero(hit & (which == 1)).flatten()
+    idx = chosen("audio")
     if len(idx):
         audio[idx] = _noise_audio(audio[idx], generator)
-    idx = torch.nonzero(hit & (which == 2)).flatten()
+    idx = chosen("text")
     for i in idx.tolist():  # a drop rate per caption
         rate = float(torch.rand(1, generator=generator))
         input_ids[i : i + 1] = corrupt_text(input_ids[i : i + 1], attention_mask[i : i + 1], rate, unk_id, generator)
@@ -120,7 +126,7 @@ def train_fusion(model: nn.Module, data: FusionData, featurize: Featurizer, step
         idx = torch.randint(len(data), (batch_size,), generator=g)
         if text:
             pixels, audio, ids = augment_with_text(data.pixel_values[idx], data.audio[idx], data.input_ids[idx], data.attention_mask[idx],
-                                                   data.unk_token_id, g, augment_p)
+                                                   data.unk_token_id, g, augment_p, modalities)
         else:  # two modalities: the augmentation (and its random stream) of the image + audio models
             (pixels, audio), ids = augment(data.pixel_values[idx], data.audio[idx], g, augment_p), None
         inputs = {"image": pixels, "audio": featurize(audio), "text": ids}

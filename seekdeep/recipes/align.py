@@ -8,7 +8,7 @@ embedded digits data, then a fusion model probed under noise.
    text<->image and, zero-shot through the hub, audio<->text; R@1/5/10, median rank, mAP@10,
    zero-shot classification through "the digit seven" prompts; next to chance and the same
    model before training (the untrained-projection baseline).
-3. Fusion: an image + audio digit classifier (``--fusion`` concat / sum / gmu / unified) trained
+3. Fusion: an image + audio (``--fusion-modalities``: + text) digit classifier (``--fusion`` concat / sum / gmu / unified) trained
    with corruption augmentation and modality dropout; noise-response curves, accuracy with a
    modality removed, and the modality-contribution dashboard (dashboard.html / .png).
 
@@ -35,6 +35,7 @@ LOSSES = ("infonce", "siglip")
 #: after the first third of the steps (progressive alignment) once the hub space has formed
 OBJECTIVES = ("contrastive", "distill", "missing")
 FUSION_CHOICES = ("concat", "sum", "gmu", "unified")
+FUSION_MODALITIES = ("image", "audio", "text")
 
 
 @dataclass
@@ -54,6 +55,9 @@ class AlignConfig:
     image_size: int = 16
     init_std: float = 0.3  # at 0.02 or 0.08 the 32-wide towers start collapsed (image cos ~0.999) and the loss sits at ln(batch) for 150+ steps
     fusion: str = "gmu"
+    # the fusion classifier's modalities (comma list of image, audio, text); text: the captions,
+    # corrupted by token drop in the robustness probe
+    fusion_modalities: str = "image,audio"
     fusion_steps: int = 200
     max_samples: int = 2000  # per split (digits has 1,438 train / 359 test): smaller for a quick run
     checkpoint_every: int = 100
@@ -84,6 +88,10 @@ class AlignConfig:
                               "that includes contrastive")
         if self.fusion not in FUSION_CHOICES:
             raise ConfigError("fusion", f"unknown {self.fusion!r}; accepted: {', '.join(FUSION_CHOICES)}")
+        mods = [x.strip() for x in self.fusion_modalities.split(",")] if isinstance(self.fusion_modalities, str) else None
+        if not mods or any(x not in FUSION_MODALITIES for x in mods) or len(set(mods)) != len(mods):
+            raise ConfigError("fusion_modalities", f"got {self.fusion_modalities!r}; accepted: a comma list of distinct "
+                              f"{', '.join(FUSION_MODALITIES)}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -272,17 +280,23 @@ def train_align(cfg: AlignConfig) -> dict[str, Any]:
     write_json_atomic(out / "retrieval.json", retrieval)
 
     # -- fusion under noise
-    fusion_cfg = FusionConfig(fusion=cfg.fusion, hidden_size=cfg.hidden_size, num_layers=cfg.layers)
-    fusion = build_image_audio_model(fusion_cfg, cfg.image_size, tuple(train_mel.shape[1:]), mel_mean, mel_std, tower_layers=cfg.layers)
+    mods = tuple(x.strip() for x in cfg.fusion_modalities.split(","))
+    fusion_cfg = FusionConfig(fusion=cfg.fusion, modalities=mods, hidden_size=cfg.hidden_size, num_layers=cfg.layers,
+                              modality_dropout=0.2 if len(mods) > 1 else 0.0)
+    fusion = build_image_audio_model(fusion_cfg, cfg.image_size, tuple(train_mel.shape[1:]), mel_mean, mel_std, tower_layers=cfg.layers,
+                                     text_vocab_size=len(tokenizer))
     fbar = tqdm(total=cfg.fusion_steps, desc=f"fusion ({cfg.fusion})", disable=not cfg.progress, dynamic_ncols=True)
-    train_fusion(fusion, FusionData(train.pixel_values, train.audio, train.labels), featurize, steps=cfg.fusion_steps, batch_size=cfg.batch_size,
+    def fusion_data(b):
+        return FusionData(b.pixel_values, b.audio, b.labels, b.input_ids, b.attention_mask, tokenizer.unk_token_id)
+
+    train_fusion(fusion, fusion_data(train), featurize, steps=cfg.fusion_steps, batch_size=cfg.batch_size,
                  lr=cfg.lr, seed=cfg.seed, progress=lambda s, l: (fbar.update(1), fbar.set_postfix(loss=f"{l:.3f}")))
     fbar.close()
-    test_data = FusionData(test.pixel_values, test.audio, test.labels)
+    test_data = fusion_data(test)
     curves = noise_curves(fusion, test_data, featurize, seed=cfg.seed)
     removal = removal_effects(fusion, test_data, featurize)
     report = contribution_report(fusion, test_data, featurize)
-    write_dashboard(out, curves, removal, report, title=f"seekdeep align: {cfg.fusion} fusion of image + audio digits")
+    write_dashboard(out, curves, removal, report, title=f"seekdeep align: {cfg.fusion} fusion of {' + '.join(mods)} digits")
 
     def write_final(tmp):
         model.clip.save_pretrained(tmp)
@@ -330,7 +344,9 @@ _HELP = {
     "objectives": "contrastive[,distill][,missing]: the extra ones join after the first third of the steps "
                   "(distill: audio~image similarities learn the image~image ones; missing: predict the image "
                   "embedding from text / audio, reported as text_to_predicted_image)",
-    "fusion": "image + audio fusion probed under noise: concat, sum, gmu (per-sample alpha) or unified (one shared trunk)",
+    "fusion": "fusion probed under noise: concat, sum, gmu (per-sample alpha) or unified (one shared trunk)",
+    "fusion_modalities": "the fusion classifier's modalities: a comma list of image, audio, text (text: the captions, "
+                         "corrupted by token drop in the probe), e.g. text,image,audio",
     "layers": "transformer blocks per tower (the unified fusion trunk has this many, shared)",
     "resume": "'auto' (latest checkpoint in --output-dir) or a checkpoint directory; the alignment stage continues "
               "from it (a larger --steps extends it), the fusion stage is retrained",

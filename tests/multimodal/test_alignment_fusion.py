@@ -150,6 +150,9 @@ def test_text_fusion_augmentation_and_token_drop_curve():
     # a third each; a caption shows a change only when a word was drawn (rate U(0, 1), one caption is "<unk>" already)
     assert 0.25 < image_share < 0.42 and 0.25 < audio_share < 0.42 and 0.1 < text_share < image_share
     assert ((new_ids != ids) <= (new_ids == 2)).all() and (new_ids[:, 0] == 1).all()  # words -> <unk>; bos, eos, pads kept
+    # a text + image model: the hits are shared by its two modalities, the audio is never touched
+    new_pixels, new_audio, new_ids = augment_with_text(pixels, audio, ids, mask, 2, g, p=1.0, modalities=("text", "image"))
+    assert torch.equal(new_audio, audio) and 0.4 < (new_pixels != pixels).flatten(1).any(1).float().mean() < 0.6
     featurize = Featurizer()
     mel = featurize(audio[:8])
     torch.manual_seed(0)

@@ -97,3 +97,20 @@ def test_progressive_objectives_join_after_the_first_third(tmp_path):
     assert (out / "final" / "predictors" / "model.safetensors").is_file()
     with pytest.raises(Exception, match="objectives"):
         AlignConfig(objectives="distill")
+
+
+@pytest.mark.slow
+def test_align_fuses_text_with_image_and_audio(tmp_path):
+    from seekdeep.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="fusion_modalities"):
+        AlignConfig(fusion_modalities="text,video")
+    out = tmp_path / "run"
+    cfg = AlignConfig(output_dir=str(out), steps=2, fusion_steps=2, batch_size=16, max_samples=40, progress=False,
+                      fusion_modalities="text,image,audio")
+    summary = train_align(cfg)
+    assert sorted(summary["fusion"]["normalised_auc"]) == ["audio_snr", "image_gaussian", "image_occlusion", "text_drop"]
+    assert set(summary["fusion"]["removal"]) == {"clean", "without_text", "without_image", "without_audio"}
+    page = (out / "dashboard.html").read_text()
+    assert "alpha_text (text noised)" in page and "text + image + audio" in page
+    assert json.loads((out / "final" / "fusion" / "config.json").read_text())["modalities"] == ["text", "image", "audio"]
