@@ -39,7 +39,7 @@ from common import emit  # noqa: E402
 
 from seekdeep.multimodal.data import ANSWERS, QUESTION_TYPES, SpatialVQA  # noqa: E402
 from seekdeep.recipes.vlm import (VLMTrainConfig, accuracy_by_type, build_model, build_tokenizer, encode_batch,  # noqa: E402
-                                  question_only_prior, train_vlm)
+                                  question_only_prior, train_vlm, training_data)
 
 ANSWER_WORDS = sorted({a for answers in ANSWERS.values() for a in answers})
 
@@ -84,7 +84,7 @@ def train_concat(cfg: VLMTrainConfig) -> tuple[dict[str, dict[str, float]], floa
     model = ConcatFusion(vlm)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     scheduler = make_scheduler(optimizer, cfg.warmup, cfg.steps)
-    data = SpatialVQA("train", cfg.seed, cfg.image_size)
+    data = training_data(cfg)  # the VLMs' training stream (with the column / row aids when they get them)
     began = time.perf_counter()
     for step in range(cfg.steps):
         model.train()
@@ -180,6 +180,10 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench-vlm")
     parser.add_argument("--question-loss", action="store_true", help="VLMs: loss on the question's words too (the recipe's flag)")
     parser.add_argument("--caption-every", type=int, default=0, help="VLMs: every k-th training row a scene caption (0: none)")
+    parser.add_argument("--position-questions", action="store_true",
+                        help="all models: also train on 'which column / row is the <object> in ?' (the recipe's flag)")
+    parser.add_argument("--batch-size", type=int, default=None, help="training batch per model (default: the recipe's)")
+    parser.add_argument("--lr", type=float, default=None, help="learning rate per model (default: the recipe's)")
     parser.add_argument("--skip-serving", action="store_true")
     parser.add_argument("--serving-repeats", type=int, default=10)
     parser.add_argument("--train-only", action="store_true",
@@ -211,7 +215,9 @@ def main() -> None:
     for seed in args.seeds:
         base = VLMTrainConfig(seed=seed, eval_samples=args.eval_samples, progress=False, overwrite=True,
                               question_loss=args.question_loss, caption_every=args.caption_every,
-                              **({"steps": args.steps} if args.steps else {}))
+                              position_questions=args.position_questions,
+                              **({"steps": args.steps} if args.steps else {}), **({"batch_size": args.batch_size} if args.batch_size else {}),
+                              **({"lr": args.lr} if args.lr else {}))
         for fusion in ("prefix", "cross_attention"):
             cfg = VLMTrainConfig(**{**base.to_dict(), "fusion": fusion, "output_dir": str(out / f"{fusion}-seed{seed}")})
             summary = train_vlm(cfg)
@@ -239,7 +245,7 @@ def main() -> None:
                      concat_fusion=round(statistics.mean(acc["concat_fusion"][split][qtype]), 4))
     for model, secs in seconds.items():
         emit(f"vlm_train_seconds_{model}", statistics.mean(secs), "s", statistics.mean(seconds["prefix"]), "prefix VLM train time", device,
-             steps=steps, batch_size=VLMTrainConfig().batch_size, **_spread(secs))
+             steps=steps, batch_size=args.batch_size or VLMTrainConfig().batch_size, **_spread(secs))
     if not args.aggregate:
         (out / "accuracy.json").write_text(json.dumps(acc, indent=1))
     if not args.skip_serving:

@@ -13,6 +13,19 @@ held-out splits; the last line is one JSON result against the question-only prio
 
     python benchmarks/vlm_diagnose.py --qtypes spatial --features oracle                       # stays at ~0.25
     python benchmarks/vlm_diagnose.py --qtypes spatial --features oracle --question-loss --caption-every 2 --steps 1000
+
+Two earlier rungs of the ladder, no language model involved:
+
+- ``--ladder labels``: are the spatial labels decidable? Logistic regression and an MLP
+  (scikit-learn) from the scene graph (the two named objects' colours and grid cells) to the
+  answer, and the generator's own rule re-derived from the coordinates; all should be 1.0.
+- ``--ladder classifier``: a small non-LM transformer (torch's TransformerEncoder, bidirectional
+  or ``--causal``) over the same oracle patch tokens + the question's words, trained with
+  cross-entropy on the four answers: does a generic model learn "which side" at all, and how
+  many steps does it sit at chance first?
+
+    python benchmarks/vlm_diagnose.py --ladder labels
+    python benchmarks/vlm_diagnose.py --ladder classifier --causal --steps 3000 --batch-size 64 --lr 1e-3
 """
 
 from __future__ import annotations
@@ -49,8 +62,133 @@ class OracleFeatures(nn.Module):
         return self.mlp(torch.cat([colour, self.coords.expand(colour.shape[0], -1, -1)], dim=-1))
 
 
+def _spatial_pool(split: str, n: int, seed: int):
+    return SpatialVQA(split, seed, 48, qtypes=("spatial",)).take(n)
+
+
+def ladder_labels(args) -> None:
+    """Scene graph -> answer with off-the-shelf classifiers (rung a)."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.neural_network import MLPClassifier
+
+    from seekdeep.multimodal.data import COLOURS
+
+    colours = sorted(COLOURS)
+
+    def table(samples):
+        rows, answers = [], []
+        for s in samples:
+            w = s.question.split()  # which side of the C S is the C S ?
+            ref = next(o for o in s.objects if (o.colour, o.shape) == (w[4], w[5]))
+            obj = next(o for o in s.objects if (o.colour, o.shape) == (w[8], w[9]))
+            x = np.zeros(2 * len(colours) + 6)
+            x[colours.index(ref.colour)] = x[len(colours) + colours.index(obj.colour)] = 1
+            x[-6:] = [ref.col, ref.row, obj.col, obj.row, obj.col - ref.col, obj.row - ref.row]
+            rows.append(x)
+            answers.append(s.answer)
+        return np.array(rows), np.array(answers)
+
+    x_tr, y_tr = table(_spatial_pool("train", 3000, args.seed))
+    device = f"cpu ({torch.backends.cpu.get_cpu_capability()})"
+    for split in ("test", "heldout"):
+        x, y = table(_spatial_pool(split, 1000, args.seed))
+        dx, dy = x[:, -2], x[:, -1]
+        rule = np.where(np.abs(dx) > np.abs(dy), np.where(dx > 0, "right", "left"), np.where(dy > 0, "below", "above"))
+        for name, acc in (("rule", float((rule == y).mean())),
+                          ("logreg", LogisticRegression(max_iter=3000).fit(x_tr, y_tr).score(x, y)),
+                          ("mlp", MLPClassifier((64, 64), max_iter=2000, random_state=args.seed).fit(x_tr[:, :-2], y_tr).score(x[:, :-2], y))):
+            emit(f"vlm_ladder_labels_{name}_{split}", acc, "accuracy", 1.0, "decidable labels", device, seed=args.seed,
+                 features="colours + cells" + (" + offsets" if name != "mlp" else ""))
+
+
+class _Classifier(nn.Module):
+    """Oracle patch tokens (mean colour + cell coordinates) and question words -> one of 4 answers."""
+
+    def __init__(self, vocab: int, width: int = 64, layers: int = 2, causal: bool = False, grid: int = 4, length: int = 11,
+                 trunk: str = "torch", init_std: float = 0.08):
+        super().__init__()
+        idx = torch.arange(grid * grid)
+        self.register_buffer("coords", torch.stack([idx % grid, idx // grid], 1).float() / (grid - 1) * 2 - 1, persistent=False)  # (P, 2)
+        self.patch = nn.Sequential(nn.Linear(5, width), nn.GELU(), nn.Linear(width, width))
+        self.embed = nn.Embedding(vocab, width)
+        self.position = nn.Parameter(torch.randn(grid * grid + length, width) * 0.02)
+        layer = nn.TransformerEncoderLayer(width, 4, 2 * width, 0.0, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.llama = None
+        if trunk == "llama":  # the recipe's decoder (RoPE, RMSNorm, SwiGLU, GQA, its init) instead of torch's encoder
+            from seekdeep.models.llama import LlamaConfig, LlamaForCausalLM
+
+            lm = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=width, intermediate_size=3 * width, num_hidden_layers=layers,
+                                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                              initializer_range=init_std))
+            lm.init_weights(init_std)
+            self.llama, self.encoder, self.embed = lm.model, None, lm.model.embed_tokens
+            for sub in self.patch:
+                if isinstance(sub, nn.Linear):
+                    nn.init.normal_(sub.weight, std=init_std)
+        self.head = nn.Linear(width, 4)
+        self.causal = causal or trunk == "llama"
+
+    def forward(self, colours: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+        patches = self.patch(torch.cat([colours, self.coords.expand(len(colours), -1, -1)], -1))  # (B, P, C)
+        x = torch.cat([patches, self.embed(words)], 1)
+        if self.llama is not None:  # positions from RoPE only, as in the recipe
+            return self.head(self.llama(None, None, None, None, x)[:, -1])
+        x = x + self.position[: x.shape[1]]
+        mask = nn.Transformer.generate_square_subsequent_mask(x.shape[1]) if self.causal else None
+        return self.head(self.encoder(x, mask=mask, is_causal=self.causal)[:, -1])
+
+
+def ladder_classifier(args) -> None:
+    """A generic transformer on oracle patch tokens + question words (rung b)."""
+    import numpy as np
+
+    from seekdeep.multimodal.data import ANSWERS, vocabulary
+
+    words = {w: i for i, w in enumerate(vocabulary())}
+    answers = ANSWERS["spatial"]
+
+    def tensors(samples):
+        pixels = torch.stack([torch.from_numpy(np.asarray(s.image, dtype=np.float32) / 255.0).permute(2, 0, 1) for s in samples])  # (N, 3, H, W)
+        colours = nn.functional.avg_pool2d(pixels, 12).flatten(2).transpose(1, 2)  # (N, P, 3), raster order
+        question = torch.tensor([[words[w] for w in s.question.split()] for s in samples])
+        return colours, question, torch.tensor([answers.index(s.answer) for s in samples])
+
+    torch.manual_seed(args.seed)
+    train = tensors(_spatial_pool("train", args.pool, args.seed))
+    evals = {split: tensors(_spatial_pool(split, 500, args.seed)) for split in ("test", "heldout")}
+    model = _Classifier(len(words), causal=args.causal, trunk=args.trunk, init_std=args.init_std)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    g = torch.Generator().manual_seed(args.seed)
+    began = time.perf_counter()
+
+    @torch.no_grad()
+    def accuracy(split):
+        c, q, y = evals[split]
+        return round((model(c, q).argmax(-1) == y).float().mean().item(), 3)
+
+    for step in range(1, args.steps + 1):
+        pick = torch.randint(len(train[2]), (args.batch_size,), generator=g)
+        loss = nn.functional.cross_entropy(model(train[0][pick], train[1][pick]), train[2][pick])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % args.every == 0 or step == args.steps:
+            print(json.dumps({"step": step, "seconds": round(time.perf_counter() - began), "loss": round(loss.item(), 3),
+                              "test": accuracy("test"), "heldout": accuracy("heldout")}), file=sys.stderr, flush=True)
+    emit(f"vlm_ladder_classifier_{args.trunk}{'_causal' if args.causal else ''}_heldout_spatial", accuracy("heldout"), "accuracy", 0.25,
+         "chance / question-only prior (4 answers)", f"cpu ({torch.backends.cpu.get_cpu_capability()}, 1 thread)",
+         steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, trunk=args.trunk, test=accuracy("test"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ladder", choices=("lm", "labels", "classifier"), default="lm",
+                        help="lm: the recipe's model (default); labels / classifier: the rungs without a language model")
+    parser.add_argument("--causal", action="store_true", help="--ladder classifier: causal attention, read at the last word")
+    parser.add_argument("--trunk", choices=("torch", "llama"), default="torch",
+                        help="--ladder classifier: torch's TransformerEncoder or the recipe's llama decoder (always causal)")
     parser.add_argument("--features", choices=("vit", "oracle"), default="vit")
     parser.add_argument("--qtypes", default=",".join(QUESTION_TYPES))
     parser.add_argument("--steps", type=int, default=600)
@@ -61,13 +199,18 @@ def main() -> None:
     parser.add_argument("--text-layers", type=int, default=2)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--init-std", type=float, default=0.08)
     args = parser.parse_args()
     torch.set_num_threads(1)  # a shared machine: one core per run
+    if args.ladder != "lm":
+        return (ladder_labels if args.ladder == "labels" else ladder_classifier)(args)
     from seekdeep.multimodal.image_processing import ImageProcessor, ImageProcessorConfig
     from seekdeep.multimodal.processing import MultimodalProcessor, collate
     from seekdeep.train import make_scheduler
 
-    cfg = VLMTrainConfig(seed=args.seed, steps=args.steps, warmup=min(30, args.steps // 10), text_layers=args.text_layers, lr=args.lr)
+    cfg = VLMTrainConfig(seed=args.seed, steps=args.steps, warmup=min(30, args.steps // 10), text_layers=args.text_layers, lr=args.lr,
+                         batch_size=args.batch_size, init_std=args.init_std)
     torch.manual_seed(cfg.seed)
     tok = build_tokenizer()
     model = build_model(cfg, tok)

@@ -10,6 +10,11 @@ Question types (answers are single words):
 - ``exist``: "is there a yellow triangle ?" -> yes / no (balanced);
 - ``count``: "how many objects are there ?" -> two / three / four.
 
+Two more types are training aids, never in the default mix (:data:`AUX_TYPES`): ``column``
+("which column is the red circle in ?" -> one .. four, counted from the left) and ``row``
+(counted from the top). Each is half of a spatial question -- find the named object, read its
+position -- with its own answer, so a model gets credit for the binding before it can compare.
+
 Splits: ``train`` and ``test`` (i.i.d.) never contain the :data:`HELD_OUT` colour-shape
 combinations; ``heldout`` scenes each contain at least one of them, and its questions name
 such an object wherever the question type allows.
@@ -37,14 +42,17 @@ SHAPES = ("circle", "square", "triangle")
 HELD_OUT = frozenset({("red", "triangle"), ("green", "circle"), ("blue", "square"), ("yellow", "triangle"),
                       ("purple", "circle"), ("orange", "square")})
 QUESTION_TYPES = ("spatial", "shape", "exist", "count")
+AUX_TYPES = ("column", "row")  # training aids: where the named object is (see the module docstring)
+POSITION_WORDS = ("one", "two", "three", "four")  # a grid column / row, counted from the left / top
 ANSWERS = {
     "spatial": ("left", "right", "above", "below"),
     "shape": SHAPES,
     "exist": ("yes", "no"),
     "count": ("two", "three", "four"),
+    "column": POSITION_WORDS,
+    "row": POSITION_WORDS,
 }
 SPLITS = {"train": 0, "test": 1, "heldout": 2}
-POSITION_WORDS = ("one", "two", "three", "four")  # a grid column / row, counted from the left / top
 _GRID = 4  # objects sit in the cells of a GRID x GRID layout, jittered
 _BACKGROUND = (245, 245, 245)
 
@@ -68,7 +76,8 @@ class VQASample:
 
 def vocabulary() -> list[str]:
     """Every word a question or answer can use (for a word-level tokenizer)."""
-    words = {"which", "side", "of", "the", "is", "a", "what", "shape", "object", "there", "how", "many", "objects", "are", "?", "question:", "answer:"}
+    words = {"which", "side", "of", "the", "is", "a", "what", "shape", "object", "there", "how", "many", "objects", "are", "?", "question:", "answer:",
+             "column", "row", "in"}
     words |= set(COLOURS) | set(SHAPES) | set(POSITION_WORDS) | {"caption:"}
     for answers in ANSWERS.values():
         words |= set(answers)
@@ -83,9 +92,9 @@ class SpatialVQA:
             raise ConfigError("split", f"unknown split {split!r}; accepted: {', '.join(SPLITS)}")
         if not isinstance(image_size, int) or image_size < 16 or image_size % _GRID:
             raise ConfigError("image_size", f"must be an integer >= 16 divisible by {_GRID}, got {image_size!r}")
-        bad = [q for q in qtypes if q not in QUESTION_TYPES]
+        bad = [q for q in qtypes if q not in QUESTION_TYPES + AUX_TYPES]
         if bad or not qtypes:
-            raise ConfigError("qtypes", f"unknown question type {bad[:1]}; accepted: {', '.join(QUESTION_TYPES)}")
+            raise ConfigError("qtypes", f"unknown question type {bad[:1]}; accepted: {', '.join(QUESTION_TYPES + AUX_TYPES)}")
         self.split, self.seed, self.image_size, self.qtypes = split, seed, image_size, tuple(qtypes)
 
     def __getitem__(self, index: int) -> VQASample:
@@ -164,6 +173,9 @@ class SpatialVQA:
             dx, dy = obj.col - ref.col, obj.row - ref.row
             answer = ("right" if dx > 0 else "left") if abs(dx) > abs(dy) else ("below" if dy > 0 else "above")
             return f"which side of the {ref.colour} {ref.shape} is the {obj.colour} {obj.shape} ?", answer
+        if qtype in AUX_TYPES:
+            o = rng.choice(self._focus(objects))
+            return f"which {qtype} is the {o.colour} {o.shape} in ?", POSITION_WORDS[o.col if qtype == "column" else o.row]
         if qtype == "shape":
             o = rng.choice(self._focus(objects))
             return f"what shape is the {o.colour} object ?", o.shape

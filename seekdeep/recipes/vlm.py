@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from seekdeep.errors import ConfigError
 from seekdeep.validate import MAX_BATCH, MAX_SEED, check_float, check_int
-from seekdeep.multimodal.data import ANSWERS, QUESTION_TYPES, SpatialVQA, VQASample, vocabulary
+from seekdeep.multimodal.data import ANSWERS, AUX_TYPES, QUESTION_TYPES, SpatialVQA, VQASample, vocabulary
 
 FUSIONS = ("prefix", "cross_attention")
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>", "<image>")
@@ -48,6 +48,7 @@ class VLMTrainConfig:
     position_init: str = "sincos"  # the ViT's patch positions start as 2-D sine-cosine codes (or: normal)
     question_loss: bool = False  # loss on the question's words too (a colour word predicts its object's shape: binding)
     caption_every: int = 0  # every k-th training row is a scene caption ('red one three circle ...'); 0: none
+    position_questions: bool = False  # also train on 'which column / row is the red circle in ?' (data.AUX_TYPES)
     num_latents: int = 0
     media_attention: str = "previous"
     eval_samples: int = 400
@@ -125,6 +126,12 @@ def build_model(cfg: VLMTrainConfig, tokenizer):
     model = LlavaForConditionalGeneration(config)
     model.init_weights(position_init=cfg.position_init)
     return model
+
+
+def training_data(cfg: VLMTrainConfig) -> SpatialVQA:
+    """The training stream: the four evaluated question types, plus the column / row aids
+    with ``position_questions`` (evaluation never asks those)."""
+    return SpatialVQA("train", cfg.seed, cfg.image_size, qtypes=QUESTION_TYPES + (AUX_TYPES if cfg.position_questions else ()))
 
 
 def prompt_text(sample: VQASample) -> str:
@@ -248,7 +255,7 @@ def train_vlm(cfg: VLMTrainConfig) -> dict[str, Any]:
     start = 0
     if resume_path is not None:
         start = load_checkpoint(resume_path, optimizer=optimizer, scheduler=scheduler).step
-    data = SpatialVQA("train", cfg.seed, cfg.image_size)
+    data = training_data(cfg)
     test = SpatialVQA("test", cfg.seed, cfg.image_size).take(cfg.eval_samples)
     heldout = SpatialVQA("heldout", cfg.seed, cfg.image_size).take(cfg.eval_samples)
     metrics = MetricsLog(out / "metrics.jsonl", start if resume_path is not None else None, use_tensorboard=False)
@@ -313,6 +320,7 @@ _HELP = {
     "resume": "'auto' (latest checkpoint in output_dir) or a checkpoint path",
     "question_loss": "train on the question's words too, not only the answer (teaches which object a colour names)",
     "caption_every": "every k-th training row is a scene caption (colour, column, row, shape of each object); 0: none",
+    "position_questions": "also train on 'which column / row is the <object> in ?' (half of a spatial question, with its own answer)",
 }
 
 

@@ -18,7 +18,8 @@ TINY = ["--steps", "4", "--batch-size", "4", "--eval-samples", "8", "--eval-ever
 
 def test_gated_variant_trains_and_saves(tmp_path):
     out = tmp_path / "run"
-    assert main(["vlm", str(out), "--fusion", "cross_attention", "--num-latents", "4", "--question-loss", "--caption-every", "2", *TINY]) == 0
+    assert main(["vlm", str(out), "--fusion", "cross_attention", "--num-latents", "4", "--question-loss", "--caption-every", "2",
+                 "--position-questions", *TINY]) == 0
     model = seekdeep.AutoModel.from_pretrained(out / "final")
     assert model.config.cross_attention.num_latents == 4
     assert json.loads((out / "summary.json").read_text())["config"]["fusion"] == "cross_attention"
@@ -73,6 +74,24 @@ def test_spatial_answers_follow_the_drawn_positions():
         cell = 12  # the object's colour is drawn at its cell's centre
         cy, cx = obj.row * cell + cell // 2, obj.col * cell + cell // 2
         assert pixels[cy, cx].tolist() != [245, 245, 245]
+
+
+def test_position_questions_answer_the_named_objects_cell_and_stay_out_of_the_default_mix():
+    from seekdeep.multimodal.data import AUX_TYPES, POSITION_WORDS
+    from seekdeep.recipes.vlm import training_data
+
+    for split in ("train", "heldout"):
+        samples = SpatialVQA(split, 2, qtypes=AUX_TYPES).take(40)
+        for s in samples:
+            words = s.question.split()  # which column|row is the C S in ?
+            o = next(o for o in s.objects if (o.colour, o.shape) == (words[4], words[5]))
+            assert s.answer == POSITION_WORDS[o.col if s.qtype == "column" else o.row]
+        if split == "heldout":  # the held-out combinations are the ones asked about
+            assert all((s.question.split()[4], s.question.split()[5]) in HELD_OUT for s in samples)
+    assert {s.qtype for s in training_data(VLMTrainConfig()).take(12)} == set(QUESTION_TYPES)
+    assert {s.qtype for s in training_data(VLMTrainConfig(position_questions=True)).take(12)} == {*QUESTION_TYPES, *AUX_TYPES}
+    with pytest.raises(ConfigError, match="qtypes"):
+        SpatialVQA("train", qtypes=("where",))
 
 
 def test_question_loss_and_caption_rows_label_the_right_tokens():
