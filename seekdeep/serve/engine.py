@@ -56,6 +56,7 @@ class EngineConfig:
     schedule: str = "fcfs"
     schedule_aging: float = 1.0
     decode_buckets: int = 4  # most length buckets a ragged decode batch is split into (1: never split)
+    transposed_head: bool = True  # CPU: lm_head through a (C, V) weight copy where bitwise exact (runner.OutputHead)
 
     def __post_init__(self) -> None:
         if isinstance(self.kv_cache_memory, str):
@@ -72,6 +73,8 @@ class EngineConfig:
             raise ConfigError("schedule", f"unknown {self.schedule!r}; accepted: {', '.join(POLICIES)}")
         check_float("schedule_aging", self.schedule_aging, 0, 1e6, lo_open=True)
         check_int("decode_buckets", self.decode_buckets, 1, 64)
+        if not isinstance(self.transposed_head, bool):
+            raise ConfigError("transposed_head", f"must be True or False, got {self.transposed_head!r}")
 
 
 @dataclass
@@ -132,7 +135,7 @@ class Engine:
         self.length_predictor = length_predictor if length_predictor is not None else LengthPredictor()
         self.runner = ModelRunner(
             model, self.kv_cache, static_decode=config.static_decode, compile_decode=config.compile_decode,
-            compile_backend=config.compile_backend, max_batch=config.max_num_seqs,
+            compile_backend=config.compile_backend, max_batch=config.max_num_seqs, transposed_head=config.transposed_head,
             decode_buckets=config.decode_buckets,
         )
         self.speculator = None

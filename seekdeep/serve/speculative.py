@@ -39,7 +39,7 @@ from seekdeep.errors import ConfigError
 from seekdeep.generation import process_logits
 from seekdeep.validate import check_int
 from seekdeep.serve.kv_cache import BlockAllocator, PagedKVCache, StepCache, probe_layer_specs
-from seekdeep.serve.runner import ModelRunner
+from seekdeep.serve.runner import ModelRunner, OutputHead
 from seekdeep.serve.sampling import TokenLogprobs
 from seekdeep.serve.scheduler import Sequence
 
@@ -77,12 +77,14 @@ class SpeculativeConfig:
 # ----------------------------------------------------------------------------- a forward over uneven rows
 
 
-def forward_rows(model, paged: PagedKVCache, seqs: list[Sequence], rows: list[list[int]]) -> torch.Tensor:
+def forward_rows(model, paged: PagedKVCache, seqs: list[Sequence], rows: list[list[int]],
+                 head: OutputHead | None = None) -> torch.Tensor:
     """Run ``rows[i]`` (tokens that follow ``seqs[i]``'s first ``num_computed`` tokens) through
     ``model`` in one forward over ``paged``; returns (B, n, V) float logits at every position,
     ``n`` = the longest row. Shorter rows are padded at the end with their last token: the
     padding's keys land in the row's own slots past its real tokens (its blocks must cover
-    ``num_computed + n``) and, attention being causal, no real position sees them."""
+    ``num_computed + n``) and, attention being causal, no real position sees them. ``head``:
+    the runner's :class:`~seekdeep.serve.runner.OutputHead` (the same logits, bitwise)."""
     bs = paged.block_size
     dev = paged.device
     n = max(len(r) for r in rows)
@@ -98,14 +100,18 @@ def forward_rows(model, paged: PagedKVCache, seqs: list[Sequence], rows: list[li
     position_ids = torch.tensor([list(range(c, c + n)) for c in computed])  # (B, n)
     cache = StepCache(paged, slots.to(dev), n)
     mask = None if bool(valid.all()) else valid.to(dev, torch.long)
-    out = model(input_ids.to(dev), attention_mask=mask, position_ids=position_ids.to(dev), past_key_values=cache,
-                use_cache=True, logits_to_keep=n)
+    if head is not None and head.usable():
+        hidden = model.model(input_ids.to(dev), mask, position_ids.to(dev), cache, None, model.sliding_windows())
+        logits = head(hidden.reshape(-1, hidden.shape[-1])).view(len(rows), n, -1)  # (B * n, V) -> (B, n, V)
+    else:
+        logits = model(input_ids.to(dev), attention_mask=mask, position_ids=position_ids.to(dev),
+                       past_key_values=cache, use_cache=True, logits_to_keep=n).logits
     cache.commit()
-    return out.logits.float()  # (B, n, V)
+    return logits.float()  # (B, n, V)
 
 
 def forward_padded(model, paged: PagedKVCache, seqs: list[Sequence], rows: list[list[int]],
-                   limits: list[int]) -> list[torch.Tensor]:
+                   limits: list[int], head: OutputHead | None = None) -> list[torch.Tensor]:
     """:func:`forward_rows` in as few forwards as the rows' room allows: a row joins a forward
     padded to ``n`` tokens only if ``num_computed + n <= limits[i]`` (its block capacity and
     context). Returns each row's (len(rows[i]), V) logits, in order."""
@@ -114,7 +120,7 @@ def forward_padded(model, paged: PagedKVCache, seqs: list[Sequence], rows: list[
     while pending:
         n = max(len(rows[i]) for i in pending)
         fit = [i for i in pending if seqs[i].num_computed + n <= limits[i]]  # the longest row always fits its own n
-        logits = forward_rows(model, paged, [seqs[i] for i in fit], [rows[i] for i in fit])
+        logits = forward_rows(model, paged, [seqs[i] for i in fit], [rows[i] for i in fit], head)
         for j, i in enumerate(fit):
             out[i] = logits[j, : len(rows[i])]
         taken = set(fit)
@@ -244,7 +250,7 @@ class DraftModelProposer:
             if step == 0:  # catch-up rows differ in length (1, 2 or a whole prompt): padded forwards
                 rows = [s.token_ids[s.num_computed :] for s in shadows]
                 limits = [min(len(s.block_ids) * self.allocator.block_size, self.max_len) for s in shadows]
-                logits = forward_padded(self.model, self.paged, shadows, rows, limits)
+                logits = forward_padded(self.model, self.paged, shadows, rows, limits, self.runner.head)
                 last = torch.stack([x[-1] for x in logits])  # (B, V)
                 for s, r in zip(shadows, rows):
                     s.num_computed += len(r)
@@ -356,7 +362,8 @@ class Speculator:
         bs = engine.allocator.block_size
         limits = [min(len(s.block_ids) * bs, engine.max_model_len) for s in seqs]
         logits = forward_padded(engine.model, engine.kv_cache, seqs,
-                                [[s.token_ids[-1]] + d for s, (d, _) in zip(seqs, proposals)], limits)
+                                [[s.token_ids[-1]] + d for s, (d, _) in zip(seqs, proposals)], limits,
+                                engine.runner.head)
         engine.runner.release()  # rows grew by different amounts: the dense decode view is stale
         produced = []
         for b, (req, (drafts, q)) in enumerate(zip(reqs, proposals)):

@@ -313,3 +313,44 @@ def test_ragged_decode_batches_split_by_length_and_keep_the_tokens(model):
     assert whole.runner.decode_padding_fraction > 0.4  # the short rows' slots were mostly padding
     assert split.runner.decode_padding_fraction < 0.1
     assert split.runner.decode_real_slots == whole.runner.decode_real_slots  # the same real work
+
+
+def test_transposed_output_head_is_bitwise_the_module_and_follows_weight_updates():
+    from seekdeep.serve.runner import OutputHead
+
+    model = _llama()
+    head = OutputHead(model)
+    assert head.active  # CPU, CausalLM's forward, a plain bias-free head
+    x = torch.randn(40, model.config.hidden_size)
+    for _ in range(2):  # the first call at a shape decides, the second uses the decision
+        for rows in (1, 3, 4, 9, 40):
+            assert torch.equal(head(x[:rows]), model.lm_head(x[:rows]))
+    assert set(head.exact) == {(rows, torch.get_num_threads()) for rows in (1, 3, 4, 9, 40)}
+    assert head.num_fast == sum(head.exact.values())
+    with torch.no_grad():
+        model.lm_head.weight.mul_(-1.5)  # in place (tied to the embedding): the copy must be refreshed
+    assert torch.equal(head(x), model.lm_head(x))
+    assert not OutputHead(model, enabled=False).active
+    model.lm_head.bias = torch.nn.Parameter(torch.ones(VOCAB))  # not a plain bias-free head any more
+    assert not head.usable()
+
+
+def test_engine_tokens_and_logits_are_the_same_with_and_without_the_transposed_head(model):
+    prompts = _prompts((3, 40, 17, 9, 25, 33, 2, 11), seed=6)
+    params = [SamplingParams(max_tokens=n, temperature=0) for n in (12, 3, 20, 7, 12, 1, 15, 9)]
+    engines = [Engine(model, EngineConfig(block_size=4, num_blocks=256, max_num_batched_tokens=64, max_num_seqs=8,
+                                          transposed_head=on)) for on in (True, False)]
+    assert engines[1].runner.head.active is False
+    fast, plain = (e.generate(prompts, params) for e in engines)
+    assert fast == plain == [_alone(model, p, n.max_tokens) for p, n in zip(prompts, params)]
+    # one prefill forward of all 8 prompts: the logits themselves are bitwise equal
+    seqs = []
+    for e in engines:
+        for i, p in enumerate(prompts):
+            e.add_request(f"x{i}", p, GREEDY)
+        batch = e.scheduler.schedule()
+        seqs.append(e.runner.execute(batch.items))
+        e.abort_all()
+    assert torch.equal(seqs[0], seqs[1])
+    with pytest.raises(ConfigError, match="transposed_head"):
+        EngineConfig(transposed_head=1)
