@@ -93,7 +93,8 @@ def peak_memory(fn, device: torch.device) -> float | None:
 
 def build_dsa(args, device, dtype) -> DynamicSparseAttention:
     spec = AttentionSpec(args.heads * args.head_dim, args.heads, args.kv_heads, args.head_dim, args.head_dim,
-                         {"topk": args.budget, "block_size": args.block_size, "block_kernel": args.kernel})
+                         {"topk": args.budget, "block_size": args.block_size, "block_kernel": args.kernel,
+                          "row_kernel": args.row_kernel})
     torch.manual_seed(0)
     return DynamicSparseAttention(spec).to(device=device, dtype=dtype).eval()
 
@@ -166,8 +167,10 @@ def bench_decode(args, t: int, device, dtype, common: dict) -> None:
 
     dense: one query against a contiguous cache of exactly ``t`` keys (its best case).
     dsa: the real decode path (index key of the new token, block summaries, selection at each
-    block start, per-row gather) on views of a preallocated cache growing from ``t``; its cache
-    state starts from the prompt's block summaries, as a prefill leaves them.
+    block start, the row kernel: blocks read in place or gathered) on views of a preallocated
+    cache growing from ``t``; its cache state starts from the prompt's block summaries, as a
+    prefill leaves them. Wall and process CPU seconds are both reported (CPU seconds are steadier
+    on a loaded machine: a descheduled thread's wait is not counted).
     """
     steps = args.decode_steps
     g = torch.Generator(device=device).manual_seed(t + 1)
@@ -196,19 +199,19 @@ def bench_decode(args, t: int, device, dtype, common: dict) -> None:
         state.clear()
         dsa.block_selection(x[:, :t], AttentionMask(t, t), state)  # what the prefill leaves (not timed)
         sync(device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for i in range(steps):
             n = t + i + 1
             dsa(q[:, :, i:i + 1], k_cache[:, :, :n], v_cache[:, :, :n], mask=AttentionMask(1, n), scale=scale,
                 hidden_states=x[:, n - 1:n], cache_state=state)
         sync(device)
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, time.process_time() - c0
 
-    def timed_steps(fn) -> float:
-        t0 = time.perf_counter()
+    def timed_steps(fn) -> tuple[float, float]:
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
         sync(device)
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, time.process_time() - c0
 
     dense_times, matmul_times, sparse_times = [], [], []
     with torch.no_grad():
@@ -217,11 +220,17 @@ def bench_decode(args, t: int, device, dtype, common: dict) -> None:
             dense_times.append(timed_steps(dense_steps))
             matmul_times.append(timed_steps(matmul_steps))
             sparse_times.append(sparse_steps())
-    d_med, s_med = statistics.median(dense_times) / steps, statistics.median(sparse_times) / steps
-    m_med = statistics.median(matmul_times) / steps
+
+    def per_step(times, which):
+        return statistics.median(x[which] for x in times) / steps
+
+    d_med, s_med, m_med = (per_step(x, 0) for x in (dense_times, sparse_times, matmul_times))
+    d_cpu, s_cpu, m_cpu = (per_step(x, 1) for x in (dense_times, sparse_times, matmul_times))
     emit("dsa_decode_step", s_med, "s", d_med, "sdpa", device_name(str(device)),
          **dict(common, context=t, steps=steps, kernel_used=dsa.last_kernel), speedup=round(d_med / s_med, 3),
-         dense_matmul_s=round(m_med, 6), speedup_vs_dense_matmul=round(m_med / s_med, 3))
+         cpu_s=round(s_cpu, 6), anchor_cpu_s=round(d_cpu, 6), speedup_cpu=round(d_cpu / s_cpu, 3),
+         dense_matmul_s=round(m_med, 6), speedup_vs_dense_matmul=round(m_med / s_med, 3),
+         speedup_vs_dense_matmul_cpu=round(m_cpu / s_cpu, 3))
 
 
 def bench_main_job(args, common: dict) -> None:
@@ -307,6 +316,8 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=2048, help="dsa topk: keys per query block")
     parser.add_argument("--kernel", default="auto",
                         help="dsa block_kernel: auto, gather, gather_fp32, gather_sdpa, flex, flex_eager")
+    parser.add_argument("--row-kernel", default="auto",
+                        help="dsa row_kernel for the decode steps: auto, blocks (read in place), gather")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--main-job-steps", type=int, default=0,
@@ -331,7 +342,7 @@ def main() -> None:
         bench_main_job(args, common)
         return
     if args.backend == "dsa":
-        common.update(block_size=args.block_size, budget=args.budget, kernel=args.kernel)
+        common.update(block_size=args.block_size, budget=args.budget, kernel=args.kernel, row_kernel=args.row_kernel)
     for t in args.lengths:
         bench_length(args, t, device, dtype, common)
     for t in args.decode_lengths:

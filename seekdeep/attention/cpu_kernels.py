@@ -20,6 +20,10 @@ Decision (:func:`compute_dtype`), cached per (CPU class, dtype, shape bucket):
   probe times the kernel's inner loop (two batched matmuls and a softmax on a tile of the
   bucket's shape) both ways and keeps the faster.
 
+The decode kernel that reads blocks in place (:mod:`seekdeep.attention.block_decode`) has its
+own probe (``kernel="blocks"``): per-run matmuls on strided cache views natively against
+converting each run into an fp32 buffer first; it times that kernel's own inner loop.
+
 The kernels also take ``native`` or ``fp32`` by name (``block_kernel`` ``gather`` /
 ``gather_fp32``), so every path can be forced and tested on any host.
 """
@@ -39,7 +43,7 @@ _LOW_PRECISION = (torch.bfloat16, torch.float16)
 #: bound (a GEMM, not a GEMV): the capability alone then decides.
 MIN_GEMM_ROWS = 16
 _LOCK = threading.Lock()
-#: (cpu class, dtype, bucket) -> "native" | "fp32"; probed once per key and process.
+#: (cpu class, dtype, bucket[, kernel]) -> "native" | "fp32"; probed once per key and process.
 _CHOICES: dict[tuple, str] = {}
 
 
@@ -107,26 +111,68 @@ def _probe(dtype: torch.dtype, bucket: tuple[int, int, int], repeats: int = 3) -
     return "native" if best["native"] <= best["fp32"] else "fp32"
 
 
-def choose_precision(dtype: torch.dtype, rows: int, keys: int, head_dim: int) -> str:
-    """"native" or "fp32" for a CPU gather kernel whose tiles are ``rows`` x ``keys`` in ``dtype``
-    (see the module docstring). Cached per (CPU class, dtype, shape bucket)."""
+def _probe_blocks(dtype: torch.dtype, bucket: tuple[int, int, int], repeats: int = 3) -> str:
+    """Time the in-place block decode kernel's inner loop (:mod:`seekdeep.attention.block_decode`)
+    on ``keys`` keys in 64-key runs of a larger cache, natively and converting each run to fp32."""
+    from seekdeep.attention import block_decode
+
+    rows, keys, d = bucket
+    heads, run = 8, 64
+    g = torch.Generator().manual_seed(0)
+    cache = torch.randn(2, heads, 2 * keys, d, generator=g).to(dtype)
+    q = torch.randn(heads, 1, rows, d, generator=g)
+    pieces = [(2 * i * run, (2 * i + 1) * run) for i in range(max(1, keys // run))]  # every other run
+    ways = {}
+    for name, cd in (("native", dtype), ("fp32", torch.float32)):
+        convert = (block_decode._Converter(cd, "probe_k"), block_decode._Converter(cd, "probe_v"))
+        ways[name] = (q.to(cd), convert)
+
+    def call(name):
+        qg, convert = ways[name]
+        return block_decode._attend_pieces(qg, cache[0], cache[1], pieces, q_slots=range(4 * keys, 4 * keys + rows),
+                                           key_valid=None, window=None, convert=convert)
+
+    best = {"native": float("inf"), "fp32": float("inf")}
+    with torch.no_grad():
+        call("native"), call("fp32")
+        for _ in range(repeats):
+            for name in best:
+                t0 = time.perf_counter()
+                call(name)
+                best[name] = min(best[name], time.perf_counter() - t0)
+    return "native" if best["native"] <= best["fp32"] else "fp32"
+
+
+#: the kernels :func:`choose_precision` knows: the gather kernels and the in-place block decode kernel.
+PROBED_KERNELS = ("gather", "blocks")
+
+
+def choose_precision(dtype: torch.dtype, rows: int, keys: int, head_dim: int, kernel: str = "gather") -> str:
+    """"native" or "fp32" for a CPU kernel (``kernel``: "gather" or "blocks") whose tiles are
+    ``rows`` x ``keys`` in ``dtype`` (see the module docstring). Cached per (CPU class, dtype,
+    shape bucket; and the kernel, for "blocks")."""
+    if kernel not in PROBED_KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; accepted: {', '.join(PROBED_KERNELS)}")
     if dtype not in _LOW_PRECISION:
         return "native"
     if not _onednn_supports(dtype) and rows >= MIN_GEMM_ROWS:
         return "fp32"  # no native kernel on this CPU class: the generic GEMM loop is never the faster
     key = (cpu_class(), dtype, shape_bucket(rows, keys, head_dim))
+    if kernel != "gather":
+        key += (kernel,)
     with _LOCK:
         choice = _CHOICES.get(key)
         if choice is None:
-            choice = _CHOICES[key] = _probe(dtype, key[2])
+            choice = _CHOICES[key] = (_probe if kernel == "gather" else _probe_blocks)(dtype, key[2])
     return choice
 
 
-def compute_dtype(dtype: torch.dtype, precision: str, *, rows: int, keys: int, head_dim: int) -> torch.dtype:
-    """The dtype a CPU gather kernel computes in for inputs of ``dtype``: ``precision`` is
-    "native", "fp32" or "auto" (:func:`choose_precision`)."""
+def compute_dtype(dtype: torch.dtype, precision: str, *, rows: int, keys: int, head_dim: int,
+                  kernel: str = "gather") -> torch.dtype:
+    """The dtype a CPU kernel computes in for inputs of ``dtype``: ``precision`` is
+    "native", "fp32" or "auto" (:func:`choose_precision` for ``kernel``)."""
     if precision == "auto":
-        precision = choose_precision(dtype, rows, keys, head_dim)
+        precision = choose_precision(dtype, rows, keys, head_dim, kernel)
     if precision not in COMPUTE_CHOICES:
         raise ValueError(f"unknown precision {precision!r}; accepted: auto, {', '.join(COMPUTE_CHOICES)}")
     return torch.float32 if precision == "fp32" and dtype in _LOW_PRECISION else dtype

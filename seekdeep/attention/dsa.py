@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from seekdeep.attention import block_decode
 from seekdeep.attention import block_sparse as bsa
 from seekdeep.attention import cpu_kernels
 from seekdeep.attention import token_sparse
@@ -31,6 +32,7 @@ from seekdeep.errors import ConfigError
 
 BLOCK_KERNELS = ("auto", "gather", "gather_fp32", "gather_sdpa", "flex", "flex_eager")
 TOKEN_KERNELS = ("auto", "fused", "masked_sdpa")
+ROW_KERNELS = ("auto", "gather", "blocks")
 
 
 def _int_option(options: dict, name: str, default: int) -> int:
@@ -91,12 +93,18 @@ class DynamicSparseAttention(nn.Module):
       indexer's projections also run in fp32), ``gather_sdpa`` (SDPA's fused kernel over the
       gathered tiles; it cannot carry the straight-through term, so it does not train the
       indexer: ConfigError under autograd), ``flex`` (compiled flex_attention) or ``flex_eager``
-      (uncompiled: a reference that materialises scores); query chunks shorter than a block
-      (decode steps) always use the per-row gather kernel: fused only under ``gather_sdpa``,
-      else matmuls in the kernel's precision (``auto``'s choice under auto and the flex kernels);
+      (uncompiled: a reference that materialises scores);
+    * ``row_kernel``, for query chunks shorter than a block (decode steps): ``auto`` (on CPU
+      without autograd ``blocks`` when a key block holds >= 64 KiB over the KV heads, else
+      ``gather``; SDPA's fused rows under ``block_kernel`` ``gather_sdpa``), ``blocks`` (each
+      run of selected blocks read in place from the cache, no copy:
+      :mod:`seekdeep.attention.block_decode`; inference only) or ``gather`` (the per-row gather
+      kernel: fused under ``gather_sdpa``, else matmuls); both in the block kernel's precision
+      (``auto``'s probed choice under auto and the flex kernels);
     * ``last_kernel`` names the path the latest call took (``dense_sdpa``, ``gather``,
-      ``gather_fp32``, ``gather_sdpa``, ``row_gather``, ``row_gather_fp32``,
-      ``row_gather_sdpa``, ``flex``, ``flex_eager``; token mode: ``dense_sdpa``, ``masked_sdpa`` or ``fused``);
+      ``gather_fp32``, ``gather_sdpa``, ``row_blocks``, ``row_blocks_fp32``, ``row_gather``,
+      ``row_gather_fp32``, ``row_gather_sdpa``, ``flex``, ``flex_eager``; token mode:
+      ``dense_sdpa``, ``masked_sdpa`` or ``fused``);
     * padding, sliding windows, GQA and decoding with ``cache_state`` are supported;
       ``local_window`` is token-mode only (ConfigError); the flex kernels cannot train on CPU
       (FlexAttention has no CPU backward: ConfigError);
@@ -171,6 +179,10 @@ class DynamicSparseAttention(nn.Module):
         if self.block_kernel not in BLOCK_KERNELS:
             raise ConfigError("attention_options.block_kernel",
                               f"got {self.block_kernel!r}; accepted: {', '.join(BLOCK_KERNELS)}")
+        self.row_kernel = opts.get("row_kernel", "auto")
+        if self.row_kernel not in ROW_KERNELS:
+            raise ConfigError("attention_options.row_kernel",
+                              f"got {self.row_kernel!r}; accepted: {', '.join(ROW_KERNELS)}")
 
     def reset_parameters(self) -> None:
         """Small normal init; also what materialises the indexer after ``to_empty``."""
@@ -461,8 +473,9 @@ class DynamicSparseAttention(nn.Module):
             cache_state["block_selection_block"] = nk - 1
         return q_blocks, scores, allowed, forced, indices, valid, chosen_here
 
-    def gather_compute_dtype(self, q: torch.Tensor, k: torch.Tensor) -> torch.dtype:
-        """The dtype the gather kernels compute in for this call (see ``block_kernel``)."""
+    def gather_compute_dtype(self, q: torch.Tensor, k: torch.Tensor, probe: str = "gather") -> torch.dtype:
+        """The dtype the gather kernels (``probe`` "gather") or the in-place block decode kernel
+        ("blocks") compute in for this call (see ``block_kernel``)."""
         kernel, tq = self.block_kernel, q.shape[2]
         if kernel == "gather_fp32":
             precision = "fp32"
@@ -472,11 +485,32 @@ class DynamicSparseAttention(nn.Module):
             precision = "native"
         rows = q.shape[1] // k.shape[1] * min(tq, self.block_size)  # query rows per matmul tile
         return cpu_kernels.compute_dtype(q.dtype, precision, rows=rows, keys=self.num_selected_blocks * self.block_size,
-                                         head_dim=q.shape[-1])
+                                         head_dim=q.shape[-1], kernel=probe)
+
+    def _decode_row_kernel(self, q: torch.Tensor, k: torch.Tensor, straight_through: bool) -> str:
+        """"blocks", "gather" or "sdpa" for query rows shorter than a block (see ``row_kernel``)."""
+        if self.row_kernel == "blocks":
+            if straight_through or (torch.is_grad_enabled() and q.requires_grad):
+                raise ConfigError("attention_options.row_kernel", "'blocks' is an inference kernel (no gradients); "
+                                  "accepted under autograd: auto or gather")
+            return "blocks"
+        if self.row_kernel == "gather":
+            return "sdpa" if self.block_kernel == "gather_sdpa" else "gather"
+        if self.block_kernel == "gather_sdpa":
+            return "sdpa"  # named: SDPA's fused row kernel
+        keep_graph = straight_through or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k)))
+        if q.device.type == "cpu" and not keep_graph and block_decode.prefer_blocks(
+                k.shape[1], self.block_size, k.shape[-1], k.element_size()):
+            return "blocks"
+        return "gather"
 
     def _block_forward(self, q, k, v, mask: AttentionMask, scale: float, hidden_states, cache_state):
         bs, tq = self.block_size, q.shape[2]
-        compute = self.gather_compute_dtype(q, k)
+        row_kernel = None
+        if tq < bs:  # decode rows: their kernel decides which precision probe applies
+            row_kernel = self._decode_row_kernel(q, k, torch.is_grad_enabled() and any(
+                p.requires_grad for p in self.parameters()))
+        compute = self.gather_compute_dtype(q, k, "blocks" if row_kernel == "blocks" else "gather")
         suffix = "_fp32" if compute != q.dtype and compute == torch.float32 else ""
         q_blocks, scores, allowed, forced, indices, valid, chosen_here = self.block_selection(
             hidden_states, mask, cache_state, compute_dtype=compute
@@ -516,9 +550,13 @@ class DynamicSparseAttention(nn.Module):
                     sliding_window=mask.sliding_window)
         if tq < bs:  # decode: each row gathers its own block's selection
             row_block = torch.arange(mask.q_offset, mask.k_len, device=q.device) // bs - mask.q_offset // bs  # (Tq,)
+            if row_kernel == "blocks":  # the selected blocks read in place: no copy of the keys
+                self.last_kernel = "row_blocks" + precision_suffix
+                return block_decode.block_row_attention(
+                    q, k, v, indices[:, row_block], valid[:, row_block], compute_dtype=compute, **args)
             # SDPA's CPU kernel is slow for a query row or two (measured ~10x the matmuls at 16K):
             # the fused row kernel only when asked for by name.
-            fused_rows = self.block_kernel == "gather_sdpa"
+            fused_rows = row_kernel == "sdpa"
             self.last_kernel = "row_gather" + ("_sdpa" if fused_rows else precision_suffix)
             return bsa.gather_row_attention(
                 q, k, v, indices[:, row_block], valid[:, row_block],
