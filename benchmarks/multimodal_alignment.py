@@ -56,6 +56,8 @@ def main() -> None:
     parser.add_argument("--fusion-modalities", default="image,audio",
                         help="the fusion classifier's modalities: image,audio (default) or with text, e.g. text,image,audio "
                              "(text corrupted by token drop: caption words -> <unk>)")
+    parser.add_argument("--fusion-aux-weight", type=float, default=0.0,
+                        help="> 0: per-modality auxiliary heads with this loss weight on concat / sum / gmu (not unified: one trunk)")
     args = parser.parse_args()
     if args.seeds < 3:
         parser.error("--seeds: tiny-scale quality comparisons need >= 3 seeds")
@@ -143,7 +145,8 @@ def main() -> None:
     held = FusionData(test.pixel_values, corrupt_audio(test.audio, args.fusion_audio_snr, g), test.labels, test.input_ids,
                       test.attention_mask, unk)
     modalities = tuple(m.strip() for m in args.fusion_modalities.split(",") if m.strip())
-    common = {**common, "fusion_audio_snr_db": args.fusion_audio_snr, "modalities": list(modalities)}
+    common = {**common, "fusion_audio_snr_db": args.fusion_audio_snr, "modalities": list(modalities),
+              "fusion_aux_weight": args.fusion_aux_weight}
     variants = {**{f: modalities for f in ("concat", "sum", "gmu", "unified")}, **{f"{m}_only": (m,) for m in modalities}}
     results: dict[str, dict[str, list[float]]] = {v: {} for v in variants}
     params = {}
@@ -151,9 +154,11 @@ def main() -> None:
         for variant, mods in variants.items():
             torch.manual_seed(seed)
             fusion = variant if variant in ("concat", "sum", "gmu", "unified") else "concat"
-            cfg = FusionConfig(fusion=fusion, modalities=mods, modality_dropout=0.2 if len(mods) > 1 else 0.0)
+            aux = args.fusion_aux_weight if len(mods) > 1 and fusion != "unified" else 0.0
+            cfg = FusionConfig(fusion=fusion, modalities=mods, modality_dropout=0.2 if len(mods) > 1 else 0.0, aux_weight=aux)
             model = build_image_audio_model(cfg, 16, tuple(train_mel.shape[1:]), mean, std, text_vocab_size=len(tokenizer))
-            params[variant] = count_parameters(model)
+            # inference parameters: the auxiliary heads only train
+            params[variant] = count_parameters(model) - (count_parameters(model.aux) if getattr(model, "aux", None) is not None else 0)
             train_fusion(model, data, featurize, steps=args.fusion_steps, seed=seed)
             curves = noise_curves(model, held, featurize, seed=seed)
             r = results[variant]

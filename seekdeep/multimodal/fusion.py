@@ -36,6 +36,9 @@ class FusionConfig:
     hidden_size: int = 32
     num_classes: int = 10
     modality_dropout: float = 0.2
+    # > 0: a classifier head per modality on its own h_m, trained with weight aux_weight next to the fused loss
+    # (separate towers only): every tower keeps a gradient of its own when the GMU gate saturates on one modality
+    aux_weight: float = 0.0
     # unified trunk
     num_layers: int = 1
     num_heads: int = 4
@@ -50,6 +53,9 @@ class FusionConfig:
         for name in ("hidden_size", "num_classes", "num_layers", "num_heads"):
             check_int(name, getattr(self, name), hi=1 << 16)
         check_float("modality_dropout", self.modality_dropout, 0.0, 1.0, hi_open=True)
+        check_float("aux_weight", self.aux_weight, 0.0, 100.0)
+        if self.aux_weight > 0 and self.fusion == "unified":
+            raise ConfigError("aux_weight", "per-modality heads need separate towers; 'unified' has one shared trunk")
         if self.hidden_size % self.num_heads:
             raise ConfigError("num_heads", f"{self.num_heads} must divide hidden_size={self.hidden_size}")
 
@@ -64,6 +70,9 @@ class FusionOutput:
     logits: torch.Tensor  # (N, classes)
     fused: torch.Tensor  # (N, hidden)
     alpha: torch.Tensor | None  # (N, M) per-sample modality weights (gmu), else None
+    aux_logits: dict[str, torch.Tensor] | None = None  # per-modality heads (aux_weight > 0): name -> (N, classes)
+    present: dict[str, torch.Tensor] | None = None  # name -> (N,) bool: which samples had the modality
+    aux_weight: float = 0.0
 
 
 def _present_mask(inputs: dict[str, torch.Tensor | None], present: dict[str, torch.Tensor] | None, name: str, n: int,
@@ -105,15 +114,16 @@ class FusionClassifier(nn.Module):
         m = len(c.modalities)
         self.gate = nn.Linear(c.hidden_size * m, m) if c.fusion == "gmu" else None
         self.classifier = nn.Linear(c.hidden_size * (m if c.fusion == "concat" else 1), c.num_classes)
+        self.aux = nn.ModuleDict({k: nn.Linear(c.hidden_size, c.num_classes) for k in c.modalities}) if c.aux_weight > 0 else None
 
     def forward(self, inputs: dict[str, torch.Tensor | None], present: dict[str, torch.Tensor] | None = None) -> FusionOutput:
         unknown = sorted(set(inputs) - set(self.config.modalities))
         if unknown:
             raise ConfigError("inputs", f"unknown modality {unknown[0]!r}; accepted: {', '.join(self.config.modalities)}")
         n, device = _batch_size(inputs)
-        hs = []
+        hs, masks = [], {}
         for name in self.config.modalities:
-            mask = _present_mask(inputs, present, name, n, device)
+            mask = masks[name] = _present_mask(inputs, present, name, n, device)
             missing = self.missing[name].expand(n, -1)
             if mask.any():
                 h = torch.tanh(self.proj[name](self.towers[name](inputs[name])))  # (N, H)
@@ -129,7 +139,8 @@ class FusionClassifier(nn.Module):
         else:
             alpha = torch.softmax(self.gate(torch.cat(hs, dim=-1)), dim=-1)  # (N, M)
             fused = (torch.stack(hs, 1) * alpha[..., None]).sum(1)  # (N, H)
-        return FusionOutput(self.classifier(fused), fused, alpha)
+        aux = None if self.aux is None else {k: self.aux[k](h) for k, h in zip(self.config.modalities, hs)}
+        return FusionOutput(self.classifier(fused), fused, alpha, aux, masks, self.config.aux_weight)
 
 
 class UnifiedClassifier(nn.Module):
@@ -244,7 +255,18 @@ def corrupt_text(input_ids: torch.Tensor, attention_mask: torch.Tensor, p: float
 
 
 def fusion_loss(output: FusionOutput, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(output.logits, labels)
+    """Cross-entropy of the fused prediction, plus ``aux_weight`` x the mean over modalities of
+    each per-modality head's cross-entropy on the samples that had that modality."""
+    loss = F.cross_entropy(output.logits, labels)
+    if output.aux_logits:
+        terms = []
+        for name, logits in output.aux_logits.items():
+            mask = output.present[name]
+            if mask.any():
+                terms.append(F.cross_entropy(logits[mask], labels[mask]))
+        if terms:
+            loss = loss + output.aux_weight * torch.stack(terms).mean()
+    return loss
 
 
 # -- the image + audio (+ text) models used by `seekdeep align` and benchmarks/multimodal_alignment.py

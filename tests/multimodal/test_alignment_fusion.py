@@ -177,3 +177,26 @@ def test_text_fusion_augmentation_and_token_drop_curve():
     with torch.no_grad():
         alone = m({"image": data.pixel_values[5:6], "audio": featurize(data.audio[5:6])})
     assert rows[1]["pred (text removed)"] == int(alone.logits.argmax()) and rows[1]["alpha_text (text removed)"] == round(float(alone.alpha[0, 0]), 3)
+
+
+def test_auxiliary_heads_add_each_present_modalitys_loss():
+    import torch.nn.functional as F
+
+    from seekdeep.multimodal.fusion import fusion_loss
+
+    torch.manual_seed(0)
+    m = build_image_audio_model(FusionConfig(fusion="gmu", modalities=("text", "image"), hidden_size=16, num_heads=2, aux_weight=0.5),
+                                8, (8, 9), torch.zeros(8), torch.ones(8), text_vocab_size=12, text_length=8)
+    x = {"text": _captions(), "image": torch.randn(4, 3, 8, 8)}
+    present = {"text": torch.tensor([True, False, True, True]), "image": torch.ones(4, dtype=torch.bool)}
+    labels = torch.tensor([1, 2, 3, 4])
+    out = m(x, present)
+    h_text = torch.tanh(m.proj["text"](m.towers["text"](x["text"])))
+    h_image = torch.tanh(m.proj["image"](m.towers["image"](x["image"])))
+    text_ce = F.cross_entropy(m.aux["text"](h_text)[present["text"]], labels[present["text"]])  # the absent caption is left out
+    image_ce = F.cross_entropy(m.aux["image"](h_image), labels)
+    expected = F.cross_entropy(out.logits, labels) + 0.5 * (text_ce + image_ce) / 2
+    torch.testing.assert_close(fusion_loss(out, labels), expected, atol=1e-5, rtol=1e-5)
+    assert model("gmu")({"image": x["image"], "audio": torch.randn(4, 8, 9)}).aux_logits is None  # off by default
+    with pytest.raises(ConfigError, match="aux_weight"):
+        FusionConfig(fusion="unified", aux_weight=0.5)
