@@ -13,6 +13,11 @@ tokens each (eos ignored, so every system produces the same number of tokens).
   wait for their longest member while continuous batching refills the batch every step.
 * the HTTP server (``seekdeep serve``) driven by ``seekdeep bench`` at the same concurrency:
   TTFT / TPOT / ITL percentiles, ratio against the bare engine.
+* ``--parts profile``: where the CPU time of the fixed-length row goes on each side -- thread CPU
+  seconds (not wall: the machine is shared) of the output projection, attention and MLP modules,
+  the rest of the decoder, and everything outside the model (engine loop, sampling; for
+  transformers ``generate``'s own loop), summed over interleaved repeats; plus torch.profiler's
+  per-op self CPU time of one prefill and one decode step of each side.
 
 Run: ``.venv/bin/python benchmarks/serving.py`` (``--device cuda`` on a GPU machine).
 """
@@ -318,6 +323,108 @@ def bench_length_scheduling(model, args, dev_name: str) -> None:
              **{**workload, "arrival_rate_per_step": round(step_rate, 4)})
 
 
+def bench_profile(model, hf, engine: Engine, prompts: list[list[int]], args, dev_name: str, workload: dict) -> None:
+    """The CPU-time split of the fixed-length throughput row, ours vs transformers (see the
+    module docstring). Forward hooks read ``time.thread_time`` around the modules; the engine's
+    lm_head goes through the runner's OutputHead, so ours is timed there."""
+    from collections import defaultdict
+
+    from seekdeep.serve.runner import OutputHead
+
+    clock = time.thread_time
+    acc: dict[str, float] = defaultdict(float)
+    hooks = []
+
+    def timed(module, key):
+        def pre(m, _args):
+            m._bench_t0 = clock()
+
+        def post(m, _args, _out):
+            acc[key] += clock() - m._bench_t0
+
+        hooks.extend([module.register_forward_pre_hook(pre), module.register_forward_hook(post)])
+
+    for side, m in (("seekdeep", model), ("transformers", hf)):
+        timed(m.model, f"{side}.decoder")
+        timed(m.lm_head, f"{side}.lm_head")
+        for layer in m.model.layers:
+            timed(layer.self_attn, f"{side}.attention")
+            timed(layer.mlp, f"{side}.mlp")
+    head_call = OutputHead.__call__
+
+    def timed_head(self, hidden):
+        t0 = clock()
+        out = head_call(self, hidden)
+        acc["seekdeep.lm_head"] += clock() - t0
+        return out
+
+    OutputHead.__call__ = timed_head
+    fixed = [args.new_tokens] * len(prompts)
+    total = defaultdict(float)
+    try:
+        for _ in range(args.repeats):
+            for side, run in (("seekdeep", lambda: run_engine(engine, prompts, fixed)),
+                              ("transformers", lambda: run_hf_static(hf, prompts, fixed, args.concurrency, args.device))):
+                t0 = clock()
+                run()
+                total[side] += clock() - t0
+    finally:
+        OutputHead.__call__ = head_call
+        for h in hooks:
+            h.remove()
+    parts = {}
+    for side in ("seekdeep", "transformers"):
+        decoder = acc[f"{side}.decoder"]
+        parts[side] = {"lm_head": acc[f"{side}.lm_head"], "attention": acc[f"{side}.attention"], "mlp": acc[f"{side}.mlp"],
+                       "decoder_rest": decoder - acc[f"{side}.attention"] - acc[f"{side}.mlp"],
+                       "outside_model": total[side] - decoder - acc[f"{side}.lm_head"], "total": total[side]}
+    for part in parts["seekdeep"]:
+        emit(f"serving_profile_{part}_cpu_s", parts["seekdeep"][part], "thread CPU s", parts["transformers"][part],
+             "transformers generate, static batches, same workload", dev_name, **workload, repeats=args.repeats,
+             share_of_total=round(parts["seekdeep"][part] / total["seekdeep"], 4),
+             anchor_share_of_total=round(parts["transformers"][part] / total["transformers"], 4))
+    # per-op self CPU time of one prefill and one decode step of each side (torch.profiler)
+    from torch.profiler import ProfilerActivity, profile
+
+    def top_ops(fn, n=8) -> list:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn()
+        ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:n]
+        return [[e.key, round(e.self_cpu_time_total / 1e3, 2), e.count] for e in ops]
+
+    from transformers import DynamicCache
+
+    params = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
+    engine.reset_prefix_cache()
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"profile-{i}", prompt, params)
+    steps = min(8, args.new_tokens // 4)  # decode steps profiled (one is too noisy on a shared machine)
+    ours = {"prefill": top_ops(engine.step)}
+    for _ in range(args.new_tokens // 2):
+        engine.step()
+    ours["decode"] = top_ops(lambda: [engine.step() for _ in range(steps)])
+    engine.abort_all()
+    ids = torch.tensor(prompts, device=args.device)
+    cache = DynamicCache(config=hf.config)
+    theirs = {}
+    with torch.no_grad():
+        def hf_prefill():
+            out = hf(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            return out.logits[:, -1].float().argmax(-1)
+
+        theirs["prefill"] = top_ops(hf_prefill)
+        step_ids = ids[:, -1:]
+        for _ in range(args.new_tokens // 2):
+            hf(step_ids, past_key_values=cache, use_cache=True)
+        theirs["decode"] = top_ops(lambda: [hf(step_ids, past_key_values=cache, use_cache=True).logits[:, -1].float()
+                                            .argmax(-1) for _ in range(steps)])
+    for phase in ("prefill", "decode"):
+        emit(f"serving_profile_{phase}_top_ops_ms", sum(x[1] for x in ours[phase]), "ms self CPU (top ops)",
+             sum(x[1] for x in theirs[phase]), "transformers forward + argmax at the same step(s)", dev_name,
+             requests=len(prompts), prompt_len=len(prompts[0]), steps=1 if phase == "prefill" else steps,
+             ops=ours[phase], anchor_ops=theirs[phase])
+
+
 def save_word_tokenizer(model_dir: Path, vocab_size: int) -> None:
     """A word-level tokenizer with one token per id (the benchmark sends token-id prompts; the
     server still needs a tokenizer to stream text back)."""
@@ -348,8 +455,9 @@ def main() -> None:
     parser.add_argument("--skip-server", action="store_true")
     parser.add_argument("--parts", default="throughput,prefix,schedule,ragged,server",
                         help="comma-separated: throughput (vs transformers), prefix (TTFT with a shared system prompt), "
-                        "schedule (length-aware vs FCFS), ragged (decode length buckets), server (HTTP); "
-                        "speculative (drafter / n-gram vs the full model alone, not in the default set)")
+                        "schedule (length-aware vs FCFS), ragged (decode length buckets), server (HTTP); not in the "
+                        "default set: speculative (drafter / n-gram vs the full model alone), profile (where the CPU "
+                        "time of the throughput row goes, each side)")
     parser.add_argument("--system-len", type=int, default=1024, help="prefix part: shared system prompt tokens")
     parser.add_argument("--trace-requests", type=int, default=24, help="prefix / schedule parts: requests per trace")
     parser.add_argument("--trace-new-tokens", type=int, default=16, help="prefix part: tokens generated per request")
@@ -359,7 +467,7 @@ def main() -> None:
     add_speculative_arguments(parser)
     args = parser.parse_args()
     parts = set(args.parts.split(","))
-    unknown = parts - {"throughput", "prefix", "schedule", "ragged", "server", "speculative"}
+    unknown = parts - {"throughput", "prefix", "schedule", "ragged", "server", "speculative", "profile"}
     if unknown:
         parser.error(f"--parts: unknown {sorted(unknown)}")
     if args.skip_server:
@@ -389,7 +497,7 @@ def main() -> None:
         bench_ragged_decode(model, args, dev_name)
     if "speculative" in parts:
         bench_speculative(args, dev_name)
-    if not parts & {"throughput", "server"}:
+    if not parts & {"throughput", "server", "profile"}:
         return
 
     budget = args.max_num_batched_tokens
@@ -410,23 +518,39 @@ def main() -> None:
         cb_tps = None
         if "throughput" in parts:
             # Interleaved repeats, median kept: the machine is shared, so load drifts during a run.
+            # The order of seekdeep and transformers alternates between repeats (drift within a
+            # repeat then favours neither), and each run's process CPU time is kept beside its wall
+            # time: on a shared machine tokens per CPU second is the steadier comparison.
             runs: dict[str, list[float]] = {"cb": [], "seq": [], "hf": [], "cb_var": [], "hf_var": []}
-            for _ in range(args.repeats):
-                t, n = run_engine(engine, prompts, fixed)
-                runs["cb"].append(n / t)
-                t, n = run_hf_static(hf, prompts, fixed, args.concurrency, device)
-                runs["hf"].append(n / t)
+            cpu: dict[str, list[float]] = {k: [] for k in runs}
+
+            def timed(key, fn):
+                c0 = time.process_time()
+                t, n = fn()
+                runs[key].append(n / t)
+                cpu[key].append(n / (time.process_time() - c0))
+
+            for rep in range(args.repeats):
+                pairs = [("cb", lambda: run_engine(engine, prompts, fixed)),
+                         ("hf", lambda: run_hf_static(hf, prompts, fixed, args.concurrency, device))]
+                var_pairs = [("cb_var", lambda: run_engine(engine, prompts, variable)),
+                             ("hf_var", lambda: run_hf_static(hf, prompts, variable, args.concurrency, device))]
+                for key, fn in pairs[:: 1 if rep % 2 == 0 else -1]:
+                    timed(key, fn)
                 seq_time, seq_tokens = 0.0, 0
                 for p in prompts[: args.sequential_requests]:
                     t, n = run_engine(seq_engine, [p], [args.new_tokens])
                     seq_time, seq_tokens = seq_time + t, seq_tokens + n
                 runs["seq"].append(seq_tokens / seq_time)
-                t, n = run_engine(engine, prompts, variable)
-                runs["cb_var"].append(n / t)
-                t, n = run_hf_static(hf, prompts, variable, args.concurrency, device)
-                runs["hf_var"].append(n / t)
+                for key, fn in var_pairs[:: 1 if rep % 2 == 0 else -1]:
+                    timed(key, fn)
             med = {k: statistics.median(v) for k, v in runs.items()}
             rounded = {k: [round(x, 2) for x in v] for k, v in runs.items()}
+            cpu_med = {k: statistics.median(v) for k, v in cpu.items() if v}
+            cpu_fields = {key: dict(tokens_per_cpu_s=round(cpu_med[key], 2), anchor_tokens_per_cpu_s=round(cpu_med[anchor], 2),
+                                    cpu_ratio=round(cpu_med[key] / cpu_med[anchor], 4),
+                                    cpu_runs=[round(x, 2) for x in cpu[key]], anchor_cpu_runs=[round(x, 2) for x in cpu[anchor]])
+                          for key, anchor in (("cb", "hf"), ("cb_var", "hf_var"))}
             cb_tps = med["cb"]
             emit("serving_continuous_vs_sequential_batch1_tokens_per_s", cb_tps, "output tokens/s", med["seq"],
                  "same engine, one request at a time (batch 1)", dev_name, **workload,
@@ -434,12 +558,14 @@ def main() -> None:
                  decode_path=engine.runner.decode_path, runs=rounded["cb"], anchor_runs=rounded["seq"])
             emit("serving_continuous_vs_hf_static_batching_tokens_per_s", cb_tps, "output tokens/s", med["hf"],
                  f"transformers {transformers.__version__} generate, static batches of {args.concurrency}", dev_name,
-                 **workload, target_ratio=1.1, runs=rounded["cb"], anchor_runs=rounded["hf"])
+                 **workload, target_ratio=1.1, runs=rounded["cb"], anchor_runs=rounded["hf"], **cpu_fields["cb"])
             emit("serving_variable_lengths_continuous_vs_hf_static_tokens_per_s", med["cb_var"],
                  "useful output tokens/s", med["hf_var"],
                  "transformers generate, static batches (wait for the longest request)", dev_name,
                  **{**workload, "new_tokens": f"uniform 16..{args.new_tokens}"}, target_ratio=1.3, runs=rounded["cb_var"],
-                 anchor_runs=rounded["hf_var"])
+                 anchor_runs=rounded["hf_var"], **cpu_fields["cb_var"])
+        if "profile" in parts:
+            bench_profile(model, hf, engine, prompts, args, dev_name, workload)
         del hf
 
         if "server" in parts:

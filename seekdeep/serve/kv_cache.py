@@ -331,6 +331,8 @@ class StepCache:
         k_pool, v_pool = self.paged.k[layer_idx], self.paged.v[layer_idx]  # (Hkv, S, D)
         k_pool.index_copy_(1, self._new, k.transpose(0, 1).reshape(heads, batch * q_len, -1).to(k_pool.dtype))
         v_pool.index_copy_(1, self._new, v.transpose(0, 1).reshape(heads, batch * q_len, -1).to(v_pool.dtype))
+        if self.past_len == 0 and k.dtype == k_pool.dtype and v.dtype == v_pool.dtype:
+            return k, v  # a first prefill chunk: the history is exactly this step's keys (no gather back)
         k_len = self.slot_index.shape[1]
         k_all = k_pool.index_select(1, self._flat).view(heads, batch, k_len, k_pool.shape[2]).transpose(0, 1)  # (B, Hkv, K, Dk)
         v_all = v_pool.index_select(1, self._flat).view(heads, batch, k_len, v_pool.shape[2]).transpose(0, 1)  # (B, Hkv, K, Dv)

@@ -50,6 +50,28 @@ def _next_pow2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
+def split_by_length(lengths: list[int], max_parts: int, saving: float, min_rows: int) -> list[list[int]]:
+    """Indices of ``lengths`` (each row's key length in a padded forward) in up to ``max_parts``
+    groups, shortest first: the recursive best single split of the rows sorted by length, taken
+    while it removes at least ``saving`` of its part's padded slots and leaves ``min_rows`` rows
+    on each side (so the weights are not re-read for a few rows)."""
+    parts = [sorted(range(len(lengths)), key=lengths.__getitem__)]
+    while len(parts) < max_parts:
+        best = None  # (saving, part index, split point)
+        for p, part in enumerate(parts):
+            sizes = [lengths[i] for i in part]
+            total = len(part) * sizes[-1]
+            for i in range(min_rows, len(part) - min_rows + 1):
+                saved = total - (i * sizes[i - 1] + (len(part) - i) * sizes[-1])
+                if saved >= saving * total and (best is None or saved > best[0]):
+                    best = (saved, p, i)
+        if best is None:
+            break
+        _, p, i = best
+        parts[p : p + 1] = [parts[p][:i], parts[p][i:]]
+    return parts
+
+
 class OutputHead:
     """The model's ``lm_head`` applied to (N, C) last hidden states through a contiguous
     (C, V) copy of its weight (see the module docstring), wherever that is bitwise the module.
@@ -172,29 +194,22 @@ class ModelRunner:
         """Share of the key slots decode forwards attended over that were padding, since start."""
         return 1.0 - self.decode_real_slots / self.decode_key_slots if self.decode_key_slots else 0.0
 
+    def split_lengths(self, lengths: list[int]) -> list[list[int]]:
+        """Row indices grouped into length buckets (see :func:`split_by_length`) with this
+        runner's settings; one group when bucketing is off."""
+        if self.decode_buckets <= 1 or len(lengths) < 2 * self.bucket_min_rows:
+            return [list(range(len(lengths)))]
+        return split_by_length(lengths, self.decode_buckets, self.bucket_saving, self.bucket_min_rows)
+
     def _length_buckets(self, seqs: list[Sequence]) -> dict[str, int]:
-        """seq_id -> bucket for one decode batch: recursive best single split of the rows sorted
-        by history length, kept when it saves ``bucket_saving`` of the padded slots."""
+        """seq_id -> bucket for one decode batch (kept while the set of sequences is unchanged)."""
         key = tuple(s.seq_id for s in seqs)
         if key == self._partition_key:
             return self._partition
-        ordered = sorted(seqs, key=lambda s: s.num_computed)
-        parts = [ordered]
-        while len(parts) < self.decode_buckets:
-            best = None  # (saving, part index, split point)
-            for p, part in enumerate(parts):
-                lengths = [s.num_computed + 1 for s in part]
-                total = len(part) * lengths[-1]
-                for i in range(self.bucket_min_rows, len(part) - self.bucket_min_rows + 1):
-                    saving = total - (i * lengths[i - 1] + (len(part) - i) * lengths[-1])
-                    if saving >= self.bucket_saving * total and (best is None or saving > best[0]):
-                        best = (saving, p, i)
-            if best is None:
-                break
-            _, p, i = best
-            parts[p : p + 1] = [parts[p][:i], parts[p][i:]]
+        parts = split_by_length([s.num_computed + 1 for s in seqs], self.decode_buckets, self.bucket_saving,
+                                self.bucket_min_rows)
         self._partition_key = key
-        self._partition = {s.seq_id: b for b, part in enumerate(parts) for s in part}
+        self._partition = {seqs[i].seq_id: b for b, part in enumerate(parts) for i in part}
         self._views = {b: v for b, v in self._views.items() if b < len(parts)}
         return self._partition
 

@@ -111,18 +111,29 @@ def forward_rows(model, paged: PagedKVCache, seqs: list[Sequence], rows: list[li
 
 
 def forward_padded(model, paged: PagedKVCache, seqs: list[Sequence], rows: list[list[int]],
-                   limits: list[int], head: OutputHead | None = None) -> list[torch.Tensor]:
+                   limits: list[int], head: OutputHead | None = None, split=None,
+                   stats: dict | None = None) -> list[torch.Tensor]:
     """:func:`forward_rows` in as few forwards as the rows' room allows: a row joins a forward
     padded to ``n`` tokens only if ``num_computed + n <= limits[i]`` (its block capacity and
-    context). Returns each row's (len(rows[i]), V) logits, in order."""
+    context). ``split``: a runner's :meth:`~seekdeep.serve.runner.ModelRunner.split_lengths`,
+    which cuts the rows of one forward into history-length buckets (each its own forward) so
+    that short histories are not padded to the longest. ``stats`` accumulates ``forwards``,
+    ``key_slots`` (rows x key length, what the forwards attended over) and ``real_slots``.
+    Returns each row's (len(rows[i]), V) logits, in order."""
     out: list[torch.Tensor | None] = [None] * len(rows)
     pending = list(range(len(rows)))
     while pending:
         n = max(len(rows[i]) for i in pending)
         fit = [i for i in pending if seqs[i].num_computed + n <= limits[i]]  # the longest row always fits its own n
-        logits = forward_rows(model, paged, [seqs[i] for i in fit], [rows[i] for i in fit], head)
-        for j, i in enumerate(fit):
-            out[i] = logits[j, : len(rows[i])]
+        groups = [fit] if split is None else [[fit[j] for j in g] for g in split([seqs[i].num_computed + n for i in fit])]
+        for group in groups:
+            if stats is not None:
+                stats["forwards"] = stats.get("forwards", 0) + 1
+                stats["key_slots"] = stats.get("key_slots", 0) + len(group) * (max(seqs[i].num_computed for i in group) + n)
+                stats["real_slots"] = stats.get("real_slots", 0) + sum(seqs[i].num_computed + n for i in group)
+            logits = forward_rows(model, paged, [seqs[i] for i in group], [rows[i] for i in group], head)
+            for j, i in enumerate(group):
+                out[i] = logits[j, : len(rows[i])]
         taken = set(fit)
         pending = [i for i in pending if i not in taken]
     return out
@@ -250,7 +261,8 @@ class DraftModelProposer:
             if step == 0:  # catch-up rows differ in length (1, 2 or a whole prompt): padded forwards
                 rows = [s.token_ids[s.num_computed :] for s in shadows]
                 limits = [min(len(s.block_ids) * self.allocator.block_size, self.max_len) for s in shadows]
-                logits = forward_padded(self.model, self.paged, shadows, rows, limits, self.runner.head)
+                logits = forward_padded(self.model, self.paged, shadows, rows, limits, self.runner.head,
+                                        self.runner.split_lengths)
                 last = torch.stack([x[-1] for x in logits])  # (B, V)
                 for s, r in zip(shadows, rows):
                     s.num_computed += len(r)
@@ -300,6 +312,7 @@ class Speculator:
         self.num_accepted_tokens = 0  # of those, kept
         self.num_verify_rows = 0  # row-steps that verified at least one draft
         self.num_emitted_tokens = 0  # tokens those row-steps produced
+        self.verify_stats: dict[str, int] = {}  # forward_padded's forwards / key_slots / real_slots of the verifies
         if config.method == "draft":
             if draft_model is None:
                 raise ConfigError("speculative", "method 'draft' needs a draft model (the compact model of a routed pair)")
@@ -363,7 +376,7 @@ class Speculator:
         limits = [min(len(s.block_ids) * bs, engine.max_model_len) for s in seqs]
         logits = forward_padded(engine.model, engine.kv_cache, seqs,
                                 [[s.token_ids[-1]] + d for s, (d, _) in zip(seqs, proposals)], limits,
-                                engine.runner.head)
+                                engine.runner.head, engine.runner.split_lengths, self.verify_stats)
         engine.runner.release()  # rows grew by different amounts: the dense decode view is stale
         produced = []
         for b, (req, (drafts, q)) in enumerate(zip(reqs, proposals)):

@@ -71,6 +71,24 @@ def test_greedy_equals_the_full_model_alone_across_batch_shapes(target, drafter)
     assert alone.generate([prompts[2]], SamplingParams(max_tokens=n, temperature=0)) == [expected[2]]
 
 
+def test_verify_forwards_split_ragged_rows_by_history_length(target):
+    """8 short and 8 long histories verifying together: the length buckets cut the padded key
+    slots of the verify forwards (and the drafter's catch-up) without changing a token."""
+    prompts = _prompts((3, 5, 4, 6, 2, 7, 5, 3, 120, 110, 125, 118, 121, 115, 124, 119), seed=4)
+    expected = [_alone(target, p, 12) for p in prompts]
+    stats = {}
+    for buckets in (1, 4):
+        engine = Engine(target, EngineConfig(block_size=4, num_blocks=1024, max_num_batched_tokens=2048, max_num_seqs=16,
+                                             decode_buckets=buckets), speculative=_spec("draft", 3), draft_model=target)
+        assert engine.generate(prompts, SamplingParams(max_tokens=12, temperature=0)) == expected
+        assert engine.allocator.num_used == 0 and engine.speculator.acceptance_rate == 1.0
+        stats[buckets] = engine.speculator.verify_stats
+    padding = {b: 1 - s["real_slots"] / s["key_slots"] for b, s in stats.items()}
+    assert padding[1] > 0.4 and padding[4] < 0.1, padding
+    assert stats[4]["forwards"] > stats[1]["forwards"]
+    assert stats[4]["real_slots"] == stats[1]["real_slots"]  # the same real work
+
+
 def test_prefix_cache_hits_on_blocks_written_by_verify_steps(target):
     """A follow-up prompt that extends an earlier request's prompt + output reuses the blocks
     its verify forwards wrote (rejected drafts left garbage past num_computed in them), and
