@@ -46,7 +46,8 @@ def main() -> None:
     parser.add_argument("--align-steps", type=int, default=150)
     parser.add_argument("--fusion-steps", type=int, default=150)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--parts", default="align,fusion", help="comma-separated: align, fusion")
+    parser.add_argument("--parts", default="align,fusion", help="comma-separated: align, fusion, gate (the GMU gate probe: "
+                        "tower gradients and alpha over training, seed 0)")
     parser.add_argument("--objectives", nargs="+", default=["contrastive"],
                         help="alignment objective sets to compare, e.g. contrastive contrastive,distill,missing; "
                              "each set beyond contrastive is anchored on the contrastive run of the same seeds")
@@ -133,6 +134,8 @@ def main() -> None:
         emit(f"{prefix}/{direction}/{metric}", mean_v, "fraction", base_mean, anchor, device, std=std_v,
              anchor_std=base_std, chance=(chance.get(metric) if metric in chance else 0.1), **common)
 
+    if "gate" in args.parts:
+        gate_probe(args, train, test, tokenizer, featurize, mean, std, device, common)
     if "fusion" not in args.parts:
         return
     # -- fusion robustness
@@ -206,6 +209,62 @@ def main() -> None:
     emit("fusion/unified_vs_separate/parameters", params["unified"], "parameters", params["gmu"], "separate towers + gmu head", device,
          unified_clean=stats(results["unified"]["clean"])[0], separate_clean=stats(results["gmu"]["clean"])[0], **common)
     print(f"# total {time.time() - started:.0f} s", file=sys.stderr)
+
+
+PROBE_STEPS = (0, 10, 25, 50, 100, 200, 299)
+
+
+def gate_probe(args, train, test, tokenizer, featurize, mean, std, device, common) -> None:
+    """Why a GMU can ignore a modality: the training loop of ``train_fusion`` (same augmentation,
+    modality dropout, seed 0) for gmu and concat over ``--fusion-modalities``, logging at a few
+    steps each tower's gradient norm, the GMU's mean alpha of the first modality (clean, with every
+    caption word dropped, with the first modality removed) and the test accuracy in those cases.
+    One line per (fusion, step); not a seed comparison."""
+    from seekdeep.multimodal.fusion import FusionConfig, build_image_audio_model, corrupt_text, fusion_loss, modality_dropout
+    from seekdeep.multimodal.robustness import augment, augment_with_text
+
+    mods = tuple(m.strip() for m in args.fusion_modalities.split(","))
+    first = mods[0]
+    featurized = {"image": test.pixel_values, "audio": featurize(test.audio), "text": test.input_ids}
+    dropped = corrupt_text(test.input_ids, test.attention_mask, 1.0, tokenizer.unk_token_id)
+    for fusion in ("gmu", "concat"):
+        torch.manual_seed(0)
+        model = build_image_audio_model(FusionConfig(fusion=fusion, modalities=mods, aux_weight=args.fusion_aux_weight), 16,
+                                        tuple(featurized["audio"].shape[1:]), mean, std, text_vocab_size=len(tokenizer))
+        g = torch.Generator().manual_seed(0)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+        for step in range(args.fusion_steps):
+            record = {}
+            if step in PROBE_STEPS:
+                model.eval()
+                with torch.no_grad():
+                    cases = {"clean": {m: featurized[m] for m in mods}, f"without_{first}": {m: featurized[m] for m in mods[1:]}}
+                    if "text" in mods:
+                        cases["every_word_dropped"] = {**cases["clean"], "text": dropped}
+                    for name, inputs in cases.items():
+                        out = model(inputs)
+                        record[f"accuracy_{name}"] = float((out.logits.argmax(-1) == test.labels).float().mean())
+                        if out.alpha is not None:
+                            record[f"alpha_{first}_{name}"] = float(out.alpha[:, 0].mean())
+                model.train()
+            idx = torch.randint(len(train), (64,), generator=g)
+            if "text" in mods:
+                pixels, audio, ids = augment_with_text(train.pixel_values[idx], train.audio[idx], train.input_ids[idx],
+                                                       train.attention_mask[idx], tokenizer.unk_token_id, g, 0.5, mods)
+            else:
+                (pixels, audio), ids = augment(train.pixel_values[idx], train.audio[idx], g, 0.5), None
+            inputs = {"image": pixels, "audio": featurize(audio), "text": ids}
+            present = modality_dropout(64, mods, 0.2, g)
+            out = model({m: inputs[m] for m in mods}, present)
+            loss = fusion_loss(out, train.labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if record:
+                grads = {f"grad_norm_{m}_tower": float(sum(p.grad.norm() ** 2 for p in model.towers[m].parameters() if p.grad is not None) ** 0.5)
+                         for m in mods}
+                emit(f"gate_probe/{fusion}/step{step}", record["accuracy_clean"], "accuracy", None, "none (a trace)", device,
+                     loss=loss.item(), **grads, **record, **common)
+            opt.step()
 
 
 if __name__ == "__main__":
