@@ -451,13 +451,13 @@ def report(seed_results: list[dict], accuracies: list[float], coverage: list[dic
     for length in LENGTHS:
         def per_seed(method, key):
             values = []
+            field = "top1" if key == "top1_needed" else key
             for r in seed_results:
                 records = r["results"].get((length, method), [])
                 if key == "top1_needed":  # top-1 on the inputs whose keyword alone flips the prediction
                     records = [rec for rec in records if rec.get("keyword_needed") == 1.0]
-                    key = "top1"
-                if records and all(key in rec for rec in records):
-                    values.append(float(np.mean([rec[key] for rec in records])))
+                if records and all(field in rec for rec in records):
+                    values.append(float(np.mean([rec[field] for rec in records])))
             return values
 
         for method in METHODS:
