@@ -134,6 +134,22 @@ def test_topk_mask_equals_stable_sort_selection(ties):
         assert torch.equal(topk_mask(scores, allowed, topk, local_window=window), want)
 
 
+@pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
+def test_topk_mask_uniform_local_rows_equal_stable_sort(ties):
+    """A later query chunk without padding: every row keeps the same number of local keys, so
+    the others come from the smaller topk over the non-local keys; also topk == local_window."""
+    g = torch.Generator().manual_seed(3)
+    offset, tq, tk = 24, 16, 40
+    scores = torch.randn(2, tq, tk, generator=g)
+    if ties:
+        scores = scores.relu().round(decimals=1)
+    allowed = (torch.arange(tk)[None] <= torch.arange(offset, offset + tq)[:, None])[None]  # (1, Tq, Tk)
+    for topk, window in ((12, 4), (6, 6), (30, 1)):
+        indices, valid = select_topk(scores, allowed, topk, local_window=window, q_offset=offset)
+        want = torch.zeros_like(scores, dtype=torch.bool).scatter(-1, indices, valid)
+        assert torch.equal(topk_mask(scores, allowed, topk, local_window=window, q_offset=offset), want)
+
+
 def test_token_kernel_option_is_checked():
     spec = dict(hidden_size=C, num_heads=H, num_kv_heads=2, head_dim=D, v_head_dim=D)
     with pytest.raises(ConfigError, match="token_kernel"):
