@@ -64,18 +64,26 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def timed_pair(anchor, candidate, device: torch.device, repeats: int) -> tuple[float, float, float, float]:
+def timed_pair(anchor, candidate, device: torch.device, repeats: int, cpu: dict | None = None
+               ) -> tuple[float, float, float, float]:
     """Median and min seconds of ``anchor`` and of ``candidate``, calls interleaved (the load of
-    a shared machine drifts) after one warm-up call each: (anchor_med, anchor_min, cand_med, cand_min)."""
+    a shared machine drifts) after one warm-up call each: (anchor_med, anchor_min, cand_med, cand_min).
+    ``cpu``, when given, receives the median process CPU seconds of each (``anchor_cpu_s``,
+    ``cpu_s``) and their ratio (``speedup_cpu``): steadier than wall time on a loaded machine."""
     anchor(), candidate()
     sync(device)
     times: tuple[list[float], list[float]] = ([], [])
+    cpu_times: tuple[list[float], list[float]] = ([], [])
     for _ in range(repeats):
-        for fn, out in ((anchor, times[0]), (candidate, times[1])):
-            t0 = time.perf_counter()
+        for fn, out, out_cpu in ((anchor, times[0], cpu_times[0]), (candidate, times[1], cpu_times[1])):
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
             sync(device)
             out.append(time.perf_counter() - t0)
+            out_cpu.append(time.process_time() - c0)
+    if cpu is not None:
+        a, c = statistics.median(cpu_times[0]), statistics.median(cpu_times[1])
+        cpu.update(anchor_cpu_s=round(a, 6), cpu_s=round(c, 6), speedup_cpu=round(a / c, 3))
     return statistics.median(times[0]), min(times[0]), statistics.median(times[1]), min(times[1])
 
 
@@ -130,11 +138,13 @@ def bench_length(args, t: int, device, dtype, common: dict) -> None:
     with torch.no_grad():
         ref = dense().float()
         err = (candidate().float() - ref).abs().max().item()  # dsa and the gate change the output: for scale only
-        d_med, d_min, s_med, s_min = timed_pair(dense, candidate, device, args.repeats)
+        cpu: dict = {}
+        d_med, d_min, s_med, s_min = timed_pair(dense, candidate, device, args.repeats, cpu)
         d_mem, s_mem = peak_memory(dense, device), peak_memory(candidate, device)
     point["kernel_used"] = getattr(backend, "last_kernel", name)
     emit(f"{name}_forward", s_med, "s", d_med, "sdpa_causal", device_name(str(device)), **point,
-         speedup=round(d_med / s_med, 3), min_s=round(s_min, 6), anchor_min_s=round(d_min, 6), max_abs_diff_vs_dense=err)
+         speedup=round(d_med / s_med, 3), min_s=round(s_min, 6), anchor_min_s=round(d_min, 6), max_abs_diff_vs_dense=err,
+         **cpu)
     if s_mem is not None:
         emit(f"{name}_forward_peak_memory", s_mem, "MiB", d_mem, "sdpa_causal", device_name(str(device)), **point)
 
@@ -151,12 +161,13 @@ def bench_length(args, t: int, device, dtype, common: dict) -> None:
             out = backend(*leaves, mask=mask, scale=scale, hidden_states=x)
             out.backward(cotangent)
 
-        d_med, d_min, s_med, s_min = timed_pair(dense_fb, candidate_fb, device, args.repeats)
+        cpu = {}
+        d_med, d_min, s_med, s_min = timed_pair(dense_fb, candidate_fb, device, args.repeats, cpu)
         d_mem, s_mem = peak_memory(dense_fb, device), peak_memory(candidate_fb, device)
         point["kernel_used"] = getattr(backend, "last_kernel", name)
         backend.eval()
         emit(f"{name}_forward_backward", s_med, "s", d_med, "sdpa_causal", device_name(str(device)), **point,
-             speedup=round(d_med / s_med, 3), min_s=round(s_min, 6), anchor_min_s=round(d_min, 6))
+             speedup=round(d_med / s_med, 3), min_s=round(s_min, 6), anchor_min_s=round(d_min, 6), **cpu)
         if s_mem is not None:
             emit(f"{name}_forward_backward_peak_memory", s_mem, "MiB", d_mem, "sdpa_causal", device_name(str(device)),
                  **point)
