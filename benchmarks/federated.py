@@ -172,9 +172,9 @@ def _federate(init_dir: Path, clients, cfg, strategy: str, seed: int, args, eval
     round in ``budgets``."""
     from seekdeep.fl import paillier
     from seekdeep.fl.aggregation import ServerAggregator
-    from seekdeep.fl.app.client import local_train
+    from seekdeep.fl.app.client import local_train, make_optimizer
     from seekdeep.fl.app.common import (GlobalState, flat_trainable, load_flat, load_initial_model, model_layout,
-                                        packing_spec, site_windows)
+                                        packing_spec, site_windows, trainable_tensors)
 
     spec = packing_spec(cfg)
     model = load_initial_model(init_dir, cfg.method)
@@ -186,6 +186,10 @@ def _federate(init_dir: Path, clients, cfg, strategy: str, seed: int, args, eval
     mu = cfg.proximal_mu if strategy == "fedprox" else 0.0
     lr = _schedule(args, cfg.rounds * cfg.local_steps)
     losses = {}
+    # diagnostic (--keep-client-optimizer): each client's AdamW state carries over between rounds;
+    # the ClientApp starts a fresh AdamW every round
+    params = [p for p in trainable_tensors(model, cfg.method).values() if p.requires_grad]
+    optimizers = [make_optimizer(params, cfg.learning_rate) if args.keep_client_optimizer else None for _ in clients]
     for round_no in range(1, cfg.rounds + 1):
         deltas = []
         global_vector = init_vector + state.delta
@@ -195,7 +199,7 @@ def _federate(init_dir: Path, clients, cfg, strategy: str, seed: int, args, eval
             load_flat(model, cfg.method, layout, global_vector)
             windows = site_windows(Path(client["dir"]) / "train.bin", cfg, i, round_no)
             local_train(model, windows, cfg.local_steps, cfg.learning_rate, cfg.method, mu,
-                        lr_at=lambda t, o=offset: lr(o + t))
+                        lr_at=lambda t, o=offset: lr(o + t), optimizer=optimizers[i])
             delta = flat_trainable(model, cfg.method, layout) - global_vector
             q, _ = paillier.quantize(delta, spec, rng)  # what the encrypted path carries
             deltas.append(paillier.dequantize_sum(q, spec, 1, 1))
@@ -321,6 +325,7 @@ def quality(args) -> None:
                     variants += [("fedprox", "", {})]
                 for strategy, tag, extra in variants:
                     args.lr_value = cfg.learning_rate
+                    tag += " (client AdamW kept across rounds)" if args.keep_client_optimizer else ""
                     record(f"{strategy} {split}{tag}", _federate(init_dir, clients, replace(cfg, **extra), strategy,
                                                                  seed, args, evaluate, budgets))
                 if args.local_only and (split == "iid" or args.local_package):
@@ -385,6 +390,9 @@ def main() -> int:
                         help="quality: comma-separated seeds (e.g. to run seeds in parallel processes)")
     parser.add_argument("--budgets", type=lambda s: [int(x) for x in s.split(",")], default=None,
                         help="quality: comma-separated rounds at which every arm is evaluated (default: 2,4,8,16,32)")
+    parser.add_argument("--keep-client-optimizer", action="store_true",
+                        help="quality, diagnostic: keep each client's AdamW state across rounds (the ClientApp "
+                             "starts a fresh one every round)")
     parser.add_argument("--plot", default=None, help="quality: write the perplexity curves to this PNG")
     parser.add_argument("--fedprox", action="store_true", help="quality: also FedProx (--proximal-mu)")
     parser.add_argument("--splits", type=lambda s: s.split(","), default=["iid", "package"],

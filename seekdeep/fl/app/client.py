@@ -102,16 +102,23 @@ class _Site:
         self.context.state[STATE_KEY + "-info"] = ConfigRecord({"aggregates": self.state.aggregates})
 
 
+def make_optimizer(params, lr: float) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+
+
 def local_train(model, windows, steps: int, lr: float, method: str, proximal_mu: float = 0.0, lr_at=None,
-                after_step=None) -> float:
+                after_step=None, optimizer=None) -> float:
     """``steps`` AdamW steps on ``windows``; FedProx adds ``mu / 2 * ||w - w_start||^2`` over the
     trainable tensors. ``lr_at(i)`` (optional): the learning rate of step i (a schedule shared
     by the federated and the centralized runs). ``after_step(n)`` (optional): called after the
     n-th step (the benchmark evaluates a run at several budgets with one optimizer; it may put
-    the model in eval mode, training resumes in train mode). Returns the mean training loss."""
+    the model in eval mode, training resumes in train mode). ``optimizer``: one built over these
+    tensors by :func:`make_optimizer` whose state carries on (None: a fresh AdamW, the ClientApp's
+    per-round reset). Returns the mean training loss."""
     params = [p for p in trainable_tensors(model, method).values() if p.requires_grad]
     anchors = [p.detach().clone() for p in params] if proximal_mu > 0 else None
-    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    if optimizer is None:
+        optimizer = make_optimizer(params, lr)
     model.train()
     total = 0.0
     for i in range(steps):
