@@ -106,8 +106,10 @@ class _Classifier(nn.Module):
     """Oracle patch tokens (mean colour + cell coordinates) and question words -> one of 4 answers."""
 
     def __init__(self, vocab: int, width: int = 64, layers: int = 2, causal: bool = False, grid: int = 4, length: int = 11,
-                 trunk: str = "torch", init_std: float = 0.08):
+                 trunk: str = "torch", init_std: float = 0.08, abs_positions: bool = False, rope_theta: float = 10000.0,
+                 embed_std: float = 0.0):
         super().__init__()
+        self.abs_positions = abs_positions
         idx = torch.arange(grid * grid)
         self.register_buffer("coords", torch.stack([idx % grid, idx // grid], 1).float() / (grid - 1) * 2 - 1, persistent=False)  # (P, 2)
         self.patch = nn.Sequential(nn.Linear(5, width), nn.GELU(), nn.Linear(width, width))
@@ -121,20 +123,23 @@ class _Classifier(nn.Module):
 
             lm = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=width, intermediate_size=3 * width, num_hidden_layers=layers,
                                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                              initializer_range=init_std))
+                                              initializer_range=init_std, rope_theta=rope_theta))
             lm.init_weights(init_std)
             self.llama, self.encoder, self.embed = lm.model, None, lm.model.embed_tokens
-            for sub in self.patch:
-                if isinstance(sub, nn.Linear):
-                    nn.init.normal_(sub.weight, std=init_std)
+            if embed_std:  # the word embeddings at torch's own scale instead of the LM's init (a rung-c probe)
+                nn.init.normal_(self.embed.weight, std=embed_std)
+            else:
+                for sub in self.patch:
+                    if isinstance(sub, nn.Linear):
+                        nn.init.normal_(sub.weight, std=init_std)
         self.head = nn.Linear(width, 4)
         self.causal = causal or trunk == "llama"
 
     def forward(self, colours: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
         patches = self.patch(torch.cat([colours, self.coords.expand(len(colours), -1, -1)], -1))  # (B, P, C)
         x = torch.cat([patches, self.embed(words)], 1)
-        if self.llama is not None:  # positions from RoPE only, as in the recipe
-            return self.head(self.llama(None, None, None, None, x)[:, -1])
+        if self.llama is not None:  # positions from RoPE (as in the recipe), plus learned absolute ones with --abs-positions
+            return self.head(self.llama(None, None, None, None, x + self.position[: x.shape[1]] if self.abs_positions else x)[:, -1])
         x = x + self.position[: x.shape[1]]
         mask = nn.Transformer.generate_square_subsequent_mask(x.shape[1]) if self.causal else None
         return self.head(self.encoder(x, mask=mask, is_causal=self.causal)[:, -1])
@@ -158,7 +163,8 @@ def ladder_classifier(args) -> None:
     torch.manual_seed(args.seed)
     train = tensors(_spatial_pool("train", args.pool, args.seed))
     evals = {split: tensors(_spatial_pool(split, 500, args.seed)) for split in ("test", "heldout")}
-    model = _Classifier(len(words), causal=args.causal, trunk=args.trunk, init_std=args.init_std)
+    model = _Classifier(len(words), causal=args.causal, trunk=args.trunk, init_std=args.init_std,
+                        abs_positions=args.abs_positions, rope_theta=args.rope_theta, embed_std=args.embed_std)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     g = torch.Generator().manual_seed(args.seed)
     began = time.perf_counter()
@@ -179,7 +185,8 @@ def ladder_classifier(args) -> None:
                               "test": accuracy("test"), "heldout": accuracy("heldout")}), file=sys.stderr, flush=True)
     emit(f"vlm_ladder_classifier_{args.trunk}{'_causal' if args.causal else ''}_heldout_spatial", accuracy("heldout"), "accuracy", 0.25,
          "chance / question-only prior (4 answers)", f"cpu ({torch.backends.cpu.get_cpu_capability()}, 1 thread)",
-         steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, trunk=args.trunk, test=accuracy("test"))
+         steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, trunk=args.trunk,
+         abs_positions=args.abs_positions, rope_theta=args.rope_theta, init_std=args.init_std, embed_std=args.embed_std, test=accuracy("test"))
 
 
 def main() -> None:
@@ -189,6 +196,11 @@ def main() -> None:
     parser.add_argument("--causal", action="store_true", help="--ladder classifier: causal attention, read at the last word")
     parser.add_argument("--trunk", choices=("torch", "llama"), default="torch",
                         help="--ladder classifier: torch's TransformerEncoder or the recipe's llama decoder (always causal)")
+    parser.add_argument("--abs-positions", action="store_true", help="--trunk llama: add learned absolute positions (as the torch trunk)")
+    parser.add_argument("--embed-std", type=float, default=0.0,
+                        help="--trunk llama: word embeddings N(0, this) and torch's default init for the patch MLP (0: the LM's init); "
+                             "--ladder lm: the recipe's embed_std (0: its default)")
+    parser.add_argument("--rope-theta", type=float, default=10000.0, help="--trunk llama: RoPE base")
     parser.add_argument("--features", choices=("vit", "oracle"), default="vit")
     parser.add_argument("--qtypes", default=",".join(QUESTION_TYPES))
     parser.add_argument("--steps", type=int, default=600)
@@ -210,7 +222,8 @@ def main() -> None:
     from seekdeep.train import make_scheduler
 
     cfg = VLMTrainConfig(seed=args.seed, steps=args.steps, warmup=min(30, args.steps // 10), text_layers=args.text_layers, lr=args.lr,
-                         batch_size=args.batch_size, init_std=args.init_std)
+                         batch_size=args.batch_size, init_std=args.init_std,
+                         **({"embed_std": args.embed_std} if args.embed_std else {}))
     torch.manual_seed(cfg.seed)
     tok = build_tokenizer()
     model = build_model(cfg, tok)

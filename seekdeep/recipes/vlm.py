@@ -45,6 +45,7 @@ class VLMTrainConfig:
     text_layers: int = 2
     attention_backend: str = "sdpa"
     init_std: float = 0.08  # 0.02 (large-model habit) leaves a 64-wide model's image path too weak to learn from
+    embed_std: float = 1.0  # the (tied) word embeddings' init: at init_std the LM sits at chance on spatial questions
     position_init: str = "sincos"  # the ViT's patch positions start as 2-D sine-cosine codes (or: normal)
     question_loss: bool = False  # loss on the question's words too (a colour word predicts its object's shape: binding)
     caption_every: int = 0  # every k-th training row is a scene caption ('red one three circle ...'); 0: none
@@ -72,6 +73,7 @@ class VLMTrainConfig:
         if self.image_size % self.patch_size:
             raise ConfigError("patch_size", f"{self.patch_size} must divide image_size={self.image_size}")
         check_float("init_std", self.init_std, 0, 10, lo_open=True)
+        check_float("embed_std", self.embed_std, 0, 10, lo_open=True)
         check_float("lr", self.lr, 0, 10, lo_open=True)
         check_float("weight_decay", self.weight_decay, 0, 10)
         check_int("seed", self.seed, 0, MAX_SEED)
@@ -125,6 +127,10 @@ def build_model(cfg: VLMTrainConfig, tokenizer):
                          image_seq_length=vision.num_patches, vision_feature_layer=-1, cross_attention=xattn)
     model = LlavaForConditionalGeneration(config)
     model.init_weights(position_init=cfg.position_init)
+    with torch.no_grad():  # word embeddings as torch's nn.Embedding starts them (std 1), not at the linears' init_std:
+        # a 64-wide LM whose words start as small as its image features never learns the two-hop spatial questions
+        # (benchmarks/vlm_diagnose.py --ladder classifier --trunk llama [--embed-std 1.0]; README, vision-language)
+        model.get_input_embeddings().weight.normal_(0.0, cfg.embed_std)
     return model
 
 
@@ -320,6 +326,7 @@ _HELP = {
     "resume": "'auto' (latest checkpoint in output_dir) or a checkpoint path",
     "question_loss": "train on the question's words too, not only the answer (teaches which object a colour names)",
     "caption_every": "every k-th training row is a scene caption (colour, column, row, shape of each object); 0: none",
+    "embed_std": "init std of the word embeddings (tied with the output head); the linears use --init-std",
     "position_questions": "also train on 'which column / row is the <object> in ?' (half of a spatial question, with its own answer)",
 }
 

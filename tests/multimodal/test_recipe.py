@@ -119,6 +119,20 @@ def test_question_loss_and_caption_rows_label_the_right_tokens():
     assert not ((full["input_ids"] == image_id) & (full["labels"] != -100)).any()
 
 
+def test_word_embeddings_start_at_embed_std_and_stay_tied():
+    from seekdeep.recipes.vlm import build_model, build_tokenizer
+
+    tok = build_tokenizer()
+    for std in (1.0, 0.08):
+        model = build_model(VLMTrainConfig(hidden_size=32, vision_layers=1, text_layers=1, embed_std=std), tok)
+        emb = model.get_input_embeddings().weight
+        assert abs(emb.std().item() - std) < 0.15 * std
+        assert model.language_model.lm_head.weight is emb  # tied: the answer is read through the same table
+        assert model.multi_modal_projector.linear_1.weight.std().item() < 0.2  # the linears keep init_std
+    with pytest.raises(ConfigError, match="embed_std"):
+        VLMTrainConfig(embed_std=0)
+
+
 def test_bad_config_names_the_field():
     with pytest.raises(ConfigError, match="fusion"):
         VLMTrainConfig(fusion="late")
