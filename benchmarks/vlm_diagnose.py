@@ -11,7 +11,8 @@ training batch, the loss on shape words that follow a colour word (the colour ->
 binding; ln 2 = 0.69 is the text-only prior there) and the accuracy on the i.i.d. and
 held-out splits; the last line is one JSON result against the question-only prior.
 
-    python benchmarks/vlm_diagnose.py --qtypes spatial --features oracle                       # stays at ~0.25
+    python benchmarks/vlm_diagnose.py --qtypes spatial --features oracle --embed-std 0.08      # stays at ~0.25
+    python benchmarks/vlm_diagnose.py --qtypes spatial --features oracle --batch-size 64 --lr 1e-3   # embeddings at std 1
     python benchmarks/vlm_diagnose.py --qtypes spatial --features oracle --question-loss --caption-every 2 --steps 1000
 
 Two earlier rungs of the ladder, no language model involved:
