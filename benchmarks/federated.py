@@ -172,9 +172,11 @@ def _federate(init_dir: Path, clients, cfg, strategy: str, seed: int, args, eval
     round in ``budgets``."""
     from seekdeep.fl import paillier
     from seekdeep.fl.aggregation import ServerAggregator
-    from seekdeep.fl.app.client import local_train, make_optimizer
-    from seekdeep.fl.app.common import (GlobalState, flat_trainable, load_flat, load_initial_model, model_layout,
-                                        packing_spec, site_windows, trainable_tensors)
+    from flwr.app import Context, RecordDict
+
+    from seekdeep.fl.app.client import local_train, site_optimizer
+    from seekdeep.fl.app.common import (GlobalState, flat_trainable, keep_client_optimizer, load_flat,
+                                        load_initial_model, model_layout, packing_spec, site_windows, trainable_params)
 
     spec = packing_spec(cfg)
     model = load_initial_model(init_dir, cfg.method)
@@ -186,10 +188,10 @@ def _federate(init_dir: Path, clients, cfg, strategy: str, seed: int, args, eval
     mu = cfg.proximal_mu if strategy == "fedprox" else 0.0
     lr = _schedule(args, cfg.rounds * cfg.local_steps)
     losses = {}
-    # diagnostic (--keep-client-optimizer): each client's AdamW state carries over between rounds;
-    # the ClientApp starts a fresh AdamW every round
-    params = [p for p in trainable_tensors(model, cfg.method).values() if p.requires_grad]
-    optimizers = [make_optimizer(params, cfg.learning_rate) if args.keep_client_optimizer else None for _ in clients]
+    # each client's Flower node state (context.state): with client_optimizer="keep" its AdamW state
+    # goes through it between rounds exactly as in the ClientApp (saved, then loaded into a fresh AdamW)
+    contexts = [Context(run_id=0, node_id=i, node_config={}, state=RecordDict(), run_config={})
+                for i in range(len(clients))]
     for round_no in range(1, cfg.rounds + 1):
         deltas = []
         global_vector = init_vector + state.delta
@@ -198,8 +200,11 @@ def _federate(init_dir: Path, clients, cfg, strategy: str, seed: int, args, eval
             torch.manual_seed(seed * 100 + i)
             load_flat(model, cfg.method, layout, global_vector)
             windows = site_windows(Path(client["dir"]) / "train.bin", cfg, i, round_no)
+            optimizer, _, _ = site_optimizer(model, cfg, contexts[i])
             local_train(model, windows, cfg.local_steps, cfg.learning_rate, cfg.method, mu,
-                        lr_at=lambda t, o=offset: lr(o + t), optimizer=optimizers[i])
+                        lr_at=lambda t, o=offset: lr(o + t), optimizer=optimizer)
+            if cfg.client_optimizer == "keep":
+                keep_client_optimizer(contexts[i].state, optimizer, trainable_params(model, cfg.method), cfg.method)
             delta = flat_trainable(model, cfg.method, layout) - global_vector
             q, _ = paillier.quantize(delta, spec, rng)  # what the encrypted path carries
             deltas.append(paillier.dequantize_sum(q, spec, 1, 1))
@@ -254,6 +259,9 @@ def _plot_curves(rows, budgets, steps_per_round: int, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+OPTIMIZER_TAGS = {"keep": "client AdamW kept across rounds", "reset": "client AdamW reset every round"}
 
 
 def quality(args) -> None:
@@ -324,10 +332,11 @@ def quality(args) -> None:
                 if args.fedprox:
                     variants += [("fedprox", "", {})]
                 for strategy, tag, extra in variants:
-                    args.lr_value = cfg.learning_rate
-                    tag += " (client AdamW kept across rounds)" if args.keep_client_optimizer else ""
-                    record(f"{strategy} {split}{tag}", _federate(init_dir, clients, replace(cfg, **extra), strategy,
-                                                                 seed, args, evaluate, budgets))
+                    for mode in args.client_optimizer:
+                        args.lr_value = cfg.learning_rate
+                        name = f"{strategy} {split}{tag} ({OPTIMIZER_TAGS[mode]})"
+                        record(name, _federate(init_dir, clients, replace(cfg, **extra, client_optimizer=mode),
+                                               strategy, seed, args, evaluate, budgets))
                 if args.local_only and (split == "iid" or args.local_package):
                     per_client = []
                     for i, client in enumerate(clients):
@@ -390,9 +399,10 @@ def main() -> int:
                         help="quality: comma-separated seeds (e.g. to run seeds in parallel processes)")
     parser.add_argument("--budgets", type=lambda s: [int(x) for x in s.split(",")], default=None,
                         help="quality: comma-separated rounds at which every arm is evaluated (default: 2,4,8,16,32)")
-    parser.add_argument("--keep-client-optimizer", action="store_true",
-                        help="quality, diagnostic: keep each client's AdamW state across rounds (the ClientApp "
-                             "starts a fresh one every round)")
+    parser.add_argument("--client-optimizer", type=lambda s: s.split(","), default=["keep"],
+                        help="quality: comma-separated client_optimizer modes to run, each a federated arm: keep "
+                             "(AdamW state kept across rounds in the node state; the default of `seekdeep fl`), "
+                             "reset (a fresh AdamW every round)")
     parser.add_argument("--plot", default=None, help="quality: write the perplexity curves to this PNG")
     parser.add_argument("--fedprox", action="store_true", help="quality: also FedProx (--proximal-mu)")
     parser.add_argument("--splits", type=lambda s: s.split(","), default=["iid", "package"],
@@ -411,6 +421,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: the machine is shared; spinning OpenMP threads stall when oversubscribed)")
     args = parser.parse_args()
+    if not set(args.client_optimizer) <= set(OPTIMIZER_TAGS):
+        parser.error(f"--client-optimizer: keep and/or reset, got {args.client_optimizer}")
     if args.splits[0] != "iid" or not set(args.splits) <= {"iid", "package"}:
         parser.error(f"--splits: iid first, then optionally package; got {args.splits}")
     torch.set_num_threads(args.threads)

@@ -13,6 +13,7 @@ METHODS = ("lora", "full")
 STRATEGIES = ("fedavg", "fedprox")
 SECURE = ("paillier", "secaggplus", "none")
 SPLITS = ("package", "iid")
+CLIENT_OPTIMIZERS = ("keep", "reset")
 
 
 MAX_CLIENTS = 1024  # each client is a SuperNode process here
@@ -39,6 +40,9 @@ class FLConfig:
     batch_size: int = 8
     seq_len: int = 128
     lr: float | None = None  # None: 3e-3 for lora, 1e-3 for full
+    # keep: each site's AdamW state carries over between rounds (in its Flower node state; a
+    # restarted SuperNode starts afresh); reset: a fresh AdamW every round
+    client_optimizer: str = "keep"
     quant_bits: int = 16
     clip: float = 0.1  # per-round update deltas are clipped to [-clip, clip] before quantisation
     key_bits: int = 2048
@@ -52,7 +56,8 @@ class FLConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        for name, choices in (("method", METHODS), ("strategy", STRATEGIES), ("secure", SECURE), ("split", SPLITS)):
+        for name, choices in (("method", METHODS), ("strategy", STRATEGIES), ("secure", SECURE), ("split", SPLITS),
+                              ("client_optimizer", CLIENT_OPTIMIZERS)):
             if getattr(self, name) not in choices:
                 raise ConfigError(name, f"unknown {getattr(self, name)!r}; accepted: {', '.join(choices)}")
         check_int("num_clients", self.num_clients, 1, MAX_CLIENTS)

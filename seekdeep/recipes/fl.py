@@ -437,6 +437,8 @@ HELP = {
     "min_clients": "fewest accepted updates that make a round (default: num_clients - 1)",
     "server_lr": "server learning rate: the global step is server_lr times the mean client delta (1: FedAvg)",
     "server_momentum": "FedAvgM server momentum (0: FedAvg); applied by the key-holding clients",
+    "client_optimizer": "keep (each site's AdamW state carries over between rounds, in its Flower node state; "
+                        "default: measured better, see the README) or reset (a fresh AdamW every round)",
     "clip": "per-round update deltas are clipped to [-clip, clip] before quantisation (default: 0.1)",
     "resume": "'auto': continue the run in --output-dir after its last completed round (its settings, --rounds "
               "aside: a larger --rounds extends a finished run)",

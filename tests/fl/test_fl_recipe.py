@@ -207,21 +207,31 @@ def test_secaggplus_round_survives_a_dropout(base, tmp_path, monkeypatch):
     assert not any(_alive(pid) for pid in json.loads((out / "processes.json").read_text()).values())
 
 
-def test_full_model_paillier_round(base, tmp_path):
-    """--method full with packed Paillier through real Flower processes (2 clients, 1 round):
-    every weight travels encrypted, and the global model the run writes (final/) is the initial
-    model plus the mean of the two clients' deltas -- their local training, redone here -- within
-    one quantisation step (each delta is stochastically rounded to 16 bits before encryption)."""
+def test_full_model_paillier_rounds_keep_the_client_optimizer(base, tmp_path):
+    """--method full with packed Paillier through real Flower processes (2 clients, 2 rounds):
+    every weight travels encrypted, and the global model is the initial model plus the mean of
+    the clients' deltas -- their local training, redone here -- within one quantisation step
+    (each delta is stochastically rounded to 16 bits before encryption) after round 1 (the
+    checkpointed aggregate) and after round 2 (final/). Round 2's clients continue from the AdamW
+    state they kept in their Flower node state after round 1 (each message runs in a fresh
+    ClientApp process): redone with one optimizer per client it matches; with a fresh AdamW in
+    round 2 it would not."""
     from seekdeep.auto import AutoModel
     from seekdeep.fl.app.client import local_train
-    from seekdeep.fl.app.common import flat_trainable, load_initial_model, model_layout, packing_spec, site_windows
+    from seekdeep.fl.app.common import (GlobalState, flat_trainable, load_flat, load_initial_model, make_optimizer,
+                                        model_layout, packing_spec, site_windows, trainable_params)
+    from seekdeep.fl.app.server import read_aggregates
+    from seekdeep.fl.keys import load_private_key
     from seekdeep.recipes.fl import run_fl
 
     out = tmp_path / "run"
-    cfg = _cfg(base, out, method="full", num_clients=2, rounds=1, lr=3e-3)
+    cfg = _cfg(base, out, method="full", num_clients=2, rounds=2, lr=3e-3)
+    assert cfg.client_optimizer == "keep"  # the default
     summary = run_fl(cfg)
     rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
-    assert [(r["round"], r["accepted"], r["rejected"]) for r in rounds] == [(1, 2, [])]
+    assert [(r["round"], r["accepted"], r["rejected"]) for r in rounds] == [(1, 2, []), (2, 2, [])]
+    assert [c["optimizer-step-start"] for r in rounds for c in r["clients"]] == [0, 0] + [cfg.local_steps] * 2
+    assert all(c["client-optimizer"].startswith("kept") for c in rounds[1]["clients"])
     values = summary["init"]["update_values"]
     assert values == summary["init"]["model_parameters"]  # every weight, not an adapter
     spec = packing_spec(cfg)
@@ -229,13 +239,29 @@ def test_full_model_paillier_round(base, tmp_path):
     model = load_initial_model(out / "init", "full")
     layout = model_layout(model, "full")
     start = flat_trainable(model, "full", layout)
-    deltas = []
-    for partition in range(2):  # as the ClientApps ran (one torch thread each on this host's cores)
-        model = load_initial_model(out / "init", "full")
-        local_train(model, site_windows(out / "data" / f"client-{partition}" / "train.bin", cfg, partition, 1),
-                    cfg.local_steps, cfg.learning_rate, "full")
-        deltas.append(flat_trainable(model, "full", layout) - start)
+    # as the ClientApps ran (one torch thread each on this host's cores)
+    models = [load_initial_model(out / "init", "full") for _ in range(2)]
+    optimizers = [make_optimizer(list(trainable_params(m, "full").values()), cfg.learning_rate) for m in models]
+
+    def local_round(partition: int, round_no: int, optimizer) -> np.ndarray:
+        model = models[partition]
+        local_train(model, site_windows(out / "data" / f"client-{partition}" / "train.bin", cfg, partition, round_no),
+                    cfg.local_steps, cfg.learning_rate, "full", optimizer=optimizer)
+        return flat_trainable(model, "full", layout)
+
+    deltas = [local_round(i, 1, optimizers[i]) - start for i in range(2)]
     assert np.abs(deltas[0] - deltas[1]).max() > 100 * spec.step  # the clients' updates are told apart
+    state, payload = read_aggregates(out)[0]
+    round_1 = start + GlobalState.zeros(values, cfg).replay([(payload, int(state["total_weight"]))], cfg, values,
+                                                            load_private_key(out / "keys" / "private.json")).delta
+    assert np.abs(round_1 - (start + np.mean(deltas, axis=0))).max() <= spec.step + 1e-6
+    kept, fresh = [], []
+    for i in range(2):
+        load_flat(models[i], "full", layout, round_1)
+        kept.append(local_round(i, 2, optimizers[i]) - round_1)
+        load_flat(models[i], "full", layout, round_1)
+        fresh.append(local_round(i, 2, None) - round_1)
     final = flat_trainable(AutoModel.from_pretrained(out / "final"), "full", layout)
-    assert np.abs(final - (start + np.mean(deltas, axis=0))).max() <= spec.step + 1e-6
+    assert np.abs(final - (round_1 + np.mean(kept, axis=0))).max() <= spec.step + 1e-6
+    assert np.abs(final - (round_1 + np.mean(fresh, axis=0))).max() > 100 * spec.step
     assert not any(_alive(pid) for pid in json.loads((out / "processes.json").read_text()).values())

@@ -20,6 +20,9 @@ global delta it keeps in its Flower node state (:class:`GlobalState`; ``first-ag
 start from the initial model), trains ``local_steps`` steps (FedProx: plus
 ``mu / 2 * ||w - w_global||^2``), and replies with its delta ``w_local - w_global`` clipped,
 quantised, packed and encrypted, and ``holds-aggregates``: how many aggregates its state holds.
+With ``client_optimizer="keep"`` (default) the site's AdamW state is kept in the node state too
+and the next round's local training continues from it (``optimizer-step-start`` in the reply's
+metrics; the reason in ``client-optimizer`` when the kept state does not fit and is dropped).
 """
 
 from __future__ import annotations
@@ -33,8 +36,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from seekdeep.errors import ConfigError
-from seekdeep.fl.app.common import (GlobalState, RunSettings, flat_trainable, load_flat, load_initial_model, model_layout,
-                                    packing_spec, site_windows, trainable_tensors)
+from seekdeep.fl.app.common import (GlobalState, RunSettings, flat_trainable, keep_client_optimizer, load_flat,
+                                    load_initial_model, make_optimizer, model_layout, packing_spec,
+                                    restore_client_optimizer, site_windows, trainable_params)
 
 app = ClientApp()
 STATE_KEY = "seekdeep-fl-global"
@@ -102,10 +106,6 @@ class _Site:
         self.context.state[STATE_KEY + "-info"] = ConfigRecord({"aggregates": self.state.aggregates})
 
 
-def make_optimizer(params, lr: float) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-
-
 def local_train(model, windows, steps: int, lr: float, method: str, proximal_mu: float = 0.0, lr_at=None,
                 after_step=None, optimizer=None) -> float:
     """``steps`` AdamW steps on ``windows``; FedProx adds ``mu / 2 * ||w - w_start||^2`` over the
@@ -115,7 +115,7 @@ def local_train(model, windows, steps: int, lr: float, method: str, proximal_mu:
     the model in eval mode, training resumes in train mode). ``optimizer``: one built over these
     tensors by :func:`make_optimizer` whose state carries on (None: a fresh AdamW, the ClientApp's
     per-round reset). Returns the mean training loss."""
-    params = [p for p in trainable_tensors(model, method).values() if p.requires_grad]
+    params = list(trainable_params(model, method).values())
     anchors = [p.detach().clone() for p in params] if proximal_mu > 0 else None
     if optimizer is None:
         optimizer = make_optimizer(params, lr)
@@ -141,6 +141,25 @@ def local_train(model, windows, steps: int, lr: float, method: str, proximal_mu:
     return total / steps
 
 
+def site_optimizer(model, cfg, context: Context) -> tuple[torch.optim.Optimizer, int, str]:
+    """This round's AdamW over the trainable tensors: with ``client_optimizer="keep"`` it
+    continues from the state the node kept after its last round (when that state belongs to
+    these tensors; else a fresh one, the reason logged). Returns (optimizer, the step count it
+    starts from, a note for the round's log)."""
+    from logging import WARNING
+
+    from flwr.common import log
+
+    named = trainable_params(model, cfg.method)
+    optimizer = make_optimizer(list(named.values()), cfg.learning_rate)
+    if cfg.client_optimizer == "reset":
+        return optimizer, 0, "reset: a fresh AdamW every round (--client-optimizer reset)"
+    step, note = restore_client_optimizer(context.state, optimizer, named, cfg.method)
+    if note.startswith("dropped"):
+        log(WARNING, "client optimizer state %s", note)
+    return optimizer, step, note
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     from seekdeep.fl import paillier
@@ -156,7 +175,11 @@ def train(msg: Message, context: Context) -> Message:
     started = time.perf_counter()
     config = msg.content["config"]
     mu = float(config["proximal-mu"]) if "proximal-mu" in config else 0.0  # sent by Flower's FedProx
-    train_loss = local_train(site.model, site.windows, cfg.local_steps, cfg.learning_rate, cfg.method, mu)
+    optimizer, step_start, optimizer_note = site_optimizer(site.model, cfg, context)
+    train_loss = local_train(site.model, site.windows, cfg.local_steps, cfg.learning_rate, cfg.method, mu,
+                             optimizer=optimizer)
+    if cfg.client_optimizer == "keep":
+        keep_client_optimizer(context.state, optimizer, trainable_params(site.model, cfg.method), cfg.method)
     train_seconds = time.perf_counter() - started
     delta = flat_trainable(site.model, cfg.method, site.layout) - site.global_vector
     if site.fault == "nan":
@@ -181,9 +204,11 @@ def train(msg: Message, context: Context) -> Message:
                             "holds-aggregates": site.state.aggregates,
                             "eval-loss": eval_loss,
                             "train-seconds": train_seconds, "encode-seconds": time.perf_counter() - started,
-                            "clipped": clipped, "partition-id": site.partition})
+                            "clipped": clipped, "partition-id": site.partition,
+                            "optimizer-step-start": step_start})
     content = RecordDict({"arrays": ArrayRecord({"update": Array(np.ascontiguousarray(payload))}),
-                          "metrics": metrics, "config": ConfigRecord({"key-fingerprint": key_fp})})
+                          "metrics": metrics, "config": ConfigRecord({"key-fingerprint": key_fp,
+                                                                      "client-optimizer": optimizer_note})})
     return Message(content=content, reply_to=msg)
 
 

@@ -105,6 +105,66 @@ def trainable_tensors(model, method: str) -> dict[str, torch.Tensor]:
     return dict(model.named_parameters())
 
 
+def trainable_params(model, method: str) -> dict[str, torch.Tensor]:
+    """The tensors local training updates, by name, in the order its optimizer holds them."""
+    return {name: p for name, p in trainable_tensors(model, method).items() if p.requires_grad}
+
+
+def make_optimizer(params, lr: float) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+
+
+OPTIMIZER_KEY = "seekdeep-fl-optimizer"  # a site's local AdamW state in its Flower node state (context.state)
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def keep_client_optimizer(node_state, optimizer: torch.optim.Optimizer, named: dict[str, torch.Tensor],
+                          method: str) -> None:
+    """Store ``optimizer``'s AdamW state (built by :func:`make_optimizer` over ``named.values()``)
+    in the node state (a Flower ``RecordDict``: the SuperNode keeps it between the messages of
+    a run, though every message runs in a fresh ClientApp process), keyed by tensor name."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord
+
+    arrays, steps = {}, []
+    for name, param in named.items():
+        kept = optimizer.state.get(param, {})
+        steps.append(int(kept["step"]) if "step" in kept else 0)
+        for moment in MOMENTS if kept else ():
+            arrays[f"{name}:{moment}"] = Array(np.ascontiguousarray(kept[moment].detach().cpu().numpy()))
+    node_state[OPTIMIZER_KEY] = ArrayRecord(arrays)
+    node_state[OPTIMIZER_KEY + "-info"] = ConfigRecord({"method": method, "names": list(named), "steps": steps})
+
+
+def restore_client_optimizer(node_state, optimizer: torch.optim.Optimizer, named: dict[str, torch.Tensor],
+                             method: str) -> tuple[int, str]:
+    """Load the AdamW state this site kept after its last round (:func:`keep_client_optimizer`)
+    into the fresh ``optimizer`` over ``named.values()``. The state is used only if it belongs
+    to these very tensors (same method -- adapter or full model --, names and shapes); else it
+    is dropped and the reason returned. Returns ``(step, note)``: the AdamW step count training
+    continues from (0: a fresh optimizer) and what happened, for the round's log."""
+    if OPTIMIZER_KEY not in node_state or OPTIMIZER_KEY + "-info" not in node_state:
+        return 0, "fresh: no optimizer state kept on this node yet"
+    arrays, info = node_state[OPTIMIZER_KEY], node_state[OPTIMIZER_KEY + "-info"]
+    names, steps = [str(n) for n in info["names"]], [int(s) for s in info["steps"]]
+    if str(info["method"]) != method or names != list(named) or len(steps) != len(names):
+        return 0, (f"dropped: the kept state is for {info['method']} ({len(names)} tensors), this round trains "
+                   f"{method} ({len(named)} tensors)")
+    state = {}
+    for index, (name, step) in enumerate(zip(names, steps)):
+        if step == 0:  # a tensor that got no gradient yet has no AdamW state
+            continue
+        moments = {m: arrays[f"{name}:{m}"].numpy() if f"{name}:{m}" in arrays else None for m in MOMENTS}
+        bad = [m for m, v in moments.items() if v is None or tuple(v.shape) != tuple(named[name].shape)]
+        if bad:
+            found = ", ".join(f"{m} {'missing' if moments[m] is None else tuple(moments[m].shape)}" for m in bad)
+            return 0, f"dropped: {name} is {tuple(named[name].shape)}, its kept state has {found}"
+        state[index] = {"step": torch.tensor(float(step)), **{m: torch.from_numpy(v.copy()) for m, v in moments.items()}}
+    saved = optimizer.state_dict()
+    optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
+    step = max(steps, default=0)
+    return step, f"kept: AdamW continues from step {step}"
+
+
 def model_layout(model, method: str) -> UpdateLayout:
     return UpdateLayout.of({k: v.detach() for k, v in trainable_tensors(model, method).items()})
 

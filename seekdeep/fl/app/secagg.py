@@ -78,6 +78,8 @@ class _Checkpointing:
         if losses:
             info["loss_before"] = float(np.mean(list(losses.values())))
             info["loss_before_per_client"] = {str(k): v for k, v in sorted(losses.items())}
+        info["optimizer_step_start"] = {str(int(m["partition-id"])): int(m["optimizer-step-start"])
+                                        for m in client_metrics if "optimizer-step-start" in m}
         with open(self.settings.run_dir / "rounds.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(info) + "\n")
         return parameters, metrics
@@ -159,7 +161,8 @@ class _SecAggClient(NumPyClient):
 
     def fit(self, parameters, config):
         from seekdeep.data import TokenWindows
-        from seekdeep.fl.app.client import local_train
+        from seekdeep.fl.app.client import local_train, site_optimizer
+        from seekdeep.fl.app.common import keep_client_optimizer, trainable_params
         from seekdeep.train import mean_loss
 
         settings = RunSettings.from_run_config(dict(self.context.run_config))
@@ -179,10 +182,15 @@ class _SecAggClient(NumPyClient):
         round_no = int(config.get("round", 1))
         windows = site_windows(data_dir / "train.bin", cfg, partition, round_no)  # as the Paillier ClientApp
         mu = float(config.get("proximal_mu", 0.0))
-        train_loss = local_train(model, windows, cfg.local_steps, cfg.learning_rate, cfg.method, mu)
+        # the site's AdamW state lives in its node state, next to secaggplus_mod's own (as the Paillier ClientApp)
+        optimizer, step_start, _ = site_optimizer(model, cfg, self.context)
+        train_loss = local_train(model, windows, cfg.local_steps, cfg.learning_rate, cfg.method, mu, optimizer=optimizer)
+        if cfg.client_optimizer == "keep":
+            keep_client_optimizer(self.context.state, optimizer, trainable_params(model, cfg.method), cfg.method)
         weights = flat_trainable(model, cfg.method, layout).astype(np.float32)
         return [weights], cfg.local_steps * cfg.batch_size, {"train-loss": train_loss, "eval-loss": eval_loss,
-                                                             "partition-id": partition}
+                                                             "partition-id": partition,
+                                                             "optimizer-step-start": step_start}
 
 
 def client_fn(context: Context):

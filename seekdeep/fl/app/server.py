@@ -138,6 +138,8 @@ class _PackedSecure:
             accepted.append(payload)
             weights.append(weight)
             metrics.append({k: float(v) for k, v in content["metrics"].items() if isinstance(v, (int, float))})
+            if "config" in content and "client-optimizer" in content["config"]:  # kept, fresh or dropped (why)
+                metrics[-1]["client-optimizer"] = str(content["config"]["client-optimizer"])
         cfg = self.settings.cfg
         self.round_info.update(replies=len(replies), accepted=len(accepted), rejected=rejected, clients=metrics)
         if len(accepted) < cfg.min_train_clients:

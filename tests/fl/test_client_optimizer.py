@@ -1,0 +1,102 @@
+"""A site's local AdamW state kept in its Flower node state between rounds (``client_optimizer``):
+the round trip through a real ``RecordDict`` continues training exactly as one optimizer would,
+and a state that belongs to other tensors is dropped with the reason (no processes here; the
+path through real SuperNodes is in test_fl_recipe's full-model round)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from flwr.app import Context, RecordDict
+
+from seekdeep.errors import ConfigError
+from seekdeep.fl.app.client import local_train, site_optimizer
+from seekdeep.fl.app.common import keep_client_optimizer, make_optimizer, restore_client_optimizer, trainable_params
+from seekdeep.fl.config import FLConfig
+
+
+def _model(seed: int = 0, hidden: int = 16):
+    from seekdeep.models.llama import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig.from_name("tiny", vocab_size=64, hidden_size=hidden, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+                                   bos_token_id=None, eos_token_id=None, pad_token_id=None, attention_backend="sdpa")
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.init_weights()
+    return model
+
+
+class _Batches:
+    """A fixed seeded token stream with TokenWindows' next_batch()."""
+
+    def __init__(self, seed: int):
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def next_batch(self) -> torch.Tensor:
+        return torch.randint(0, 64, (2, 16), generator=self.gen)
+
+
+def _vector(model) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in trainable_params(model, "full").values()])
+
+
+def test_kept_state_continues_training_as_one_optimizer():
+    # anchor: one AdamW over two rounds of 3 steps
+    anchor = _model()
+    named = trainable_params(anchor, "full")
+    one = make_optimizer(list(named.values()), 1e-2)
+    local_train(anchor, _Batches(1), 3, 1e-2, "full", optimizer=one)
+    local_train(anchor, _Batches(2), 3, 1e-2, "full", optimizer=one)
+    # the site: round 1's state saved in the node state, loaded into round 2's fresh AdamW
+    site = _model()
+    cfg = FLConfig(method="full", lr=1e-2)
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    first, step, note = site_optimizer(site, cfg, context)
+    assert step == 0 and note.startswith("fresh")
+    local_train(site, _Batches(1), 3, 1e-2, "full", optimizer=first)
+    keep_client_optimizer(context.state, first, trainable_params(site, "full"), "full")
+    second, step, note = site_optimizer(site, cfg, context)
+    assert step == 3 and note.startswith("kept")
+    for p_first, p_second in zip(trainable_params(site, "full").values(), second.param_groups[0]["params"]):
+        assert p_first is p_second
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(first.state[p_first][key], second.state[p_second][key])
+        assert int(second.state[p_second]["step"]) == 3
+    local_train(site, _Batches(2), 3, 1e-2, "full", optimizer=second)
+    assert torch.equal(_vector(site), _vector(anchor))
+    # a fresh AdamW in round 2 (client_optimizer="reset") lands elsewhere
+    reset = _model()
+    local_train(reset, _Batches(1), 3, 1e-2, "full")
+    local_train(reset, _Batches(2), 3, 1e-2, "full")
+    assert (_vector(reset) - _vector(anchor)).abs().max() > 1e-4
+    _, step, note = site_optimizer(reset, FLConfig(method="full", client_optimizer="reset"), context)
+    assert step == 0 and note.startswith("reset")
+
+
+def test_state_of_other_tensors_is_dropped_with_the_reason():
+    from seekdeep.peft.config import parse_lora_spec
+
+    model = _model()
+    named = trainable_params(model, "full")
+    optimizer = make_optimizer(list(named.values()), 1e-2)
+    local_train(model, _Batches(1), 2, 1e-2, "full", optimizer=optimizer)
+    state = RecordDict()
+    keep_client_optimizer(state, optimizer, named, "full")
+    # another model width: same names, other shapes
+    wider = _model(hidden=24)
+    fresh = make_optimizer(list(trainable_params(wider, "full").values()), 1e-2)
+    step, note = restore_client_optimizer(state, fresh, trainable_params(wider, "full"), "full")
+    assert step == 0 and note.startswith("dropped") and "is (64, 24)" in note and "(64, 16)" in note and not fresh.state
+    # the adapter of a LoRA run: other tensors
+    lora = _model()
+    lora.add_adapter("default", parse_lora_spec("r=2,alpha=4,targets=q_proj"))
+    adapter = trainable_params(lora, "lora")
+    fresh = make_optimizer(list(adapter.values()), 1e-2)
+    step, note = restore_client_optimizer(state, fresh, adapter, "lora")
+    assert step == 0 and note.startswith("dropped") and "lora" in note and not fresh.state
+
+
+def test_client_optimizer_is_validated():
+    with pytest.raises(ConfigError, match="client_optimizer"):
+        FLConfig(client_optimizer="sometimes")
