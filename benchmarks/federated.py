@@ -315,7 +315,7 @@ def quality(args) -> None:
                           file=sys.stderr, flush=True)
 
                 steps_per_client = total_rounds * cfg.local_steps
-                if split == "iid":  # the pooled data is the same for both splits: train centralized once
+                if split == "iid" and args.anchors:  # the pooled data is the same for both splits: train centralized once
                     central_lr = args.central_lr or cfg.learning_rate
                     for name, mult, batch in ((anchor_a, k, cfg.batch_size), (anchor_b, 1, k * cfg.batch_size)):
                         torch.manual_seed(seed)
@@ -324,6 +324,7 @@ def quality(args) -> None:
                                                   batch, seed, tmp, f"pooled-{seed}-{batch}")
                         record(name, _train_curve(central, windows, mult * steps_per_client, central_lr, cfg, args,
                                                   evaluate, {r: mult * r * cfg.local_steps for r in budgets}))
+                if split == "iid":
                     rows.setdefault(("initial", 0), []).append(evaluate(load_initial_model(init_dir, cfg.method)))
                 variants = [("fedavg", "", {})]
                 if args.server_lr != 1.0 or args.server_momentum != 0.0:
@@ -360,8 +361,8 @@ def quality(args) -> None:
                              "the same examples)"}
     for (name, r), losses in rows.items():
         ppl = [math.exp(x) for x in losses]
-        for anchor_name in (anchor_a, anchor_b):
-            anchor_ppl = [math.exp(x) for x in rows[(anchor_name, r)]] if r else [math.nan] * seeds
+        for anchor_name in (anchor_a, anchor_b) if args.anchors else ("",):
+            anchor_ppl = [math.exp(x) for x in rows[(anchor_name, r)]] if r and args.anchors else [math.nan] * seeds
             # the ratio per seed (same initial model and data), then its mean and spread
             ratios = [p / a for p, a in zip(ppl, anchor_ppl)]
             emit(f"held-out perplexity: {name}", float(np.mean(ppl)), "ppl", float(np.mean(anchor_ppl)), anchor_name,
@@ -374,7 +375,8 @@ def quality(args) -> None:
                  seq_len=args.seq_len, clients=k, lr=args.lr, central_lr=args.central_lr or args.lr,
                  schedule=args.schedule, server_lr=args.server_lr, server_momentum=args.server_momentum,
                  eval_windows_per_client=args.eval_batches * args.eval_batch_size,
-                 anchor_definition=definitions[anchor_name],
+                 anchor_definition=definitions.get(anchor_name, "none: --no-anchors (a lever screen; the "
+                                                                "anchors of the same seed come from another run)"),
                  aggregation="in-process, ServerAggregator + 16-bit stochastic quantisation",
                  load_end=os.getloadavg()[0], seconds=round(time.perf_counter() - started, 1))
 
@@ -407,6 +409,9 @@ def main() -> int:
     parser.add_argument("--fedprox", action="store_true", help="quality: also FedProx (--proximal-mu)")
     parser.add_argument("--splits", type=lambda s: s.split(","), default=["iid", "package"],
                         help="quality: comma-separated splits (iid first: it defines the anchors and the eval set)")
+    parser.add_argument("--no-anchors", dest="anchors", action="store_false",
+                        help="quality: skip the centralized anchors (a screen of federated settings whose anchors, "
+                             "deterministic per seed, another run measured)")
     parser.add_argument("--no-local-only", dest="local_only", action="store_false",
                         help="quality: skip the local-only models (the floor)")
     parser.add_argument("--local-package", action="store_true",
