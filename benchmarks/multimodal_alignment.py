@@ -15,6 +15,8 @@ line per result (mean and std over seeds; anchors measured in the same run).
     .venv/bin/python benchmarks/multimodal_alignment.py --seeds 3 --align-steps 150 --fusion-steps 150
     .venv/bin/python benchmarks/multimodal_alignment.py --parts fusion --seeds 5 --fusion-steps 300 --fusion-audio-snr 0
     .venv/bin/python benchmarks/multimodal_alignment.py --parts fusion --fusion-modalities text,image,audio --fusion-audio-snr 0
+    .venv/bin/python benchmarks/multimodal_alignment.py --parts fusion --seeds 5 --fusion-steps 1000 --fusion-schedule cosine \
+        --fusion-warmup 50 --fusion-audio-snr 0 --fusion-eval-repeats 3 --fusion-beyond --bootstrap 500 --fusion-workers 2
     .venv/bin/python benchmarks/multimodal_alignment.py --parts align --objectives contrastive contrastive,distill,missing
 """
 
@@ -59,7 +61,23 @@ def main() -> None:
                              "(text corrupted by token drop: caption words -> <unk>)")
     parser.add_argument("--fusion-aux-weight", type=float, default=0.0,
                         help="> 0: per-modality auxiliary heads with this loss weight on concat / sum / gmu (not unified: one trunk)")
+    parser.add_argument("--fusion-schedule", default="constant", choices=("constant", "cosine"),
+                        help="the fusion runs' learning rate: constant 3e-3, or warmup + cosine decay to 0.1x (a stable last iterate)")
+    parser.add_argument("--fusion-warmup", type=int, default=0, help="warmup steps of --fusion-schedule cosine")
+    parser.add_argument("--fusion-eval-repeats", type=int, default=1,
+                        help="corruption draws per test level, averaged (the first is the single-draw one)")
+    parser.add_argument("--fusion-beyond", action="store_true",
+                        help="also image noise std 8, 16 and audio -20, -30 dB: past the training augmentation's range, "
+                             "reported as separate auc_beyond_* lines (mean accuracy there / clean)")
+    parser.add_argument("--fusion-workers", type=int, default=1,
+                        help="processes for the (seed, variant) fusion runs (each --threads); the numbers do not depend on it")
+    parser.add_argument("--bootstrap", type=int, default=0,
+                        help="> 0: resample the test set this many times per seed for the test-sample std of each paired area difference")
     args = parser.parse_args()
+    if not (0 <= args.fusion_warmup < max(args.fusion_steps, 1) and 1 <= args.fusion_eval_repeats <= 100 and 1 <= args.fusion_workers <= 16
+            and 0 <= args.bootstrap <= 100_000):
+        parser.error("--fusion-warmup in [0, --fusion-steps), --fusion-eval-repeats in [1, 100], --fusion-workers in [1, 16], "
+                     "--bootstrap in [0, 100000]")
     if args.seeds < 3:
         parser.error("--seeds: tiny-scale quality comparisons need >= 3 seeds")
     bad = sorted(set(args.fusion_modalities.split(",")) - {"image", "audio", "text"})
@@ -139,7 +157,78 @@ def main() -> None:
     if "fusion" not in args.parts:
         return
     # -- fusion robustness
+    fusion_part(args, train, test, tokenizer, featurize, train_mel, mean, std, device, common, started)
+
+
+# one (seed, variant) fusion run; module-level so forked workers (--fusion-workers) find the data
+_FUSION: dict = {}
+FUSIONS = ("concat", "sum", "gmu", "unified")
+
+
+def fusion_job(job: tuple[int, str]) -> tuple[int, str, dict]:
+    from seekdeep.multimodal.fusion import FusionConfig, build_image_audio_model, count_parameters
+    from seekdeep.multimodal.robustness import beyond_area, noise_curves, normalised_auc, removal_effects, train_fusion
+
+    seed, variant = job
+    ctx, args = _FUSION, _FUSION["args"]
+    torch.set_num_threads(args.threads)
+    mods = ctx["variants"][variant]
+    torch.manual_seed(seed)
+    fusion = variant if variant in FUSIONS else "concat"
+    aux = args.fusion_aux_weight if len(mods) > 1 and fusion != "unified" else 0.0
+    cfg = FusionConfig(fusion=fusion, modalities=mods, modality_dropout=0.2 if len(mods) > 1 else 0.0, aux_weight=aux)
+    model = build_image_audio_model(cfg, 16, ctx["mel_shape"], ctx["mean"], ctx["std"], text_vocab_size=ctx["vocab"])
+    t0 = time.time()
+    losses = train_fusion(model, ctx["data"], ctx["featurize"], steps=args.fusion_steps, seed=seed, schedule=args.fusion_schedule,
+                          warmup=args.fusion_warmup)
+    curves = noise_curves(model, ctx["held"], ctx["featurize"], seed=seed, repeats=args.fusion_eval_repeats, beyond=args.fusion_beyond,
+                          per_sample=True)
+    r = {"clean": next(iter(curves.values()))[0]["accuracy"], "train_loss_last50": float(np.mean(losses[-50:])),
+         # inference parameters: the auxiliary heads only train
+         "params": count_parameters(model) - (count_parameters(model.aux) if getattr(model, "aux", None) is not None else 0),
+         "levels": {}, "correct": {}}
+    for name, curve in curves.items():
+        r[f"auc_{name}"] = normalised_auc(curve)
+        inside = [p for p in curve if not p.get("beyond")]
+        r[f"worst_{name}"] = inside[-1]["accuracy"]  # accuracy at the strongest in-range corruption
+        if beyond_area(curve) is not None:
+            r[f"auc_beyond_{name}"] = beyond_area(curve)
+        r["levels"][name] = [{k: v for k, v in p.items() if k != "correct"} for p in curve]
+        r["correct"][name] = torch.stack([p["correct"] for p in curve]).numpy()  # (levels, N): for the bootstrap
+        for m in mods:  # the GMU's mean weight on each modality, clean vs the strongest in-range corruption
+            if f"alpha_{m}" in curve[0]:
+                r[f"alpha_{m}_clean/{name}"] = curve[0][f"alpha_{m}"]
+                r[f"alpha_{m}_worst/{name}"] = inside[-1][f"alpha_{m}"]
+    if len(mods) > 1:  # accuracy change with each modality removed: ~0 means the model ignores it
+        r.update({k: v for k, v in removal_effects(model, ctx["held"], ctx["featurize"]).items() if k != "clean"})
+    r["seconds"] = time.time() - t0
+    return seed, variant, r
+
+
+def bootstrap_paired_std(a: np.ndarray, b: np.ndarray, n: int, seed: int, beyond: np.ndarray | None = None) -> tuple[float, float]:
+    """The test-sample part of a paired area difference: resample the test set (with replacement)
+    ``n`` times and recompute area(a) - area(b) from per-sample correctness ((levels, N) each); the
+    std of that difference (evaluation noise at this test-set size) for the in-range area and,
+    with ``beyond`` (a (levels,) bool mask), the beyond-range one."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(a.shape[1], size=(n, a.shape[1]))
+    inside = ~beyond if beyond is not None else np.ones(a.shape[0], bool)
+
+    def areas(c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        acc = c[:, idx].mean(-1).T  # (n, levels)
+        clean = np.maximum(acc[:, :1], 1e-9)
+        ins = acc[:, inside]
+        auc = np.trapezoid(ins, dx=1.0 / (ins.shape[1] - 1), axis=1) / clean[:, 0]
+        out = acc[:, ~inside].mean(1) / clean[:, 0] if (~inside).any() else np.zeros(n)
+        return auc, out
+
+    (ia, oa), (ib, ob) = areas(a), areas(b)
+    return float((ia - ib).std(ddof=1)), float((oa - ob).std(ddof=1))
+
+
+def fusion_part(args, train, test, tokenizer, featurize, train_mel, mean, std, device, common, started) -> None:
     from seekdeep.multimodal.fusion import corrupt_audio
+    from seekdeep.multimodal.robustness import FusionData
 
     g = torch.Generator().manual_seed(1234)
     unk = tokenizer.unk_token_id
@@ -149,35 +238,32 @@ def main() -> None:
                       test.attention_mask, unk)
     modalities = tuple(m.strip() for m in args.fusion_modalities.split(",") if m.strip())
     common = {**common, "fusion_audio_snr_db": args.fusion_audio_snr, "modalities": list(modalities),
-              "fusion_aux_weight": args.fusion_aux_weight}
-    variants = {**{f: modalities for f in ("concat", "sum", "gmu", "unified")}, **{f"{m}_only": (m,) for m in modalities}}
-    results: dict[str, dict[str, list[float]]] = {v: {} for v in variants}
-    params = {}
-    for seed in range(args.seeds):
-        for variant, mods in variants.items():
-            torch.manual_seed(seed)
-            fusion = variant if variant in ("concat", "sum", "gmu", "unified") else "concat"
-            aux = args.fusion_aux_weight if len(mods) > 1 and fusion != "unified" else 0.0
-            cfg = FusionConfig(fusion=fusion, modalities=mods, modality_dropout=0.2 if len(mods) > 1 else 0.0, aux_weight=aux)
-            model = build_image_audio_model(cfg, 16, tuple(train_mel.shape[1:]), mean, std, text_vocab_size=len(tokenizer))
-            # inference parameters: the auxiliary heads only train
-            params[variant] = count_parameters(model) - (count_parameters(model.aux) if getattr(model, "aux", None) is not None else 0)
-            train_fusion(model, data, featurize, steps=args.fusion_steps, seed=seed)
-            curves = noise_curves(model, held, featurize, seed=seed)
-            r = results[variant]
-            r.setdefault("clean", []).append(next(iter(curves.values()))[0]["accuracy"])
-            for name, curve in curves.items():
-                r.setdefault(f"auc_{name}", []).append(normalised_auc(curve))
-                r.setdefault(f"worst_{name}", []).append(curve[-1]["accuracy"])  # accuracy at the strongest corruption
-                for m in mods:  # the GMU's mean weight on each modality, clean vs the strongest corruption
-                    if f"alpha_{m}" in curve[0]:
-                        r.setdefault(f"alpha_{m}_clean/{name}", []).append(curve[0][f"alpha_{m}"])
-                        r.setdefault(f"alpha_{m}_worst/{name}", []).append(curve[-1][f"alpha_{m}"])
-            if len(mods) > 1:  # accuracy change with each modality removed: ~0 means the model ignores it
-                for k, v in removal_effects(model, held, featurize).items():
-                    if k != "clean":
-                        r.setdefault(k, []).append(v)
-            print(f"# fusion seed {seed} {variant} clean {r['clean'][-1]:.3f} ({time.time() - started:.0f} s)", file=sys.stderr, flush=True)
+              "fusion_aux_weight": args.fusion_aux_weight, "fusion_steps": args.fusion_steps, "fusion_schedule": args.fusion_schedule,
+              "fusion_warmup": args.fusion_warmup, "eval_repeats": args.fusion_eval_repeats, "test_samples": len(held)}
+    variants = {**{f: modalities for f in FUSIONS}, **{f"{m}_only": (m,) for m in modalities}}
+    _FUSION.update(args=args, variants=variants, data=data, held=held, featurize=featurize, mel_shape=tuple(train_mel.shape[1:]),
+                   mean=mean, std=std, vocab=len(tokenizer))
+    jobs = [(seed, v) for seed in range(args.seeds) for v in variants]
+    results: dict[str, dict[str, list]] = {v: {} for v in variants}
+    per_seed: dict[tuple[int, str], dict] = {}
+    if args.fusion_workers > 1:  # forked: the workers inherit _FUSION; every job seeds itself, so the split changes no number
+        import multiprocessing
+
+        pool = multiprocessing.get_context("fork").Pool(args.fusion_workers)
+        done = pool.imap_unordered(fusion_job, jobs)
+    else:
+        pool, done = None, map(fusion_job, jobs)
+    for seed, variant, r in done:
+        per_seed[(seed, variant)] = r
+        print(f"# fusion seed {seed} {variant} clean {r['clean']:.3f} train loss {r['train_loss_last50']:.3f} "
+              f"({r['seconds']:.0f} s; {time.time() - started:.0f} s total)", file=sys.stderr, flush=True)
+    if pool is not None:
+        pool.close()
+        pool.join()
+    for (seed, variant), r in sorted(per_seed.items()):  # seed order, whatever order the workers finished in
+        for k, v in r.items():
+            if isinstance(v, (int, float)):
+                results[variant].setdefault(k, []).append(v)
     best_single = [max(c) for c in zip(*(results[f"{m}_only"]["clean"] for m in modalities))]
     concat = results["concat"]
     for variant in variants:
@@ -185,18 +271,29 @@ def main() -> None:
         clean_mean, clean_std = stats(r["clean"])
         gap = stats([c - b for c, b in zip(r["clean"], best_single)])
         emit(f"fusion/{variant}/clean_accuracy", clean_mean, "fraction", stats(concat["clean"])[0], "concat", device, std=clean_std,
-             gap_over_best_single_mean=gap[0], gap_over_best_single_std=gap[1], parameters=params[variant], **common)
+             gap_over_best_single_mean=gap[0], gap_over_best_single_std=gap[1], parameters=r["params"][0],
+             train_loss_last50=stats(r["train_loss_last50"])[0], values=[round(v, 4) for v in r["clean"]], **common)
         for key in sorted(k for k in r if k.startswith(("auc_", "worst_"))):
             if key not in concat:
                 continue
             m, s = stats(r[key])
             cm, cs = stats(concat[key])
             # paired over seeds (same data order, same init seed): the spread of the difference, not of each side
-            diff = stats([a - b for a, b in zip(r[key], concat[key])])
-            emit(f"fusion/{variant}/{key}", m, "normalised AUC" if key.startswith("auc_") else "accuracy", cm, "concat", device, std=s, anchor_std=cs, clean_accuracy=clean_mean,
-                 gap_over_best_single=gap[0], paired_diff_mean=diff[0], paired_diff_std=diff[1],
+            diffs = [a - b for a, b in zip(r[key], concat[key])]
+            diff = stats(diffs)
+            extra = {}
+            if key.startswith("auc_") and args.bootstrap and variant != "concat":
+                name = key.removeprefix("auc_beyond_").removeprefix("auc_")
+                boot = [bootstrap_paired_std(per_seed[(s_, variant)]["correct"][name], per_seed[(s_, "concat")]["correct"][name],
+                                             args.bootstrap, s_, np.array([bool(p.get("beyond")) for p in per_seed[(s_, variant)]["levels"][name]]))
+                        for s_ in range(args.seeds)]
+                extra["paired_diff_test_sample_std"] = float(np.mean([b[1 if key.startswith("auc_beyond_") else 0] for b in boot]))
+            t = diff[0] / (diff[1] / np.sqrt(len(diffs))) if diff[1] > 0 else None
+            emit(f"fusion/{variant}/{key}", m, "normalised AUC" if key.startswith("auc_") else "accuracy", cm, "concat", device, std=s,
+                 anchor_std=cs, clean_accuracy=clean_mean, gap_over_best_single=gap[0], paired_diff_mean=diff[0], paired_diff_std=diff[1],
+                 paired_diffs=[round(d, 4) for d in diffs], ahead_in=sum(d > 0 for d in diffs), paired_t=t,
                  relative_gain=(m / cm - 1) if cm else None, values=[round(v, 4) for v in r[key]],
-                 anchor_values=[round(v, 4) for v in concat[key]], **common)
+                 anchor_values=[round(v, 4) for v in concat[key]], **extra, **common)
         for key in sorted(k for k in r if k.startswith("without_")):
             m, s = stats(r[key])
             emit(f"fusion/{variant}/{key}", m, "accuracy change", 0.0, "with every modality", device, std=s, clean_accuracy=clean_mean,
@@ -206,8 +303,21 @@ def main() -> None:
             m, s = stats(r[key])
             cm, cs = stats(r[clean_key])
             emit(f"fusion/{variant}/{key}", m, f"mean alpha ({key.split('_')[1]})", cm, "clean input, same model", device, std=s, anchor_std=cs, **common)
-    emit("fusion/unified_vs_separate/parameters", params["unified"], "parameters", params["gmu"], "separate towers + gmu head", device,
-         unified_clean=stats(results["unified"]["clean"])[0], separate_clean=stats(results["gmu"]["clean"])[0], **common)
+        # the whole curve: accuracy (and the GMU's alpha) per level, mean ± std over seeds
+        for name, curve in per_seed[(0, variant)]["levels"].items():
+            for i, point in enumerate(curve):
+                acc = [per_seed[(s_, variant)]["levels"][name][i]["accuracy"] for s_ in range(args.seeds)]
+                alphas = {k: stats([per_seed[(s_, variant)]["levels"][name][i][k] for s_ in range(args.seeds)])
+                          for k in point if k.startswith("alpha_")}
+                anchor = stats([per_seed[(s_, "concat")]["levels"][name][i]["accuracy"] for s_ in range(args.seeds)]) \
+                    if name in per_seed[(0, "concat")]["levels"] else (None, None)
+                emit(f"fusion/{variant}/curve/{name}@{point['level']}", stats(acc)[0], "accuracy", anchor[0], "concat", device,
+                     std=stats(acc)[1], anchor_std=anchor[1], beyond_training_range=bool(point.get("beyond")),
+                     **{f"{k}_mean": round(v[0], 4) for k, v in alphas.items()}, **{f"{k}_std": round(v[1], 4) for k, v in alphas.items()},
+                     values=[round(a, 4) for a in acc], **common)
+    emit("fusion/unified_vs_separate/parameters", results["unified"]["params"][0], "parameters", results["gmu"]["params"][0],
+         "separate towers + gmu head", device, unified_clean=stats(results["unified"]["clean"])[0],
+         separate_clean=stats(results["gmu"]["clean"])[0], **common)
     print(f"# total {time.time() - started:.0f} s", file=sys.stderr)
 
 

@@ -200,3 +200,49 @@ def test_auxiliary_heads_add_each_present_modalitys_loss():
     assert model("gmu")({"image": x["image"], "audio": torch.randn(4, 8, 9)}).aux_logits is None  # off by default
     with pytest.raises(ConfigError, match="aux_weight"):
         FusionConfig(fusion="unified", aux_weight=0.5)
+
+
+def test_protocol_repeats_beyond_range_levels_and_cosine_schedule():
+    import numpy as np
+
+    from seekdeep.multimodal.robustness import (AUDIO_SNR, IMAGE_NOISE, IMAGE_NOISE_BEYOND, Featurizer, FusionData, beyond_area, evaluate,
+                                                noise_curves, normalised_auc, train_fusion)
+
+    g = torch.Generator().manual_seed(0)
+    pixels, audio = torch.randn(40, 3, 8, 8, generator=g), torch.randn(40, 800, generator=g)
+    data = FusionData(pixels, audio, torch.arange(40) % 10)
+    featurize = Featurizer()
+    mel = featurize(audio[:2])
+    torch.manual_seed(0)
+    m = build_image_audio_model(FusionConfig(fusion="gmu", hidden_size=16, num_heads=2), 8, tuple(mel.shape[1:]), torch.zeros(mel.shape[1]),
+                                torch.ones(mel.shape[1]))
+    # every step's learning rate, read where the scheduler has set it: warmup, then cosine decay to 0.1x
+    lrs = []
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    hook = register_optimizer_step_pre_hook(lambda opt, args, kwargs: lrs.append(opt.param_groups[0]["lr"]))
+    try:
+        train_fusion(m, data, featurize, steps=6, batch_size=8, lr=1e-3, schedule="cosine", warmup=2)
+    finally:
+        hook.remove()
+    assert lrs[:3] == pytest.approx([5e-4, 1e-3, 1e-3]) and all(a > b for a, b in zip(lrs[2:], lrs[3:])) and lrs[-1] > 1e-4
+    with pytest.raises(ConfigError, match="schedule"):
+        train_fusion(m, data, featurize, steps=1, schedule="linear")
+    # repeats: the first draw is the single-draw evaluation; per-sample shares average to the accuracy
+    one = evaluate(m, data, featurize, "gaussian", 1.0, per_sample=True)
+    three = evaluate(m, data, featurize, "gaussian", 1.0, repeats=3, per_sample=True)
+    assert one["accuracy"] == evaluate(m, data, featurize, "gaussian", 1.0)["accuracy"] == pytest.approx(float(one["correct"].mean()))
+    assert three["correct"].shape == (40,) and three["accuracy"] == pytest.approx(float(three["correct"].mean()))
+    assert set(three["correct"].unique().tolist()) <= {0.0, 1 / 3, 2 / 3, 1.0}
+    with pytest.raises(ConfigError, match="repeats"):
+        evaluate(m, data, featurize, repeats=0)
+    # beyond-range points: marked, left out of the in-range area, averaged apart
+    curves = noise_curves(m, data, featurize, beyond=True)
+    levels = [p["level"] for p in curves["image_gaussian"]]
+    assert levels == list(IMAGE_NOISE + IMAGE_NOISE_BEYOND) and len(curves["audio_snr"]) == len(AUDIO_SNR) + 2
+    assert normalised_auc(curves["image_gaussian"]) == normalised_auc(noise_curves(m, data, featurize)["image_gaussian"])
+    curve = [{"accuracy": 0.8}, {"accuracy": 0.6}, {"accuracy": 0.4}, {"accuracy": 0.2, "beyond": True}, {"accuracy": 0.1, "beyond": True}]
+    assert normalised_auc(curve) == pytest.approx((0.4 + 0.6 + 0.2) / 2 / 0.8)  # trapezoid over the in-range three
+    assert beyond_area(curve) == pytest.approx(0.15 / 0.8) and beyond_area(curve[:3]) is None
+    assert np.isclose(beyond_area(curves["audio_snr"]) * curves["audio_snr"][0]["accuracy"],
+                      np.mean([p["accuracy"] for p in curves["audio_snr"][-2:]]))
