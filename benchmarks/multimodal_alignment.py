@@ -201,8 +201,34 @@ def fusion_job(job: tuple[int, str]) -> tuple[int, str, dict]:
                 r[f"alpha_{m}_worst/{name}"] = inside[-1][f"alpha_{m}"]
     if len(mods) > 1:  # accuracy change with each modality removed: ~0 means the model ignores it
         r.update({k: v for k, v in removal_effects(model, ctx["held"], ctx["featurize"]).items() if k != "clean"})
+    if fusion in ("concat", "sum", "gmu") and len(mods) > 1:
+        add_logit_shares(model, ctx["held"], ctx["featurize"], seed, r["levels"])
     r["seconds"] = time.time() - t0
     return seed, variant, r
+
+
+def add_logit_shares(model, held, featurize, seed: int, levels: dict[str, list[dict]]) -> None:
+    """Each modality's share of the class-discriminative logit mass (robustness.logit_shares) at
+    every image-noise / occlusion / audio-SNR level: how much a head without a gate (concat, sum)
+    still down-weights the corrupted modality, next to the GMU's alpha. Adds ``share_<m>`` to each point."""
+    from seekdeep.multimodal.fusion import corrupt_audio, corrupt_image, corrupt_text
+    from seekdeep.multimodal.robustness import logit_contributions, logit_shares
+
+    g = torch.Generator().manual_seed(20_000 + seed)
+    mods = model.config.modalities
+    for name, curve in levels.items():
+        for point in curve:
+            lv = point["level"]
+            x = {"image": held.pixel_values, "audio": held.audio, "text": held.input_ids}
+            if name.startswith("image_") and lv > 0:
+                x["image"] = corrupt_image(x["image"], name.removeprefix("image_"), lv, g)
+            elif name == "audio_snr":
+                x["audio"] = corrupt_audio(x["audio"], lv, g)
+            elif name == "text_drop" and lv > 0:
+                x["text"] = corrupt_text(x["text"], held.attention_mask, lv, held.unk_token_id, g)
+            x["audio"] = featurize(x["audio"])
+            shares = logit_shares(logit_contributions(model, {m: x[m] for m in mods}))
+            point.update({f"share_{m}": v for m, v in shares.items()})
 
 
 def bootstrap_paired_std(a: np.ndarray, b: np.ndarray, n: int, seed: int, beyond: np.ndarray | None = None) -> tuple[float, float]:
@@ -308,7 +334,7 @@ def fusion_part(args, train, test, tokenizer, featurize, train_mel, mean, std, d
             for i, point in enumerate(curve):
                 acc = [per_seed[(s_, variant)]["levels"][name][i]["accuracy"] for s_ in range(args.seeds)]
                 alphas = {k: stats([per_seed[(s_, variant)]["levels"][name][i][k] for s_ in range(args.seeds)])
-                          for k in point if k.startswith("alpha_")}
+                          for k in point if k.startswith(("alpha_", "share_"))}
                 anchor = stats([per_seed[(s_, "concat")]["levels"][name][i]["accuracy"] for s_ in range(args.seeds)]) \
                     if name in per_seed[(0, "concat")]["levels"] else (None, None)
                 emit(f"fusion/{variant}/curve/{name}@{point['level']}", stats(acc)[0], "accuracy", anchor[0], "concat", device,

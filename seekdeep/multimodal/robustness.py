@@ -251,3 +251,35 @@ def removal_effects(model: nn.Module, data: FusionData, featurize: Featurizer) -
         for m in model.config.modalities:
             out[f"without_{m}"] = evaluate(model, data, featurize, drop=m)["accuracy"] - clean
     return out
+
+
+@torch.no_grad()
+def logit_contributions(model: nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each modality's additive part of a late-fusion head's logits (every modality present):
+    concat ``W_m h_m`` (W's block for modality m), sum ``W h_m``, gmu ``alpha_m W h_m``; they sum
+    with the bias to the logits. name -> (N, classes)."""
+    from seekdeep.multimodal.fusion import FusionClassifier
+
+    if not isinstance(model, FusionClassifier):
+        raise ConfigError("model", f"needs separate towers and a concat / sum / gmu head, got {type(model).__name__}")
+    mods = model.config.modalities
+    if set(inputs) != set(mods) or any(v is None for v in inputs.values()):
+        raise ConfigError("inputs", f"give every modality {mods}, got {sorted(k for k, v in inputs.items() if v is not None)}")
+    hs = [torch.tanh(model.proj[m](model.towers[m](inputs[m]))) for m in mods]  # M x (N, H)
+    weight, hidden = model.classifier.weight, model.config.hidden_size  # (C, M*H or H)
+    if model.config.fusion == "concat":
+        return {m: h @ weight[:, i * hidden : (i + 1) * hidden].T for i, (m, h) in enumerate(zip(mods, hs))}
+    if model.config.fusion == "sum":
+        return {m: h @ weight.T for m, h in zip(mods, hs)}
+    alpha = torch.softmax(model.gate(torch.cat(hs, dim=-1)), dim=-1)  # (N, M)
+    return {m: alpha[:, i : i + 1] * (h @ weight.T) for i, (m, h) in enumerate(zip(mods, hs))}
+
+
+def logit_shares(contributions: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Mean over samples of each modality's share of the class-discriminative logit mass: the
+    norm of its contribution with the per-sample mean over classes removed (softmax ignores a
+    constant), over the sum of those norms. The implicit counterpart of the GMU's alpha, for any
+    late-fusion head."""
+    norms = torch.stack([(c - c.mean(-1, keepdim=True)).norm(dim=-1) for c in contributions.values()], 1)  # (N, M)
+    shares = norms / norms.sum(1, keepdim=True).clamp_min(1e-12)
+    return {m: float(s) for m, s in zip(contributions, shares.mean(0))}

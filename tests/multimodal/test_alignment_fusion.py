@@ -246,3 +246,22 @@ def test_protocol_repeats_beyond_range_levels_and_cosine_schedule():
     assert beyond_area(curve) == pytest.approx(0.15 / 0.8) and beyond_area(curve[:3]) is None
     assert np.isclose(beyond_area(curves["audio_snr"]) * curves["audio_snr"][0]["accuracy"],
                       np.mean([p["accuracy"] for p in curves["audio_snr"][-2:]]))
+
+
+@pytest.mark.parametrize("fusion", ["concat", "sum", "gmu"])
+def test_logit_contributions_sum_to_the_logits(fusion):
+    from seekdeep.multimodal.robustness import logit_contributions, logit_shares
+
+    m = model(fusion)
+    x = {"image": torch.randn(5, 3, 8, 8), "audio": torch.randn(5, 8, 9)}
+    parts = logit_contributions(m, x)
+    with torch.no_grad():
+        out = m(x)
+    torch.testing.assert_close(parts["image"] + parts["audio"] + m.classifier.bias, out.logits, atol=1e-5, rtol=1e-5)
+    shares = logit_shares(parts)
+    assert sum(shares.values()) == pytest.approx(1.0) and all(0 < v < 1 for v in shares.values())
+    assert logit_shares({"image": parts["image"], "audio": parts["audio"] + 7.0})["audio"] == pytest.approx(shares["audio"], abs=1e-5)
+    with pytest.raises(ConfigError, match="inputs"):
+        logit_contributions(m, {"image": x["image"]})
+    with pytest.raises(ConfigError, match="model"):
+        logit_contributions(model("unified"), x)
