@@ -71,6 +71,10 @@ def main() -> None:
                              "reported as separate auc_beyond_* lines (mean accuracy there / clean)")
     parser.add_argument("--fusion-workers", type=int, default=1,
                         help="processes for the (seed, variant) fusion runs (each --threads); the numbers do not depend on it")
+    parser.add_argument("--fusion-variants", default="concat,sum,gmu,unified",
+                        help="fusion heads to train (concat, the anchor, always; the single-modality models always)")
+    parser.add_argument("--fusion-augment-p", type=float, default=0.5,
+                        help="share of training samples with one modality corrupted (0: no corruption augmentation, an ablation)")
     parser.add_argument("--bootstrap", type=int, default=0,
                         help="> 0: resample the test set this many times per seed for the test-sample std of each paired area difference")
     args = parser.parse_args()
@@ -78,6 +82,9 @@ def main() -> None:
             and 0 <= args.bootstrap <= 100_000):
         parser.error("--fusion-warmup in [0, --fusion-steps), --fusion-eval-repeats in [1, 100], --fusion-workers in [1, 16], "
                      "--bootstrap in [0, 100000]")
+    bad = sorted(set(args.fusion_variants.split(",")) - {"concat", "sum", "gmu", "unified"})
+    if bad or not 0 <= args.fusion_augment_p <= 1:
+        parser.error(f"--fusion-variants: unknown {bad}; accepted: concat, sum, gmu, unified; --fusion-augment-p in [0, 1]")
     if args.seeds < 3:
         parser.error("--seeds: tiny-scale quality comparisons need >= 3 seeds")
     bad = sorted(set(args.fusion_modalities.split(",")) - {"image", "audio", "text"})
@@ -180,7 +187,7 @@ def fusion_job(job: tuple[int, str]) -> tuple[int, str, dict]:
     model = build_image_audio_model(cfg, 16, ctx["mel_shape"], ctx["mean"], ctx["std"], text_vocab_size=ctx["vocab"])
     t0 = time.time()
     losses = train_fusion(model, ctx["data"], ctx["featurize"], steps=args.fusion_steps, seed=seed, schedule=args.fusion_schedule,
-                          warmup=args.fusion_warmup)
+                          warmup=args.fusion_warmup, augment_p=args.fusion_augment_p)
     curves = noise_curves(model, ctx["held"], ctx["featurize"], seed=seed, repeats=args.fusion_eval_repeats, beyond=args.fusion_beyond,
                           per_sample=True)
     r = {"clean": next(iter(curves.values()))[0]["accuracy"], "train_loss_last50": float(np.mean(losses[-50:])),
@@ -265,8 +272,10 @@ def fusion_part(args, train, test, tokenizer, featurize, train_mel, mean, std, d
     modalities = tuple(m.strip() for m in args.fusion_modalities.split(",") if m.strip())
     common = {**common, "fusion_audio_snr_db": args.fusion_audio_snr, "modalities": list(modalities),
               "fusion_aux_weight": args.fusion_aux_weight, "fusion_steps": args.fusion_steps, "fusion_schedule": args.fusion_schedule,
-              "fusion_warmup": args.fusion_warmup, "eval_repeats": args.fusion_eval_repeats, "test_samples": len(held)}
-    variants = {**{f: modalities for f in FUSIONS}, **{f"{m}_only": (m,) for m in modalities}}
+              "fusion_warmup": args.fusion_warmup, "eval_repeats": args.fusion_eval_repeats, "test_samples": len(held),
+              "fusion_augment_p": args.fusion_augment_p}
+    chosen = {"concat", *args.fusion_variants.split(",")}
+    variants = {**{f: modalities for f in FUSIONS if f in chosen}, **{f"{m}_only": (m,) for m in modalities}}
     _FUSION.update(args=args, variants=variants, data=data, held=held, featurize=featurize, mel_shape=tuple(train_mel.shape[1:]),
                    mean=mean, std=std, vocab=len(tokenizer))
     jobs = [(seed, v) for seed in range(args.seeds) for v in variants]
@@ -341,9 +350,10 @@ def fusion_part(args, train, test, tokenizer, featurize, train_mel, mean, std, d
                      std=stats(acc)[1], anchor_std=anchor[1], beyond_training_range=bool(point.get("beyond")),
                      **{f"{k}_mean": round(v[0], 4) for k, v in alphas.items()}, **{f"{k}_std": round(v[1], 4) for k, v in alphas.items()},
                      values=[round(a, 4) for a in acc], **common)
-    emit("fusion/unified_vs_separate/parameters", results["unified"]["params"][0], "parameters", results["gmu"]["params"][0],
-         "separate towers + gmu head", device, unified_clean=stats(results["unified"]["clean"])[0],
-         separate_clean=stats(results["gmu"]["clean"])[0], **common)
+    if "unified" in variants and "gmu" in variants:
+        emit("fusion/unified_vs_separate/parameters", results["unified"]["params"][0], "parameters", results["gmu"]["params"][0],
+             "separate towers + gmu head", device, unified_clean=stats(results["unified"]["clean"])[0],
+             separate_clean=stats(results["gmu"]["clean"])[0], **common)
     print(f"# total {time.time() - started:.0f} s", file=sys.stderr)
 
 
