@@ -75,6 +75,9 @@ def main() -> None:
                         help="fusion heads to train (concat, the anchor, always; the single-modality models always)")
     parser.add_argument("--fusion-augment-p", type=float, default=0.5,
                         help="share of training samples with one modality corrupted (0: no corruption augmentation, an ablation)")
+    parser.add_argument("--fusion-witness-dropout", type=float, default=0.0,
+                        help="> 0 (needs text in --fusion-modalities): the caption is also removed from this share of training samples, "
+                             "for every fusion variant (FusionConfig.witness_dropout): the fix for the GMU gate collapsing onto the text")
     parser.add_argument("--bootstrap", type=int, default=0,
                         help="> 0: resample the test set this many times per seed for the test-sample std of each paired area difference")
     args = parser.parse_args()
@@ -83,6 +86,8 @@ def main() -> None:
         parser.error("--fusion-warmup in [0, --fusion-steps), --fusion-eval-repeats in [1, 100], --fusion-workers in [1, 16], "
                      "--bootstrap in [0, 100000]")
     bad = sorted(set(args.fusion_variants.split(",")) - {"concat", "sum", "gmu", "unified"})
+    if not 0 <= args.fusion_witness_dropout < 1 or (args.fusion_witness_dropout > 0 and "text" not in args.fusion_modalities.split(",")):
+        parser.error("--fusion-witness-dropout: in [0, 1), and the witness is the text: needs text in --fusion-modalities")
     if bad or not 0 <= args.fusion_augment_p <= 1:
         parser.error(f"--fusion-variants: unknown {bad}; accepted: concat, sum, gmu, unified; --fusion-augment-p in [0, 1]")
     if args.seeds < 3:
@@ -183,7 +188,9 @@ def fusion_job(job: tuple[int, str]) -> tuple[int, str, dict]:
     torch.manual_seed(seed)
     fusion = variant if variant in FUSIONS else "concat"
     aux = args.fusion_aux_weight if len(mods) > 1 and fusion != "unified" else 0.0
-    cfg = FusionConfig(fusion=fusion, modalities=mods, modality_dropout=0.2 if len(mods) > 1 else 0.0, aux_weight=aux)
+    witness = args.fusion_witness_dropout if len(mods) > 1 else 0.0
+    cfg = FusionConfig(fusion=fusion, modalities=mods, modality_dropout=0.2 if len(mods) > 1 else 0.0, aux_weight=aux,
+                       witness="text" if witness else "", witness_dropout=witness)
     model = build_image_audio_model(cfg, 16, ctx["mel_shape"], ctx["mean"], ctx["std"], text_vocab_size=ctx["vocab"])
     t0 = time.time()
     losses = train_fusion(model, ctx["data"], ctx["featurize"], steps=args.fusion_steps, seed=seed, schedule=args.fusion_schedule,
@@ -273,7 +280,7 @@ def fusion_part(args, train, test, tokenizer, featurize, train_mel, mean, std, d
     common = {**common, "fusion_audio_snr_db": args.fusion_audio_snr, "modalities": list(modalities),
               "fusion_aux_weight": args.fusion_aux_weight, "fusion_steps": args.fusion_steps, "fusion_schedule": args.fusion_schedule,
               "fusion_warmup": args.fusion_warmup, "eval_repeats": args.fusion_eval_repeats, "test_samples": len(held),
-              "fusion_augment_p": args.fusion_augment_p}
+              "fusion_augment_p": args.fusion_augment_p, "fusion_witness_dropout": args.fusion_witness_dropout}
     chosen = {"concat", *args.fusion_variants.split(",")}
     variants = {**{f: modalities for f in FUSIONS if f in chosen}, **{f"{m}_only": (m,) for m in modalities}}
     _FUSION.update(args=args, variants=variants, data=data, held=held, featurize=featurize, mel_shape=tuple(train_mel.shape[1:]),

@@ -39,6 +39,11 @@ class FusionConfig:
     # > 0: a classifier head per modality on its own h_m, trained with weight aux_weight next to the fused loss
     # (separate towers only): every tower keeps a gradient of its own when the GMU gate saturates on one modality
     aux_weight: float = 0.0
+    # > 0: during training the modality ``witness`` (one that alone solves the task, e.g. a clean caption naming the
+    # digit) is also removed from this share of samples, on top of modality_dropout: on those samples the others must
+    # decide, so a gate saturated on the witness still sends them gradient (the fix aimed at the root, not a side loss)
+    witness: str = ""
+    witness_dropout: float = 0.0
     # unified trunk
     num_layers: int = 1
     num_heads: int = 4
@@ -54,6 +59,10 @@ class FusionConfig:
             check_int(name, getattr(self, name), hi=1 << 16)
         check_float("modality_dropout", self.modality_dropout, 0.0, 1.0, hi_open=True)
         check_float("aux_weight", self.aux_weight, 0.0, 100.0)
+        check_float("witness_dropout", self.witness_dropout, 0.0, 1.0, hi_open=True)
+        if self.witness_dropout > 0 and (self.witness not in self.modalities or len(self.modalities) < 2):
+            raise ConfigError("witness", f"witness_dropout needs witness = one of {self.modalities} (and two or more modalities), "
+                                         f"got {self.witness!r}")
         if self.aux_weight > 0 and self.fusion == "unified":
             raise ConfigError("aux_weight", "per-modality heads need separate towers; 'unified' has one shared trunk")
         if self.hidden_size % self.num_heads:
@@ -199,16 +208,24 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def modality_dropout(n: int, modalities: tuple[str, ...], p: float, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+def modality_dropout(n: int, modalities: tuple[str, ...], p: float, generator: torch.Generator | None = None, witness: str = "",
+                     witness_p: float = 0.0) -> dict[str, torch.Tensor]:
     """Per-sample ``present`` masks: with probability ``p`` a sample loses one modality chosen
-    uniformly (never all of them)."""
+    uniformly; then, with probability ``witness_p``, it also loses ``witness`` (kept where it is
+    the only one left: never all of them)."""
     present = {m: torch.ones(n, dtype=torch.bool) for m in modalities}
-    if p <= 0 or len(modalities) < 2:
+    if len(modalities) < 2:
         return present
-    drop = torch.rand(n, generator=generator) < p
-    which = torch.randint(len(modalities), (n,), generator=generator)
-    for i, m in enumerate(modalities):
-        present[m] &= ~(drop & (which == i))
+    if p > 0:
+        drop = torch.rand(n, generator=generator) < p
+        which = torch.randint(len(modalities), (n,), generator=generator)
+        for i, m in enumerate(modalities):
+            present[m] &= ~(drop & (which == i))
+    if witness_p > 0:
+        if witness not in modalities:
+            raise ConfigError("witness", f"unknown modality {witness!r}; accepted: {', '.join(modalities)}")
+        others = torch.stack([present[m] for m in modalities if m != witness]).any(0)
+        present[witness] &= ~((torch.rand(n, generator=generator) < witness_p) & others)
     return present
 
 

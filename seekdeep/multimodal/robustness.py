@@ -146,7 +146,8 @@ def train_fusion(model: nn.Module, data: FusionData, featurize: Featurizer, step
         else:  # two modalities: the augmentation (and its random stream) of the image + audio models
             (pixels, audio), ids = augment(data.pixel_values[idx], data.audio[idx], g, augment_p), None
         inputs = {"image": pixels, "audio": featurize(audio), "text": ids}
-        present = modality_dropout(batch_size, modalities, model.config.modality_dropout, g)
+        present = modality_dropout(batch_size, modalities, model.config.modality_dropout, g, model.config.witness,
+                                   model.config.witness_dropout)
         out = model({m: inputs[m] for m in modalities}, {m: present[m] for m in modalities})
         loss = fusion_loss(out, data.labels[idx])
         opt.zero_grad(set_to_none=True)

@@ -265,3 +265,21 @@ def test_logit_contributions_sum_to_the_logits(fusion):
         logit_contributions(m, {"image": x["image"]})
     with pytest.raises(ConfigError, match="model"):
         logit_contributions(model("unified"), x)
+
+
+def test_witness_dropout_removes_the_witness_never_everything():
+    g = torch.Generator().manual_seed(0)
+    plain = modality_dropout(4000, ("text", "image"), 0.2, torch.Generator().manual_seed(1))
+    same = modality_dropout(4000, ("text", "image"), 0.2, torch.Generator().manual_seed(1), "text", 0.0)
+    assert all(torch.equal(plain[m], same[m]) for m in plain)  # witness_p = 0: the old masks, the same random stream
+    present = modality_dropout(4000, ("text", "image"), 0.2, g, "text", 0.5)
+    assert not (~present["text"] & ~present["image"]).any()
+    # text lost by the uniform drop (0.1) or the witness drop (0.5 of the 0.8 with both left): 0.5; image by the uniform one, 0.1
+    assert 0.45 < (~present["text"]).float().mean() < 0.55 and 0.07 < (~present["image"]).float().mean() < 0.13
+    with pytest.raises(ConfigError, match="witness"):
+        modality_dropout(4, ("text", "image"), 0.2, g, "audio", 0.5)
+    with pytest.raises(ConfigError, match="witness"):
+        FusionConfig(modalities=("text", "image"), witness="audio", witness_dropout=0.5)
+    with pytest.raises(ConfigError, match="witness_dropout"):
+        FusionConfig(modalities=("text", "image"), witness="text", witness_dropout=1.0)
+    assert FusionConfig(modalities=("text", "image"), witness="text", witness_dropout=0.5).to_dict()["witness_dropout"] == 0.5
