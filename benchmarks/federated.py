@@ -317,7 +317,8 @@ def quality(args) -> None:
                 steps_per_client = total_rounds * cfg.local_steps
                 if split == "iid" and args.anchors:  # the pooled data is the same for both splits: train centralized once
                     central_lr = args.central_lr or cfg.learning_rate
-                    for name, mult, batch in ((anchor_a, k, cfg.batch_size), (anchor_b, 1, k * cfg.batch_size)):
+                    for name, mult, batch in ((anchor_a, k, cfg.batch_size), (anchor_b, 1, k * cfg.batch_size))[
+                            :2 if args.anchor_b else 1]:
                         torch.manual_seed(seed)
                         central = load_initial_model(init_dir, cfg.method)
                         windows = _pooled_windows([Path(c["dir"]) / "train.bin" for c in clients], cfg.seq_len,
@@ -361,7 +362,7 @@ def quality(args) -> None:
                              "the same examples)"}
     for (name, r), losses in rows.items():
         ppl = [math.exp(x) for x in losses]
-        for anchor_name in (anchor_a, anchor_b) if args.anchors else ("",):
+        for anchor_name in ((anchor_a, anchor_b)[:2 if args.anchor_b else 1] if args.anchors else ("",)):
             anchor_ppl = [math.exp(x) for x in rows[(anchor_name, r)]] if r and args.anchors else [math.nan] * seeds
             # the ratio per seed (same initial model and data), then its mean and spread
             ratios = [p / a for p, a in zip(ppl, anchor_ppl)]
@@ -412,6 +413,8 @@ def main() -> int:
     parser.add_argument("--no-anchors", dest="anchors", action="store_false",
                         help="quality: skip the centralized anchors (a screen of federated settings whose anchors, "
                              "deterministic per seed, another run measured)")
+    parser.add_argument("--no-anchor-b", dest="anchor_b", action="store_false",
+                        help="quality: only anchor A (equal total client steps), e.g. at long budgets")
     parser.add_argument("--no-local-only", dest="local_only", action="store_false",
                         help="quality: skip the local-only models (the floor)")
     parser.add_argument("--local-package", action="store_true",
