@@ -44,7 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import emit  # noqa: E402
 
 from seekdeep.multimodal.data import QUESTION_TYPES, SpatialVQA  # noqa: E402
-from seekdeep.recipes.vlm import VLMTrainConfig, accuracy_by_type, build_model, build_tokenizer, encode_batch  # noqa: E402
+from seekdeep.recipes.vlm import (GROUNDED_TOKENS, VLMTrainConfig, accuracy_by_type, build_model, build_tokenizer,  # noqa: E402
+                                  encode_batch, predict)
 
 
 class OracleFeatures(nn.Module):
@@ -108,7 +109,7 @@ class _Classifier(nn.Module):
 
     def __init__(self, vocab: int, width: int = 64, layers: int = 2, causal: bool = False, grid: int = 4, length: int = 11,
                  trunk: str = "torch", init_std: float = 0.08, abs_positions: bool = False, rope_theta: float = 10000.0,
-                 embed_std: float = 0.0):
+                 embed_std: float = 0.0, head: str = "answers", bos: int | None = None):
         super().__init__()
         self.abs_positions = abs_positions
         idx = torch.arange(grid * grid)
@@ -133,14 +134,23 @@ class _Classifier(nn.Module):
                 for sub in self.patch:
                     if isinstance(sub, nn.Linear):
                         nn.init.normal_(sub.weight, std=init_std)
-        self.head = nn.Linear(width, 4)
+        # answers: a 4-way linear head; tied: the whole vocabulary through the word embeddings (as the recipe's LM head);
+        # tied_scaled: the same / sqrt(width); vocab: a linear head of its own over the whole vocabulary
+        self.head_kind = head
+        self.head = nn.Linear(width, vocab if head == "vocab" else 4)
         self.causal = causal or trunk == "llama"
+        self.bos = bos  # a start token before the patches, as the recipe's prompt (--lm-layout)
 
     def forward(self, colours: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
         patches = self.patch(torch.cat([colours, self.coords.expand(len(colours), -1, -1)], -1))  # (B, P, C)
         x = torch.cat([patches, self.embed(words)], 1)
+        if self.bos is not None:
+            x = torch.cat([self.embed.weight[self.bos].expand(len(x), 1, -1), x], 1)
         if self.llama is not None:  # positions from RoPE (as in the recipe), plus learned absolute ones with --abs-positions
-            return self.head(self.llama(None, None, None, None, x + self.position[: x.shape[1]] if self.abs_positions else x)[:, -1])
+            h = self.llama(None, None, None, None, x + self.position[: x.shape[1]] if self.abs_positions else x)[:, -1]
+            if self.head_kind.startswith("tied"):
+                return h @ self.embed.weight.T / (h.shape[-1] ** 0.5 if self.head_kind == "tied_scaled" else 1.0)
+            return self.head(h)
         x = x + self.position[: x.shape[1]]
         mask = nn.Transformer.generate_square_subsequent_mask(x.shape[1]) if self.causal else None
         return self.head(self.encoder(x, mask=mask, is_causal=self.causal)[:, -1])
@@ -158,14 +168,17 @@ def ladder_classifier(args) -> None:
     def tensors(samples):
         pixels = torch.stack([torch.from_numpy(np.asarray(s.image, dtype=np.float32) / 255.0).permute(2, 0, 1) for s in samples])  # (N, 3, H, W)
         colours = nn.functional.avg_pool2d(pixels, 12).flatten(2).transpose(1, 2)  # (N, P, 3), raster order
-        question = torch.tensor([[words[w] for w in s.question.split()] for s in samples])
-        return colours, question, torch.tensor([answers.index(s.answer) for s in samples])
+        layout = (lambda q: ["question:", *q, "answer:"]) if args.lm_layout else (lambda q: q)
+        question = torch.tensor([[words[w] for w in layout(s.question.split())] for s in samples])
+        target = [words[s.answer] if args.head != "answers" else answers.index(s.answer) for s in samples]  # a vocabulary id with --tied-head
+        return colours, question, torch.tensor(target)
 
     torch.manual_seed(args.seed)
     train = tensors(_spatial_pool("train", args.pool, args.seed))
     evals = {split: tensors(_spatial_pool(split, 500, args.seed)) for split in ("test", "heldout")}
-    model = _Classifier(len(words), causal=args.causal, trunk=args.trunk, init_std=args.init_std,
-                        abs_positions=args.abs_positions, rope_theta=args.rope_theta, embed_std=args.embed_std)
+    model = _Classifier(len(words) + int(args.lm_layout), length=14 if args.lm_layout else 11, causal=args.causal, bos=len(words) if args.lm_layout else None, trunk=args.trunk, init_std=args.init_std,
+                        abs_positions=args.abs_positions, rope_theta=args.rope_theta, embed_std=args.embed_std,
+                        head=args.head)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     g = torch.Generator().manual_seed(args.seed)
     began = time.perf_counter()
@@ -187,7 +200,7 @@ def ladder_classifier(args) -> None:
     emit(f"vlm_ladder_classifier_{args.trunk}{'_causal' if args.causal else ''}_heldout_spatial", accuracy("heldout"), "accuracy", 0.25,
          "chance / question-only prior (4 answers)", f"cpu ({torch.backends.cpu.get_cpu_capability()}, 1 thread)",
          steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, trunk=args.trunk,
-         abs_positions=args.abs_positions, rope_theta=args.rope_theta, init_std=args.init_std, embed_std=args.embed_std, test=accuracy("test"))
+         abs_positions=args.abs_positions, rope_theta=args.rope_theta, init_std=args.init_std, embed_std=args.embed_std, head=args.head, lm_layout=args.lm_layout, test=accuracy("test"))
 
 
 def main() -> None:
@@ -197,10 +210,20 @@ def main() -> None:
     parser.add_argument("--causal", action="store_true", help="--ladder classifier: causal attention, read at the last word")
     parser.add_argument("--trunk", choices=("torch", "llama"), default="torch",
                         help="--ladder classifier: torch's TransformerEncoder or the recipe's llama decoder (always causal)")
+    parser.add_argument("--head", choices=("answers", "tied", "tied_scaled", "vocab"), default="answers",
+                        help="--trunk llama: a 4-way head, the whole vocabulary through the word embeddings (/ sqrt(width) with "
+                             "tied_scaled), or a linear head of its own over the vocabulary")
+    parser.add_argument("--lm-layout", action="store_true",
+                        help="--ladder classifier: the recipe's prompt layout (start token, patches, 'question:' ... 'answer:')")
     parser.add_argument("--abs-positions", action="store_true", help="--trunk llama: add learned absolute positions (as the torch trunk)")
     parser.add_argument("--embed-std", type=float, default=0.0,
                         help="--trunk llama: word embeddings N(0, this) and torch's default init for the patch MLP (0: the LM's init); "
                              "--ladder lm: the recipe's embed_std (0: its default)")
+    parser.add_argument("--untied", action="store_true", help="--ladder lm: an output head of its own (at --init-std), not the word embeddings")
+    parser.add_argument("--final-norm", type=float, default=1.0, help="--ladder lm: the final RMSNorm's weight starts at this (scales the logits)")
+    parser.add_argument("--warmup", type=int, default=-1, help="--ladder lm: warmup steps (-1: min(30, steps / 10))")
+    parser.add_argument("--min-lr-ratio", type=float, default=0.1, help="--ladder lm: the cosine schedule ends at this x lr (1: constant)")
+    parser.add_argument("--clip", type=float, default=1.0, help="--ladder lm: gradient-norm clip (0: none)")
     parser.add_argument("--rope-theta", type=float, default=10000.0, help="--trunk llama: RoPE base")
     parser.add_argument("--features", choices=("vit", "oracle"), default="vit")
     parser.add_argument("--qtypes", default=",".join(QUESTION_TYPES))
@@ -208,6 +231,7 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=100)
     parser.add_argument("--pool", type=int, default=8000, help="pre-encoded training rows (and as many caption rows)")
     parser.add_argument("--question-loss", action="store_true")
+    parser.add_argument("--grounded", action="store_true", help="--ladder lm: spatial targets name the positions first (the recipe's flag)")
     parser.add_argument("--caption-every", type=int, default=0)
     parser.add_argument("--text-layers", type=int, default=2)
     parser.add_argument("--lr", type=float, default=3e-3)
@@ -222,12 +246,15 @@ def main() -> None:
     from seekdeep.multimodal.processing import MultimodalProcessor, collate
     from seekdeep.train import make_scheduler
 
-    cfg = VLMTrainConfig(seed=args.seed, steps=args.steps, warmup=min(30, args.steps // 10), text_layers=args.text_layers, lr=args.lr,
-                         batch_size=args.batch_size, init_std=args.init_std,
+    warmup = min(30, args.steps // 10) if args.warmup < 0 else args.warmup
+    cfg = VLMTrainConfig(seed=args.seed, steps=args.steps, warmup=warmup, text_layers=args.text_layers, lr=args.lr,
+                         batch_size=args.batch_size, init_std=args.init_std, tie_embeddings=not args.untied,
                          **({"embed_std": args.embed_std} if args.embed_std else {}))
     torch.manual_seed(cfg.seed)
     tok = build_tokenizer()
     model = build_model(cfg, tok)
+    with torch.no_grad():
+        model.language_model.model.norm.weight.fill_(args.final_norm)
     if args.features == "oracle":
         grid = cfg.image_size // cfg.patch_size
         model.oracle = OracleFeatures(cfg.patch_size, grid, cfg.hidden_size)  # a submodule: trained with the rest
@@ -235,20 +262,26 @@ def main() -> None:
     proc = MultimodalProcessor.for_model(model, tok, ImageProcessor(ImageProcessorConfig.clip(cfg.image_size)))
 
     def rows(samples, train, captions=False):
-        batch = [encode_batch(proc, [s], train=train, question_loss=args.question_loss, captions=[captions]) for s in samples]
+        batch = [encode_batch(proc, [s], train=train, question_loss=args.question_loss, captions=[captions], grounded=args.grounded)
+                 for s in samples]
         return [{k: (v[0].tolist() if k != "pixel_values" else v) for k, v in b.items()} for b in batch]
 
     qtypes = tuple(args.qtypes.split(","))
     pool = rows(SpatialVQA("train", cfg.seed, cfg.image_size, qtypes=qtypes).take(args.pool), True)
     captions = rows(SpatialVQA("train", cfg.seed + 1000, cfg.image_size).take(args.pool), True, captions=True) if args.caption_every else []
-    evals = {split: SpatialVQA(split, cfg.seed, cfg.image_size).take(400) for split in ("test", "heldout")}
+    scored = tuple(q for q in qtypes if q in QUESTION_TYPES) or QUESTION_TYPES  # 400 questions of the trained types per split
+    evals = {split: SpatialVQA(split, cfg.seed, cfg.image_size, qtypes=scored).take(400) for split in ("test", "heldout")}
     eval_rows = {split: rows(samples, False) for split, samples in evals.items()}
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
-    scheduler = make_scheduler(optimizer, cfg.warmup, cfg.steps)
+    scheduler = make_scheduler(optimizer, cfg.warmup, cfg.steps, min_lr_ratio=args.min_lr_ratio)
     shape_ids = torch.tensor([tok.convert_tokens_to_ids(w) for w in ("circle", "square", "triangle")])
 
     @torch.no_grad()
     def evaluate(split):
+        if args.grounded:  # greedy chain, scored on its last word (the recipe's own predict)
+            preds = predict(model, proc, evals[split], max_new_tokens=GROUNDED_TOKENS)
+            model.train()
+            return {k: round(v, 3) for k, v in accuracy_by_type(evals[split], preds).items()}
         model.eval()
         preds = []
         for i in range(0, len(eval_rows[split]), 100):
@@ -272,7 +305,8 @@ def main() -> None:
         out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], pixel_values=b["pixel_values"], labels=b["labels"])
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if args.clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
         optimizer.step()
         scheduler.step()
         if step % args.every == 0 or step == cfg.steps:
@@ -291,7 +325,8 @@ def main() -> None:
     final = evaluate("heldout")
     emit(f"vlm_diagnose_{args.features}_heldout_spatial", final["spatial"], "accuracy", 0.25, "chance / question-only prior (4 answers)",
          device, steps=cfg.steps, qtypes=args.qtypes, question_loss=args.question_loss, caption_every=args.caption_every,
-         text_layers=cfg.text_layers, seed=cfg.seed, heldout=final, test=evaluate("test"))
+         text_layers=cfg.text_layers, seed=cfg.seed, batch_size=cfg.batch_size, lr=cfg.lr, warmup=cfg.warmup, untied=args.untied, grounded=args.grounded, min_lr_ratio=args.min_lr_ratio, clip=args.clip,
+         final_norm=args.final_norm, embed_std=cfg.embed_std, heldout=final, test=evaluate("test"))
 
 
 if __name__ == "__main__":

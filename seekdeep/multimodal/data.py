@@ -15,6 +15,11 @@ Two more types are training aids, never in the default mix (:data:`AUX_TYPES`): 
 (counted from the top). Each is half of a spatial question -- find the named object, read its
 position -- with its own answer, so a model gets credit for the binding before it can compare.
 
+A grounded answer (:func:`grounded_answer`, opt-in in the recipe) spells a spatial answer out
+as one-hop steps before the side -- "which side of the red circle is the blue square ?" ->
+"red one two blue three two right": each named object's colour, column and row, then the
+answer, which the model must still produce itself (it is scored on that last word only).
+
 Splits: ``train`` and ``test`` (i.i.d.) never contain the :data:`HELD_OUT` colour-shape
 combinations; ``heldout`` scenes each contain at least one of them, and its questions name
 such an object wherever the question type allows.
@@ -82,6 +87,18 @@ def vocabulary() -> list[str]:
     for answers in ANSWERS.values():
         words |= set(answers)
     return sorted(words)
+
+
+def grounded_answer(sample: VQASample) -> str:
+    """The answer with the positions it rests on: for a spatial question, 'colour column row'
+    of the reference then of the object, then the side; other types: the plain answer."""
+    if sample.qtype != "spatial":
+        return sample.answer
+    words = sample.question.split()  # which side of the <colour> <shape> is the <colour> <shape> ?
+    by_colour = {o.colour: o for o in sample.objects}  # colours are distinct within a scene
+    ref, obj = by_colour[words[4]], by_colour[words[8]]
+    steps = [f"{o.colour} {POSITION_WORDS[o.col]} {POSITION_WORDS[o.row]}" for o in (ref, obj)]
+    return " ".join(steps + [sample.answer])
 
 
 class SpatialVQA:

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from seekdeep.errors import ConfigError
 from seekdeep.validate import MAX_BATCH, MAX_SEED, check_float, check_int
-from seekdeep.multimodal.data import ANSWERS, AUX_TYPES, QUESTION_TYPES, SpatialVQA, VQASample, vocabulary
+from seekdeep.multimodal.data import ANSWERS, AUX_TYPES, QUESTION_TYPES, SpatialVQA, VQASample, grounded_answer, vocabulary
 
 FUSIONS = ("prefix", "cross_attention")
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>", "<image>")
@@ -46,10 +46,12 @@ class VLMTrainConfig:
     attention_backend: str = "sdpa"
     init_std: float = 0.08  # 0.02 (large-model habit) leaves a 64-wide model's image path too weak to learn from
     embed_std: float = 1.0  # the (tied) word embeddings' init: at init_std the LM sits at chance on spatial questions
+    tie_embeddings: bool = True  # the output head shares the word embeddings (False: its own, at init_std)
     position_init: str = "sincos"  # the ViT's patch positions start as 2-D sine-cosine codes (or: normal)
     question_loss: bool = False  # loss on the question's words too (a colour word predicts its object's shape: binding)
     caption_every: int = 0  # every k-th training row is a scene caption ('red one three circle ...'); 0: none
     position_questions: bool = False  # also train on 'which column / row is the red circle in ?' (data.AUX_TYPES)
+    grounded: bool = False  # spatial targets name both objects' column / row before the side (data.grounded_answer)
     num_latents: int = 0
     media_attention: str = "previous"
     eval_samples: int = 400
@@ -117,7 +119,7 @@ def build_model(cfg: VLMTrainConfig, tokenizer):
     vision = VisionConfig(hidden_size=h, intermediate_size=2 * h, num_hidden_layers=cfg.vision_layers, num_attention_heads=4,
                           image_size=cfg.image_size, patch_size=cfg.patch_size)
     text = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=h, intermediate_size=3 * h, num_hidden_layers=cfg.text_layers,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=cfg.tie_embeddings,
                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                        attention_backend=cfg.attention_backend, initializer_range=cfg.init_std)
     xattn = None
@@ -148,12 +150,13 @@ CAPTION_PROMPT = "<image> caption:"
 
 
 def encode_batch(processor, samples: list[VQASample], train: bool, question_loss: bool = False,
-                 captions: list[bool] | None = None) -> dict[str, Any]:
+                 captions: list[bool] | None = None, grounded: bool = False) -> dict[str, Any]:
     """Training rows end in the answer word + eos with labels on those (and, with
     ``question_loss``, on the question's words: a colour word must predict its object's shape
     from the image, which teaches the colour -> object binding every question needs); a
     caption row (``captions[i]``) is ``<image> caption:`` + every object's colour, column,
-    row and shape, labelled throughout (it teaches where each object is). Evaluation rows
+    row and shape, labelled throughout (it teaches where each object is); with ``grounded`` a
+    spatial row's target is :func:`grounded_answer` (positions, then the side). Evaluation rows
     stop after 'answer:' (left padded, so the next token is read at the last column)."""
     from seekdeep.multimodal.processing import collate
 
@@ -163,7 +166,7 @@ def encode_batch(processor, samples: list[VQASample], train: bool, question_loss
         caption = bool(captions and captions[i])
         row = processor.encode(CAPTION_PROMPT if caption else prompt_text(s), [s.image])
         if train:
-            target = SpatialVQA.caption(s.objects) if caption else s.answer
+            target = SpatialVQA.caption(s.objects) if caption else grounded_answer(s) if grounded else s.answer
             answer = tok.encode(target, add_special_tokens=False) + [tok.eos_token_id]
             if question_loss and not caption:  # labels on the text after the image, not on bos / placeholders
                 skip = {processor.image_token_id, tok.bos_token_id}
@@ -175,15 +178,35 @@ def encode_batch(processor, samples: list[VQASample], train: bool, question_loss
     return collate(rows, pad_token_id=tok.pad_token_id, padding_side="right" if train else "left")
 
 
+GROUNDED_TOKENS = 8  # 'colour column row' x 2 + the side + eos
+
+
 @torch.no_grad()
-def predict(model, processor, samples: list[VQASample], batch_size: int = 64) -> list[str]:
-    """Greedy next word after 'answer:' for each sample."""
+def predict(model, processor, samples: list[VQASample], batch_size: int = 64, max_new_tokens: int = 1,
+            texts: list[str] | None = None) -> list[str]:
+    """The answer for each sample: greedy decoding after 'answer:' for up to ``max_new_tokens``
+    words (1: the next word), the answer being the last word before eos (a grounded answer's
+    earlier words are its steps). ``texts``, when given, receives each whole continuation."""
     model.eval()
+    tok = processor.tokenizer
     words = []
     for i in range(0, len(samples), batch_size):
         batch = encode_batch(processor, samples[i : i + batch_size], train=False)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"], logits_to_keep=1).logits
-        words.extend(processor.tokenizer.convert_ids_to_tokens(logits[:, -1].argmax(-1).tolist()))
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        new = []
+        for _ in range(max_new_tokens):  # no cache: the prompts are ~40 tokens, and it serves both fusions alike
+            logits = model(input_ids=ids, attention_mask=mask, pixel_values=batch["pixel_values"], logits_to_keep=1).logits
+            nxt = logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
+            new.append(nxt)
+            ids, mask = torch.cat([ids, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
+            if bool((torch.cat(new, 1) == tok.eos_token_id).any(1).all()):
+                break
+        for row in torch.cat(new, 1).tolist():
+            cut = row.index(tok.eos_token_id) if tok.eos_token_id in row else len(row)
+            generated = tok.convert_ids_to_tokens(row[:cut])
+            words.append(generated[-1] if generated else tok.convert_ids_to_tokens(row[:1])[0])
+            if texts is not None:
+                texts.append(" ".join(generated))
     return words
 
 
@@ -265,6 +288,7 @@ def train_vlm(cfg: VLMTrainConfig) -> dict[str, Any]:
     test = SpatialVQA("test", cfg.seed, cfg.image_size).take(cfg.eval_samples)
     heldout = SpatialVQA("heldout", cfg.seed, cfg.image_size).take(cfg.eval_samples)
     metrics = MetricsLog(out / "metrics.jsonl", start if resume_path is not None else None, use_tensorboard=False)
+    new_tokens = GROUNDED_TOKENS if cfg.grounded else 1
     bar = tqdm(total=cfg.steps, initial=start, desc=f"vlm ({cfg.fusion})", disable=not cfg.progress, dynamic_ncols=True)
     began = time.perf_counter()
     step = start
@@ -273,7 +297,7 @@ def train_vlm(cfg: VLMTrainConfig) -> dict[str, Any]:
             model.train()
             captions = [cfg.caption_every > 0 and i % cfg.caption_every == cfg.caption_every - 1 for i in range(cfg.batch_size)]
             batch = encode_batch(processor, [data[step * cfg.batch_size + i] for i in range(cfg.batch_size)], train=True,
-                                 question_loss=cfg.question_loss, captions=captions)
+                                 question_loss=cfg.question_loss, captions=captions, grounded=cfg.grounded)
             loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"],
                          labels=batch["labels"]).loss
             optimizer.zero_grad(set_to_none=True)
@@ -287,7 +311,7 @@ def train_vlm(cfg: VLMTrainConfig) -> dict[str, Any]:
             record: dict[str, Any] = {"kind": "train", "step": step, "loss": loss.item(), "lr": scheduler.get_last_lr()[0]}
             metrics.write(record)
             if step % cfg.eval_every == 0 or step == cfg.steps:
-                acc = accuracy_by_type(test[:200], predict(model, processor, test[:200]))
+                acc = accuracy_by_type(test[:200], predict(model, processor, test[:200], max_new_tokens=new_tokens))
                 metrics.write({"kind": "eval", "step": step, **{f"test_{k}": v for k, v in acc.items()}})
                 tqdm.write(f"step {step}: test accuracy {acc}")
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:  # the last one lets --resume auto extend a finished run
@@ -298,8 +322,12 @@ def train_vlm(cfg: VLMTrainConfig) -> dict[str, Any]:
     train_seconds = time.perf_counter() - began
     results = {}
     for name, split in (("test", test), ("heldout", heldout)):
-        predictions = predict(model, processor, split)
+        texts: list[str] = []
+        predictions = predict(model, processor, split, max_new_tokens=new_tokens, texts=texts)
         results[name] = accuracy_by_type(split, predictions)
+        if cfg.grounded:  # how often the whole chain (both objects' positions and the side) is right on spatial questions
+            chains = [t == grounded_answer(s) for s, t in zip(split, texts) if s.qtype == "spatial"]
+            results[name]["spatial_chain_exact"] = sum(chains) / max(len(chains), 1)
         if name == "heldout":
             plot_samples(split[:12], predictions[:12], out / "samples.png", f"seekdeep vlm ({cfg.fusion}), held-out colour-shape combinations")
     prior_train = data.take(min(4000, max(200, cfg.steps * cfg.batch_size)))  # (a prefix of) what it trained on
@@ -327,6 +355,8 @@ _HELP = {
     "question_loss": "train on the question's words too, not only the answer (teaches which object a colour names)",
     "caption_every": "every k-th training row is a scene caption (colour, column, row, shape of each object); 0: none",
     "embed_std": "init std of the word embeddings (tied with the output head); the linears use --init-std",
+    "grounded": "spatial targets name both objects' column and row before the side ('red one two blue three two right'); "
+                "scored on the side only, greedy",
     "position_questions": "also train on 'which column / row is the <object> in ?' (half of a spatial question, with its own answer)",
 }
 

@@ -140,3 +140,35 @@ def test_bad_config_names_the_field():
         VLMTrainConfig(image_size=48, patch_size=10)
     with pytest.raises(ConfigError, match="split"):
         SpatialVQA("validation")
+
+
+def test_grounded_answers_name_the_drawn_cells_and_are_scored_on_the_last_word():
+    from seekdeep.multimodal.data import POSITION_WORDS, grounded_answer
+    from seekdeep.multimodal.image_processing import ImageProcessor, ImageProcessorConfig
+    from seekdeep.multimodal.processing import MultimodalProcessor
+    from seekdeep.recipes.vlm import GROUNDED_TOKENS, build_model, build_tokenizer, encode_batch, predict
+
+    samples = SpatialVQA("heldout", 4, qtypes=("spatial", "count")).take(12)
+    for s in samples:
+        g = grounded_answer(s).split()
+        if s.qtype != "spatial":
+            assert g == [s.answer]
+            continue
+        words = s.question.split()
+        ref = next(o for o in s.objects if (o.colour, o.shape) == (words[4], words[5]))
+        obj = next(o for o in s.objects if (o.colour, o.shape) == (words[8], words[9]))
+        assert g == [ref.colour, POSITION_WORDS[ref.col], POSITION_WORDS[ref.row], obj.colour, POSITION_WORDS[obj.col],
+                     POSITION_WORDS[obj.row], s.answer]
+        assert len(g) + 1 == GROUNDED_TOKENS  # + eos
+    tok = build_tokenizer()
+    model = build_model(VLMTrainConfig(hidden_size=32, vision_layers=1, text_layers=1), tok)
+    proc = MultimodalProcessor.for_model(model, tok, ImageProcessor(ImageProcessorConfig.clip(48)))
+    batch = encode_batch(proc, samples[:2], train=True, grounded=True)
+    labelled = [w for w in tok.convert_ids_to_tokens([i for i in batch["labels"][0].tolist() if i != -100])]
+    assert labelled == grounded_answer(samples[0]).split() + ["<eos>"]
+    # the answer is the last generated word before eos; one token, the first word
+    texts: list[str] = []
+    long = predict(model, proc, samples[:4], max_new_tokens=GROUNDED_TOKENS, texts=texts)
+    short = predict(model, proc, samples[:4])
+    for word, text, first in zip(long, texts, short):
+        assert word == (text.split()[-1] if text else word) and (not text or text.split()[0] == first)
