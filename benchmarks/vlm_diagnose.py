@@ -43,7 +43,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import emit  # noqa: E402
 
-from seekdeep.multimodal.data import QUESTION_TYPES, SpatialVQA  # noqa: E402
+from seekdeep.multimodal.data import ANSWERS, QUESTION_TYPES, SpatialVQA  # noqa: E402
 from seekdeep.recipes.vlm import (GROUNDED_TOKENS, VLMTrainConfig, accuracy_by_type, build_model, build_tokenizer,  # noqa: E402
                                   encode_batch, predict)
 
@@ -51,15 +51,19 @@ from seekdeep.recipes.vlm import (GROUNDED_TOKENS, VLMTrainConfig, accuracy_by_t
 class OracleFeatures(nn.Module):
     """(N, 3, H, W) pixels -> (N, P, C): mean colour of each patch + its (column, row) in [-1, 1]."""
 
-    def __init__(self, patch: int, grid: int, width: int):
+    def __init__(self, patch: int, grid: int, width: int, raw: tuple | None = None):
         super().__init__()
         self.patch = patch
         idx = torch.arange(grid * grid)
         coords = torch.stack([idx % grid, idx // grid], dim=1).float() / (grid - 1) * 2 - 1  # (P, 2)
-        self.register_buffer("coords", coords.repeat_interleave(grid, dim=1), persistent=False)  # (P, 2 * grid)
-        self.mlp = nn.Sequential(nn.Linear(3 + 2 * grid, width), nn.GELU(), nn.Linear(width, width))
+        # raw = (mean, std): undo the processor's normalisation and give (column, row) once, as the classifier rung's tokens
+        self.raw = None if raw is None else (torch.tensor(raw[0]).view(1, 3, 1, 1), torch.tensor(raw[1]).view(1, 3, 1, 1))
+        self.register_buffer("coords", coords if raw else coords.repeat_interleave(grid, dim=1), persistent=False)  # (P, 2 or 2 * grid)
+        self.mlp = nn.Sequential(nn.Linear(3 + self.coords.shape[1], width), nn.GELU(), nn.Linear(width, width))
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if self.raw is not None:
+            pixel_values = pixel_values * self.raw[1] + self.raw[0]
         colour = nn.functional.avg_pool2d(pixel_values, self.patch).flatten(2).transpose(1, 2)  # (N, P, 3)
         return self.mlp(torch.cat([colour, self.coords.expand(colour.shape[0], -1, -1)], dim=-1))
 
@@ -231,6 +235,10 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=100)
     parser.add_argument("--pool", type=int, default=8000, help="pre-encoded training rows (and as many caption rows)")
     parser.add_argument("--question-loss", action="store_true")
+    parser.add_argument("--oracle-raw", action="store_true",
+                        help="--features oracle: pixel colours in [0, 1] and (column, row) once, as the classifier rung")
+    parser.add_argument("--candidates", action="store_true",
+                        help="--ladder lm: the loss and the argmax over the 4 spatial answers' logits only (a 4-way head inside the LM)")
     parser.add_argument("--grounded", action="store_true", help="--ladder lm: spatial targets name the positions first (the recipe's flag)")
     parser.add_argument("--caption-every", type=int, default=0)
     parser.add_argument("--text-layers", type=int, default=2)
@@ -257,7 +265,9 @@ def main() -> None:
         model.language_model.model.norm.weight.fill_(args.final_norm)
     if args.features == "oracle":
         grid = cfg.image_size // cfg.patch_size
-        model.oracle = OracleFeatures(cfg.patch_size, grid, cfg.hidden_size)  # a submodule: trained with the rest
+        ipc = ImageProcessorConfig.clip(cfg.image_size)
+        raw = (list(ipc.image_mean), list(ipc.image_std)) if args.oracle_raw else None
+        model.oracle = OracleFeatures(cfg.patch_size, grid, cfg.hidden_size, raw)  # a submodule: trained with the rest
         model.get_image_features = model.oracle
     proc = MultimodalProcessor.for_model(model, tok, ImageProcessor(ImageProcessorConfig.clip(cfg.image_size)))
 
@@ -274,6 +284,9 @@ def main() -> None:
     eval_rows = {split: rows(samples, False) for split, samples in evals.items()}
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     scheduler = make_scheduler(optimizer, cfg.warmup, cfg.steps, min_lr_ratio=args.min_lr_ratio)
+    answer_ids = torch.tensor([tok.convert_tokens_to_ids(w) for w in ANSWERS["spatial"]])
+    if args.candidates and qtypes != ("spatial",):
+        raise SystemExit("--candidates: spatial questions only (--qtypes spatial)")
     shape_ids = torch.tensor([tok.convert_tokens_to_ids(w) for w in ("circle", "square", "triangle")])
 
     @torch.no_grad()
@@ -287,7 +300,10 @@ def main() -> None:
         for i in range(0, len(eval_rows[split]), 100):
             b = collate(eval_rows[split][i : i + 100], tok.pad_token_id, "left")
             logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], pixel_values=b["pixel_values"], logits_to_keep=1).logits
-            preds += tok.convert_ids_to_tokens(logits[:, -1].argmax(-1).tolist())
+            last = logits[:, -1]
+            if args.candidates:  # argmax over the answers only, as the 4-way head
+                last = torch.full_like(last, float("-inf")).index_copy(1, answer_ids, last[:, answer_ids])
+            preds += tok.convert_ids_to_tokens(last.argmax(-1).tolist())
         model.train()
         return {k: round(v, 3) for k, v in accuracy_by_type(evals[split], preds).items()}
 
@@ -303,8 +319,14 @@ def main() -> None:
                 is_caption[j] = True
         b = collate(picked, tok.pad_token_id, "right")
         out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], pixel_values=b["pixel_values"], labels=b["labels"])
+        loss = out.loss
+        if args.candidates:  # the 4-way head's loss inside the LM: softmax over the spatial answers' logits only, no eos term
+            at = (b["labels"] == tok.eos_token_id).float().argmax(1) - 2  # the position that predicts the answer word
+            picked_logits = out.logits[torch.arange(len(at)), at][:, answer_ids]  # (B, 4)
+            target = (b["input_ids"][torch.arange(len(at)), at + 1][:, None] == answer_ids).float().argmax(1)
+            loss = nn.functional.cross_entropy(picked_logits.float(), target)
         optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
+        loss.backward()
         if args.clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
         optimizer.step()
@@ -325,7 +347,7 @@ def main() -> None:
     final = evaluate("heldout")
     emit(f"vlm_diagnose_{args.features}_heldout_spatial", final["spatial"], "accuracy", 0.25, "chance / question-only prior (4 answers)",
          device, steps=cfg.steps, qtypes=args.qtypes, question_loss=args.question_loss, caption_every=args.caption_every,
-         text_layers=cfg.text_layers, seed=cfg.seed, batch_size=cfg.batch_size, lr=cfg.lr, warmup=cfg.warmup, untied=args.untied, grounded=args.grounded, min_lr_ratio=args.min_lr_ratio, clip=args.clip,
+         text_layers=cfg.text_layers, seed=cfg.seed, batch_size=cfg.batch_size, lr=cfg.lr, warmup=cfg.warmup, untied=args.untied, grounded=args.grounded, candidates=args.candidates, oracle_raw=args.oracle_raw, min_lr_ratio=args.min_lr_ratio, clip=args.clip,
          final_norm=args.final_norm, embed_std=cfg.embed_std, heldout=final, test=evaluate("test"))
 
 
