@@ -227,6 +227,7 @@ def main() -> None:
     parser.add_argument("--final-norm", type=float, default=1.0, help="--ladder lm: the final RMSNorm's weight starts at this (scales the logits)")
     parser.add_argument("--warmup", type=int, default=-1, help="--ladder lm: warmup steps (-1: min(30, steps / 10))")
     parser.add_argument("--min-lr-ratio", type=float, default=0.1, help="--ladder lm: the cosine schedule ends at this x lr (1: constant)")
+    parser.add_argument("--beta2", type=float, default=0.98, help="--ladder lm: AdamW's beta2 (the recipe's 0.98; torch's default 0.999)")
     parser.add_argument("--clip", type=float, default=1.0, help="--ladder lm: gradient-norm clip (0: none)")
     parser.add_argument("--rope-theta", type=float, default=10000.0, help="--trunk llama: RoPE base")
     parser.add_argument("--features", choices=("vit", "oracle"), default="vit")
@@ -268,7 +269,9 @@ def main() -> None:
         ipc = ImageProcessorConfig.clip(cfg.image_size)
         raw = (list(ipc.image_mean), list(ipc.image_std)) if args.oracle_raw else None
         model.oracle = OracleFeatures(cfg.patch_size, grid, cfg.hidden_size, raw)  # a submodule: trained with the rest
-        model.get_image_features = model.oracle
+        # a plain function, not the module: assigning an nn.Module registers a submodule and leaves the class's method in
+        # place, so the forward kept calling the ViT (every oracle run before this fix trained on the ViT's features)
+        model.get_image_features = lambda pixel_values: model.oracle(pixel_values)
     proc = MultimodalProcessor.for_model(model, tok, ImageProcessor(ImageProcessorConfig.clip(cfg.image_size)))
 
     def rows(samples, train, captions=False):
@@ -282,7 +285,7 @@ def main() -> None:
     scored = tuple(q for q in qtypes if q in QUESTION_TYPES) or QUESTION_TYPES  # 400 questions of the trained types per split
     evals = {split: SpatialVQA(split, cfg.seed, cfg.image_size, qtypes=scored).take(400) for split in ("test", "heldout")}
     eval_rows = {split: rows(samples, False) for split, samples in evals.items()}
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, args.beta2))
     scheduler = make_scheduler(optimizer, cfg.warmup, cfg.steps, min_lr_ratio=args.min_lr_ratio)
     answer_ids = torch.tensor([tok.convert_tokens_to_ids(w) for w in ANSWERS["spatial"]])
     if args.candidates and qtypes != ("spatial",):
@@ -347,7 +350,7 @@ def main() -> None:
     final = evaluate("heldout")
     emit(f"vlm_diagnose_{args.features}_heldout_spatial", final["spatial"], "accuracy", 0.25, "chance / question-only prior (4 answers)",
          device, steps=cfg.steps, qtypes=args.qtypes, question_loss=args.question_loss, caption_every=args.caption_every,
-         text_layers=cfg.text_layers, seed=cfg.seed, batch_size=cfg.batch_size, lr=cfg.lr, warmup=cfg.warmup, untied=args.untied, grounded=args.grounded, candidates=args.candidates, oracle_raw=args.oracle_raw, min_lr_ratio=args.min_lr_ratio, clip=args.clip,
+         text_layers=cfg.text_layers, seed=cfg.seed, batch_size=cfg.batch_size, lr=cfg.lr, warmup=cfg.warmup, untied=args.untied, grounded=args.grounded, candidates=args.candidates, oracle_raw=args.oracle_raw, min_lr_ratio=args.min_lr_ratio, clip=args.clip, beta2=args.beta2,
          final_norm=args.final_norm, embed_std=cfg.embed_std, heldout=final, test=evaluate("test"))
 
 
