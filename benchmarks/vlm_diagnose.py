@@ -11,9 +11,11 @@ training batch, the loss on shape words that follow a colour word (the colour ->
 binding; ln 2 = 0.69 is the text-only prior there) and the accuracy on the i.i.d. and
 held-out splits; the last line is one JSON result against the question-only prior.
 
-    python benchmarks/vlm_diagnose.py --qtypes spatial --features oracle --embed-std 0.08      # stays at ~0.25
-    python benchmarks/vlm_diagnose.py --qtypes spatial --features oracle --batch-size 64 --lr 1e-3   # embeddings at std 1
-    python benchmarks/vlm_diagnose.py --qtypes spatial --features oracle --question-loss --caption-every 2 --steps 1000
+    python benchmarks/vlm_diagnose.py --qtypes spatial --features oracle --batch-size 64 --lr 1e-3 --steps 1500
+    python benchmarks/vlm_diagnose.py --qtypes spatial --features oracle --batch-size 64 --lr 1e-3 --steps 1500 --grounded
+    python benchmarks/vlm_diagnose.py --qtypes spatial --features oracle --batch-size 64 --lr 1e-3 --steps 1500 --candidates
+
+(Before commit b521d29 ``--features oracle`` silently ran the ViT: see the README.)
 
 Two earlier rungs of the ladder, no language model involved:
 
@@ -27,6 +29,8 @@ Two earlier rungs of the ladder, no language model involved:
 
     python benchmarks/vlm_diagnose.py --ladder labels
     python benchmarks/vlm_diagnose.py --ladder classifier --causal --steps 3000 --batch-size 64 --lr 1e-3
+    python benchmarks/vlm_diagnose.py --ladder classifier --trunk llama --embed-std 1.0 --lm-layout --head tied \
+        --steps 1500 --batch-size 64 --lr 1e-3        # the recipe's head on the recipe's trunk and prompt layout
 """
 
 from __future__ import annotations
@@ -207,10 +211,36 @@ def ladder_classifier(args) -> None:
          abs_positions=args.abs_positions, rope_theta=args.rope_theta, init_std=args.init_std, embed_std=args.embed_std, head=args.head, lm_layout=args.lm_layout, test=accuracy("test"))
 
 
+def ladder_heldout_shape(args) -> None:
+    """Held-out shape questions to a trained model: how often it answers a shape that colour had
+    in training (the held-out shape of that colour is never one)."""
+    from collections import Counter
+
+    from seekdeep.auto import AutoModel
+    from seekdeep.multimodal.data import HELD_OUT, SHAPES
+    from seekdeep.multimodal.image_processing import ImageProcessor, ImageProcessorConfig
+    from seekdeep.multimodal.processing import MultimodalProcessor
+
+    if not args.model:
+        raise SystemExit("--ladder heldout-shape needs --model DIR (a seekdeep vlm final/ directory)")
+    model = AutoModel.from_pretrained(args.model)
+    tok = build_tokenizer()
+    proc = MultimodalProcessor.for_model(model, tok, ImageProcessor(ImageProcessorConfig.clip(model.config.vision_config.image_size)))
+    for split in ("test", "heldout"):
+        questions = SpatialVQA(split, args.seed, model.config.vision_config.image_size, qtypes=("shape",)).take(200)
+        answers = predict(model, proc, questions)
+        seen = sum(a in SHAPES and (q.question.split()[3], a) not in HELD_OUT for q, a in zip(questions, answers)) / len(questions)
+        accuracy = sum(a == q.answer for q, a in zip(questions, answers)) / len(questions)
+        emit(f"vlm_ladder_shape_{split}_training_shape_of_colour", seen, "fraction", accuracy, "shape accuracy",
+             f"cpu ({torch.backends.cpu.get_cpu_capability()}, 1 thread)", model=str(args.model), answers=dict(Counter(answers)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ladder", choices=("lm", "labels", "classifier"), default="lm",
-                        help="lm: the recipe's model (default); labels / classifier: the rungs without a language model")
+    parser.add_argument("--ladder", choices=("lm", "labels", "classifier", "heldout-shape"), default="lm",
+                        help="lm: the recipe's model (default); labels / classifier: the rungs without a language model; "
+                             "heldout-shape: what a trained --model answers to held-out shape questions")
+    parser.add_argument("--model", default=None, help="--ladder heldout-shape: a trained model directory")
     parser.add_argument("--causal", action="store_true", help="--ladder classifier: causal attention, read at the last word")
     parser.add_argument("--trunk", choices=("torch", "llama"), default="torch",
                         help="--ladder classifier: torch's TransformerEncoder or the recipe's llama decoder (always causal)")
@@ -250,7 +280,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)  # a shared machine: one core per run
     if args.ladder != "lm":
-        return (ladder_labels if args.ladder == "labels" else ladder_classifier)(args)
+        return {"labels": ladder_labels, "classifier": ladder_classifier, "heldout-shape": ladder_heldout_shape}[args.ladder](args)
     from seekdeep.multimodal.image_processing import ImageProcessor, ImageProcessorConfig
     from seekdeep.multimodal.processing import MultimodalProcessor, collate
     from seekdeep.train import make_scheduler
