@@ -182,9 +182,10 @@ def main() -> None:
     parser.add_argument("--caption-every", type=int, default=0, help="VLMs: every k-th training row a scene caption (0: none)")
     parser.add_argument("--position-questions", action="store_true",
                         help="all models: also train on 'which column / row is the <object> in ?' (the recipe's flag)")
-    parser.add_argument("--grounded", action="store_true",
-                        help="VLMs: spatial targets name both objects' column / row before the side (the recipe's flag; "
-                             "scored on the side only); the concat anchor keeps its one-word answer head")
+    parser.add_argument("--grounded", action=argparse.BooleanOptionalAction, default=None,
+                        help="VLMs: spatial targets name both objects' column / row before the side (the recipe's flag and "
+                             "default; scored on the side only; --no-grounded: one-word answers); the concat anchor keeps "
+                             "its one-word answer head")
     parser.add_argument("--batch-size", type=int, default=None, help="training batch per model (default: the recipe's)")
     parser.add_argument("--lr", type=float, default=None, help="learning rate per model (default: the recipe's)")
     parser.add_argument("--skip-serving", action="store_true")
@@ -218,7 +219,8 @@ def main() -> None:
     for seed in args.seeds:
         base = VLMTrainConfig(seed=seed, eval_samples=args.eval_samples, progress=False, overwrite=True,
                               question_loss=args.question_loss, caption_every=args.caption_every,
-                              position_questions=args.position_questions, grounded=args.grounded,
+                              position_questions=args.position_questions,
+                              **({"grounded": args.grounded} if args.grounded is not None else {}),
                               **({"steps": args.steps} if args.steps else {}), **({"batch_size": args.batch_size} if args.batch_size else {}),
                               **({"lr": args.lr} if args.lr else {}))
         for fusion in ("prefix", "cross_attention"):

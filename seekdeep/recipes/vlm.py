@@ -51,7 +51,9 @@ class VLMTrainConfig:
     question_loss: bool = False  # loss on the question's words too (a colour word predicts its object's shape: binding)
     caption_every: int = 0  # every k-th training row is a scene caption ('red one three circle ...'); 0: none
     position_questions: bool = False  # also train on 'which column / row is the red circle in ?' (data.AUX_TYPES)
-    grounded: bool = False  # spatial targets name both objects' column / row before the side (data.grounded_answer)
+    # spatial targets name both objects' column / row before the side (data.grounded_answer), which splits the two-hop
+    # question into one-hop steps: on oracle features 0.77 held-out at 1000 steps vs 0.45 plain at 1500 (README)
+    grounded: bool = True
     num_latents: int = 0
     media_attention: str = "previous"
     eval_samples: int = 400
@@ -327,7 +329,7 @@ def train_vlm(cfg: VLMTrainConfig) -> dict[str, Any]:
         results[name] = accuracy_by_type(split, predictions)
         if cfg.grounded:  # how often the whole chain (both objects' positions and the side) is right on spatial questions
             chains = [t == grounded_answer(s) for s, t in zip(split, texts) if s.qtype == "spatial"]
-            results[name]["spatial_chain_exact"] = sum(chains) / max(len(chains), 1)
+            results.setdefault("spatial_chain_exact", {})[name] = sum(chains) / max(len(chains), 1)
         if name == "heldout":
             plot_samples(split[:12], predictions[:12], out / "samples.png", f"seekdeep vlm ({cfg.fusion}), held-out colour-shape combinations")
     prior_train = data.take(min(4000, max(200, cfg.steps * cfg.batch_size)))  # (a prefix of) what it trained on
@@ -356,7 +358,7 @@ _HELP = {
     "caption_every": "every k-th training row is a scene caption (colour, column, row, shape of each object); 0: none",
     "embed_std": "init std of the word embeddings (tied with the output head); the linears use --init-std",
     "grounded": "spatial targets name both objects' column and row before the side ('red one two blue three two right'); "
-                "scored on the side only, greedy",
+                "scored on the side only, greedy; --no-grounded: the one-word answer",
     "position_questions": "also train on 'which column / row is the <object> in ?' (half of a spatial question, with its own answer)",
 }
 

@@ -31,6 +31,7 @@ def test_vlm_command_trains_saves_and_resumes(tmp_path):
     assert main(["vlm", str(out), "--fusion", fusion, "--checkpoint-every", "2", *TINY]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 4 and set(summary["accuracy"]["heldout"]) == {*QUESTION_TYPES, "all"}
+    assert summary["config"]["grounded"] and 0 <= summary["accuracy"]["spatial_chain_exact"]["heldout"] <= 1  # the default
     assert (out / "samples.png").stat().st_size > 0
     model = seekdeep.AutoModel.from_pretrained(out / "final")
     assert (model.config.cross_attention is not None) == (fusion == "cross_attention")
