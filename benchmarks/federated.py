@@ -174,9 +174,9 @@ def _federate(init_dir: Path, clients, cfg, strategy: str, seed: int, args, eval
     from seekdeep.fl.aggregation import ServerAggregator
     from flwr.app import Context, RecordDict
 
-    from seekdeep.fl.app.client import local_train, site_optimizer
-    from seekdeep.fl.app.common import (GlobalState, flat_trainable, keep_client_optimizer, load_flat,
-                                        load_initial_model, model_layout, packing_spec, site_windows, trainable_params)
+    from seekdeep.fl.app.client import site_round
+    from seekdeep.fl.app.common import (GlobalState, flat_trainable, load_flat, load_initial_model, model_layout,
+                                        packing_spec, site_windows)
 
     spec = packing_spec(cfg)
     model = load_initial_model(init_dir, cfg.method)
@@ -200,11 +200,7 @@ def _federate(init_dir: Path, clients, cfg, strategy: str, seed: int, args, eval
             torch.manual_seed(seed * 100 + i)
             load_flat(model, cfg.method, layout, global_vector)
             windows = site_windows(Path(client["dir"]) / "train.bin", cfg, i, round_no)
-            optimizer, _, _ = site_optimizer(model, cfg, contexts[i])
-            local_train(model, windows, cfg.local_steps, cfg.learning_rate, cfg.method, mu,
-                        lr_at=lambda t, o=offset: lr(o + t), optimizer=optimizer)
-            if cfg.client_optimizer == "keep":
-                keep_client_optimizer(contexts[i].state, optimizer, trainable_params(model, cfg.method), cfg.method)
+            site_round(model, windows, cfg, contexts[i], mu, lr_at=lambda t, o=offset: lr(o + t))
             delta = flat_trainable(model, cfg.method, layout) - global_vector
             q, _ = paillier.quantize(delta, spec, rng)  # what the encrypted path carries
             deltas.append(paillier.dequantize_sum(q, spec, 1, 1))

@@ -160,6 +160,20 @@ def site_optimizer(model, cfg, context: Context) -> tuple[torch.optim.Optimizer,
     return optimizer, step, note
 
 
+def site_round(model, windows, cfg, context: Context, proximal_mu: float = 0.0, lr_at=None) -> tuple[float, int, str]:
+    """One round of a site's local training, as every client path runs it (the Paillier
+    ClientApp, the SecAgg+ client, the benchmark's in-process federation): this round's AdamW
+    (:func:`site_optimizer`), ``cfg.local_steps`` steps of :func:`local_train`, then, with
+    ``client_optimizer="keep"``, its state saved to the node state for the next round.
+    Returns (mean training loss, the AdamW step it started from, the optimizer note)."""
+    optimizer, step_start, note = site_optimizer(model, cfg, context)
+    loss = local_train(model, windows, cfg.local_steps, cfg.learning_rate, cfg.method, proximal_mu, lr_at=lr_at,
+                       optimizer=optimizer)
+    if cfg.client_optimizer == "keep":
+        keep_client_optimizer(context.state, optimizer, trainable_params(model, cfg.method), cfg.method)
+    return loss, step_start, note
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     from seekdeep.fl import paillier
@@ -175,11 +189,7 @@ def train(msg: Message, context: Context) -> Message:
     started = time.perf_counter()
     config = msg.content["config"]
     mu = float(config["proximal-mu"]) if "proximal-mu" in config else 0.0  # sent by Flower's FedProx
-    optimizer, step_start, optimizer_note = site_optimizer(site.model, cfg, context)
-    train_loss = local_train(site.model, site.windows, cfg.local_steps, cfg.learning_rate, cfg.method, mu,
-                             optimizer=optimizer)
-    if cfg.client_optimizer == "keep":
-        keep_client_optimizer(context.state, optimizer, trainable_params(site.model, cfg.method), cfg.method)
+    train_loss, step_start, optimizer_note = site_round(site.model, site.windows, cfg, context, mu)
     train_seconds = time.perf_counter() - started
     delta = flat_trainable(site.model, cfg.method, site.layout) - site.global_vector
     if site.fault == "nan":

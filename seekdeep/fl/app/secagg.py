@@ -161,8 +161,7 @@ class _SecAggClient(NumPyClient):
 
     def fit(self, parameters, config):
         from seekdeep.data import TokenWindows
-        from seekdeep.fl.app.client import local_train, site_optimizer
-        from seekdeep.fl.app.common import keep_client_optimizer, trainable_params
+        from seekdeep.fl.app.client import site_round
         from seekdeep.train import mean_loss
 
         settings = RunSettings.from_run_config(dict(self.context.run_config))
@@ -183,10 +182,7 @@ class _SecAggClient(NumPyClient):
         windows = site_windows(data_dir / "train.bin", cfg, partition, round_no)  # as the Paillier ClientApp
         mu = float(config.get("proximal_mu", 0.0))
         # the site's AdamW state lives in its node state, next to secaggplus_mod's own (as the Paillier ClientApp)
-        optimizer, step_start, _ = site_optimizer(model, cfg, self.context)
-        train_loss = local_train(model, windows, cfg.local_steps, cfg.learning_rate, cfg.method, mu, optimizer=optimizer)
-        if cfg.client_optimizer == "keep":
-            keep_client_optimizer(self.context.state, optimizer, trainable_params(model, cfg.method), cfg.method)
+        train_loss, step_start, _ = site_round(model, windows, cfg, self.context, mu)
         weights = flat_trainable(model, cfg.method, layout).astype(np.float32)
         return [weights], cfg.local_steps * cfg.batch_size, {"train-loss": train_loss, "eval-loss": eval_loss,
                                                              "partition-id": partition,
