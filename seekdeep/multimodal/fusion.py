@@ -125,6 +125,14 @@ class FusionClassifier(nn.Module):
         self.classifier = nn.Linear(c.hidden_size * (m if c.fusion == "concat" else 1), c.num_classes)
         self.aux = nn.ModuleDict({k: nn.Linear(c.hidden_size, c.num_classes) for k in c.modalities}) if c.aux_weight > 0 else None
 
+    def modality_hidden(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """h_m = tanh(W_m tower_m(x)) for modality ``name`` (every sample present). (N, H)"""
+        return torch.tanh(self.proj[name](self.towers[name](x)))
+
+    def gate_weights(self, hs: list[torch.Tensor]) -> torch.Tensor:
+        """The GMU's per-sample modality weights from the modalities' h_m, in config order. (N, M)"""
+        return torch.softmax(self.gate(torch.cat(hs, dim=-1)), dim=-1)
+
     def forward(self, inputs: dict[str, torch.Tensor | None], present: dict[str, torch.Tensor] | None = None) -> FusionOutput:
         unknown = sorted(set(inputs) - set(self.config.modalities))
         if unknown:
@@ -135,7 +143,7 @@ class FusionClassifier(nn.Module):
             mask = masks[name] = _present_mask(inputs, present, name, n, device)
             missing = self.missing[name].expand(n, -1)
             if mask.any():
-                h = torch.tanh(self.proj[name](self.towers[name](inputs[name])))  # (N, H)
+                h = self.modality_hidden(name, inputs[name])  # (N, H)
                 h = torch.where(mask[:, None], h, missing)
             else:
                 h = missing
@@ -146,7 +154,7 @@ class FusionClassifier(nn.Module):
         elif self.config.fusion == "sum":
             fused = torch.stack(hs, 0).sum(0)
         else:
-            alpha = torch.softmax(self.gate(torch.cat(hs, dim=-1)), dim=-1)  # (N, M)
+            alpha = self.gate_weights(hs)  # (N, M)
             fused = (torch.stack(hs, 1) * alpha[..., None]).sum(1)  # (N, H)
         aux = None if self.aux is None else {k: self.aux[k](h) for k, h in zip(self.config.modalities, hs)}
         return FusionOutput(self.classifier(fused), fused, alpha, aux, masks, self.config.aux_weight)

@@ -266,13 +266,13 @@ def logit_contributions(model: nn.Module, inputs: dict[str, torch.Tensor]) -> di
     mods = model.config.modalities
     if set(inputs) != set(mods) or any(v is None for v in inputs.values()):
         raise ConfigError("inputs", f"give every modality {mods}, got {sorted(k for k, v in inputs.items() if v is not None)}")
-    hs = [torch.tanh(model.proj[m](model.towers[m](inputs[m]))) for m in mods]  # M x (N, H)
+    hs = [model.modality_hidden(m, inputs[m]) for m in mods]  # M x (N, H)
     weight, hidden = model.classifier.weight, model.config.hidden_size  # (C, M*H or H)
     if model.config.fusion == "concat":
         return {m: h @ weight[:, i * hidden : (i + 1) * hidden].T for i, (m, h) in enumerate(zip(mods, hs))}
     if model.config.fusion == "sum":
         return {m: h @ weight.T for m, h in zip(mods, hs)}
-    alpha = torch.softmax(model.gate(torch.cat(hs, dim=-1)), dim=-1)  # (N, M)
+    alpha = model.gate_weights(hs)  # (N, M)
     return {m: alpha[:, i : i + 1] * (h @ weight.T) for i, (m, h) in enumerate(zip(mods, hs))}
 
 
