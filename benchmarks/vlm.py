@@ -180,6 +180,11 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench-vlm")
     parser.add_argument("--question-loss", action="store_true", help="VLMs: loss on the question's words too (the recipe's flag)")
     parser.add_argument("--caption-every", type=int, default=0, help="VLMs: every k-th training row a scene caption (0: none)")
+    parser.add_argument("--caption-steps", type=int, default=0,
+                        help="VLMs: the first k steps on scene captions only (the recipe's caption stage; the concat anchor, "
+                             "which has no text output, trains on questions for all its steps)")
+    parser.add_argument("--vision-feature-layer", default=None,
+                        help="VLMs: the recipe's flag (ViT hidden states for the projector, comma-separated)")
     parser.add_argument("--position-questions", action="store_true",
                         help="all models: also train on 'which column / row is the <object> in ?' (the recipe's flag)")
     parser.add_argument("--grounded", action=argparse.BooleanOptionalAction, default=None,
@@ -218,7 +223,8 @@ def main() -> None:
         args.seeds = []
     for seed in args.seeds:
         base = VLMTrainConfig(seed=seed, eval_samples=args.eval_samples, progress=False, overwrite=True,
-                              question_loss=args.question_loss, caption_every=args.caption_every,
+                              question_loss=args.question_loss, caption_every=args.caption_every, caption_steps=args.caption_steps,
+                              **({"vision_feature_layer": args.vision_feature_layer} if args.vision_feature_layer else {}),
                               position_questions=args.position_questions,
                               **({"grounded": args.grounded} if args.grounded is not None else {}),
                               **({"steps": args.steps} if args.steps else {}), **({"batch_size": args.batch_size} if args.batch_size else {}),

@@ -49,7 +49,7 @@ from common import emit  # noqa: E402
 
 from seekdeep.multimodal.data import ANSWERS, QUESTION_TYPES, SpatialVQA  # noqa: E402
 from seekdeep.recipes.vlm import (GROUNDED_TOKENS, VLMTrainConfig, accuracy_by_type, build_model, build_tokenizer,  # noqa: E402
-                                  encode_batch, predict)
+                                  caption_rows, encode_batch, predict)
 
 
 class OracleFeatures(nn.Module):
@@ -264,7 +264,9 @@ def main() -> None:
     parser.add_argument("--qtypes", default=",".join(QUESTION_TYPES))
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--every", type=int, default=100)
-    parser.add_argument("--pool", type=int, default=8000, help="pre-encoded training rows (and as many caption rows)")
+    parser.add_argument("--pool", type=int, default=8000,
+                        help="pre-encoded training rows (and as many caption rows); 0: a fresh scene for every row, as the "
+                             "recipe (a pool of 8000 is memorised by the ViT: grounded train answer loss 0.002 at 1000 steps)")
     parser.add_argument("--question-loss", action="store_true")
     parser.add_argument("--oracle-raw", action="store_true",
                         help="--features oracle: pixel colours in [0, 1] and (column, row) once, as the classifier rung")
@@ -272,6 +274,8 @@ def main() -> None:
                         help="--ladder lm: the loss and the argmax over the 4 spatial answers' logits only (a 4-way head inside the LM)")
     parser.add_argument("--grounded", action="store_true", help="--ladder lm: spatial targets name the positions first (the recipe's flag)")
     parser.add_argument("--caption-every", type=int, default=0)
+    parser.add_argument("--caption-steps", type=int, default=0, help="--ladder lm: the first k steps on captions only (the recipe's flag)")
+    parser.add_argument("--vision-feature-layer", default="-1", help="--ladder lm: ViT hidden states for the projector (the recipe's flag)")
     parser.add_argument("--text-layers", type=int, default=2)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
@@ -288,6 +292,7 @@ def main() -> None:
     warmup = min(30, args.steps // 10) if args.warmup < 0 else args.warmup
     cfg = VLMTrainConfig(seed=args.seed, steps=args.steps, warmup=warmup, text_layers=args.text_layers, lr=args.lr,
                          batch_size=args.batch_size, init_std=args.init_std, tie_embeddings=not args.untied,
+                         caption_every=args.caption_every, caption_steps=args.caption_steps, vision_feature_layer=args.vision_feature_layer,
                          **({"embed_std": args.embed_std} if args.embed_std else {}))
     torch.manual_seed(cfg.seed)
     tok = build_tokenizer()
@@ -310,8 +315,10 @@ def main() -> None:
         return [{k: (v[0].tolist() if k != "pixel_values" else v) for k, v in b.items()} for b in batch]
 
     qtypes = tuple(args.qtypes.split(","))
-    pool = rows(SpatialVQA("train", cfg.seed, cfg.image_size, qtypes=qtypes).take(args.pool), True)
-    captions = rows(SpatialVQA("train", cfg.seed + 1000, cfg.image_size).take(args.pool), True, captions=True) if args.caption_every else []
+    stream = SpatialVQA("train", cfg.seed, cfg.image_size, qtypes=qtypes)
+    caption_stream = SpatialVQA("train", cfg.seed + 1000, cfg.image_size)
+    pool = rows(stream.take(args.pool), True)
+    captions = rows(caption_stream.take(args.pool), True, captions=True) if args.pool and (args.caption_every or args.caption_steps) else []
     scored = tuple(q for q in qtypes if q in QUESTION_TYPES) or QUESTION_TYPES  # 400 questions of the trained types per split
     evals = {split: SpatialVQA(split, cfg.seed, cfg.image_size, qtypes=scored).take(400) for split in ("test", "heldout")}
     eval_rows = {split: rows(samples, False) for split, samples in evals.items()}
@@ -344,10 +351,17 @@ def main() -> None:
     began = time.perf_counter()
     model.train()
     for step in range(1, cfg.steps + 1):
-        picked = [pool[i] for i in torch.randint(len(pool), (cfg.batch_size,), generator=g).tolist()]
         is_caption = [False] * cfg.batch_size
-        if captions:  # every k-th row a caption, as the recipe
-            for j in range(args.caption_every - 1, cfg.batch_size, args.caption_every):
+        if not args.pool:  # fresh rows (and caption rows from their own scenes), as the recipe's stream
+            is_caption = caption_rows(cfg, step - 1)
+            at = (step - 1) * cfg.batch_size
+            picked = [rows([(caption_stream if c else stream)[at + i]], True, captions=c)[0] for i, c in enumerate(is_caption)]
+        else:
+            picked = [pool[i] for i in torch.randint(len(pool), (cfg.batch_size,), generator=g).tolist()]
+        if captions:  # every k-th row a caption, as the recipe (every row during the first --caption-steps steps)
+            rows_at = range(cfg.batch_size) if step <= args.caption_steps else \
+                range(args.caption_every - 1, cfg.batch_size, args.caption_every) if args.caption_every else ()
+            for j in rows_at:
                 picked[j] = captions[int(torch.randint(len(captions), (1,), generator=g))]
                 is_caption[j] = True
         b = collate(picked, tok.pad_token_id, "right")
@@ -380,7 +394,7 @@ def main() -> None:
     final = evaluate("heldout")
     emit(f"vlm_diagnose_{args.features}_heldout_spatial", final["spatial"], "accuracy", 0.25, "chance / question-only prior (4 answers)",
          device, steps=cfg.steps, qtypes=args.qtypes, question_loss=args.question_loss, caption_every=args.caption_every,
-         text_layers=cfg.text_layers, seed=cfg.seed, batch_size=cfg.batch_size, lr=cfg.lr, warmup=cfg.warmup, untied=args.untied, grounded=args.grounded, candidates=args.candidates, oracle_raw=args.oracle_raw, min_lr_ratio=args.min_lr_ratio, clip=args.clip, beta2=args.beta2,
+         caption_steps=args.caption_steps, pool=args.pool, vision_feature_layer=args.vision_feature_layer, text_layers=cfg.text_layers, seed=cfg.seed, batch_size=cfg.batch_size, lr=cfg.lr, warmup=cfg.warmup, untied=args.untied, grounded=args.grounded, candidates=args.candidates, oracle_raw=args.oracle_raw, min_lr_ratio=args.min_lr_ratio, clip=args.clip, beta2=args.beta2,
          final_norm=args.final_norm, embed_std=cfg.embed_std, heldout=final, test=evaluate("test"))
 
 

@@ -54,7 +54,8 @@ ACCEPTS: dict[tuple[str, str], set[str]] = {
     ("rl", "--top-k"): {"0"},  # off
     ("align", "--seed"): {"0"},
     ("fl", "--seed"): {"0"},
-    **{("vlm", flag): {"0"} for flag in ("--warmup", "--weight-decay", "--num-latents", "--seed", "--caption-every")},
+    **{("vlm", flag): {"0"} for flag in ("--warmup", "--weight-decay", "--num-latents", "--seed", "--caption-every",
+                                                  "--caption-steps")},
     ("fl", "--proximal-mu"): {"0"},  # FedAvg's local loss
     ("fl", "--server-momentum"): {"0"},  # plain FedAvg
 }

@@ -50,6 +50,12 @@ class VLMTrainConfig:
     position_init: str = "sincos"  # the ViT's patch positions start as 2-D sine-cosine codes (or: normal)
     question_loss: bool = False  # loss on the question's words too (a colour word predicts its object's shape: binding)
     caption_every: int = 0  # every k-th training row is a scene caption ('red one three circle ...'); 0: none
+    # LLaVA's first stage: the first caption_steps steps train on captions only (every object's colour, column, row and
+    # shape: where each colour is, the step the spatial questions need first), then the question mix
+    caption_steps: int = 0
+    # the ViT hidden states the projector reads, comma-separated (concatenated, as transformers' list form):
+    # -1 the last layer, 0 the patch embeddings + positions (before any attention)
+    vision_feature_layer: str = "-1"
     position_questions: bool = False  # also train on 'which column / row is the red circle in ?' (data.AUX_TYPES)
     # spatial targets name both objects' column / row before the side (data.grounded_answer), which splits the two-hop
     # question into one-hop steps: on oracle features 0.77 held-out at 1000 steps vs 0.45 plain at 1500 (README)
@@ -83,8 +89,24 @@ class VLMTrainConfig:
         check_int("seed", self.seed, 0, MAX_SEED)
         check_int("num_latents", self.num_latents, 0, 1 << 14)
         check_int("caption_every", self.caption_every, 0, MAX_BATCH)
+        check_int("caption_steps", self.caption_steps, 0)
+        if self.caption_steps >= self.steps:  # at least one step of questions, or nothing learns to answer
+            raise ConfigError("caption_steps", f"must be < steps={self.steps}, got {self.caption_steps}")
+        self.feature_layers()  # validates
         if not isinstance(self.warmup, int) or not 0 <= self.warmup < self.steps:
             raise ConfigError("warmup", f"must be an integer in [0, steps={self.steps}), got {self.warmup!r}")
+
+    def feature_layers(self) -> int | list[int]:
+        """``vision_feature_layer`` as LlavaConfig takes it (an int, or a list to concatenate)."""
+        n = self.vision_layers
+        try:
+            layers = [int(x) for x in str(self.vision_feature_layer).split(",")]
+        except ValueError:
+            layers = []
+        if not layers or not all(-(n + 1) <= i <= n for i in layers):
+            raise ConfigError("vision_feature_layer", f"comma-separated ViT hidden-state indices in [-{n + 1}, {n}] "
+                              f"(vision_layers={n}; 0: the embeddings, -1: the last layer), got {self.vision_feature_layer!r}")
+        return layers[0] if len(layers) == 1 else layers
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -128,7 +150,7 @@ def build_model(cfg: VLMTrainConfig, tokenizer):
     if cfg.fusion == "cross_attention":
         xattn = CrossAttentionConfig(every_n_layers=1, num_heads=4, media_attention=cfg.media_attention, num_latents=cfg.num_latents)
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-                         image_seq_length=vision.num_patches, vision_feature_layer=-1, cross_attention=xattn)
+                         image_seq_length=vision.num_patches, vision_feature_layer=cfg.feature_layers(), cross_attention=xattn)
     model = LlavaForConditionalGeneration(config)
     model.init_weights(position_init=cfg.position_init)
     with torch.no_grad():  # word embeddings as torch's nn.Embedding starts them (std 1), not at the linears' init_std:
@@ -149,6 +171,13 @@ def prompt_text(sample: VQASample) -> str:
 
 
 CAPTION_PROMPT = "<image> caption:"
+
+
+def caption_rows(cfg: VLMTrainConfig, step: int) -> list[bool]:
+    """Which rows of training step ``step`` (0-based) are scene captions: all of them during the
+    caption stage (``caption_steps``), then every ``caption_every``-th row."""
+    every = cfg.caption_every
+    return [step < cfg.caption_steps or (every > 0 and i % every == every - 1) for i in range(cfg.batch_size)]
 
 
 def encode_batch(processor, samples: list[VQASample], train: bool, question_loss: bool = False,
@@ -297,7 +326,7 @@ def train_vlm(cfg: VLMTrainConfig) -> dict[str, Any]:
     try:
         while step < cfg.steps:
             model.train()
-            captions = [cfg.caption_every > 0 and i % cfg.caption_every == cfg.caption_every - 1 for i in range(cfg.batch_size)]
+            captions = caption_rows(cfg, step)
             batch = encode_batch(processor, [data[step * cfg.batch_size + i] for i in range(cfg.batch_size)], train=True,
                                  question_loss=cfg.question_loss, captions=captions, grounded=cfg.grounded)
             loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"],
@@ -359,6 +388,9 @@ _HELP = {
     "embed_std": "init std of the word embeddings (tied with the output head); the linears use --init-std",
     "grounded": "spatial targets name both objects' column and row before the side ('red one two blue three two right'); "
                 "scored on the side only, greedy; --no-grounded: the one-word answer",
+    "caption_steps": "the first k steps train on scene captions only (LLaVA's caption stage), then the question mix; 0: none",
+    "vision_feature_layer": "ViT hidden states the projector reads, comma-separated and concatenated (-1: last layer, "
+                            "0: patch embeddings + positions; e.g. 0,-1)",
     "position_questions": "also train on 'which column / row is the <object> in ?' (half of a spatial question, with its own answer)",
 }
 

@@ -173,3 +173,25 @@ def test_grounded_answers_name_the_drawn_cells_and_are_scored_on_the_last_word()
     short = predict(model, proc, samples[:4])
     for word, text, first in zip(long, texts, short):
         assert word == (text.split()[-1] if text else word) and (not text or text.split()[0] == first)
+
+
+def test_caption_stage_and_feature_layers():
+    from seekdeep.recipes.vlm import build_model, build_tokenizer, caption_rows
+
+    cfg = VLMTrainConfig(steps=10, warmup=1, batch_size=4, caption_steps=3, caption_every=2)
+    assert [caption_rows(cfg, s) for s in (0, 2)] == [[True] * 4] * 2  # the caption stage: captions only
+    assert caption_rows(cfg, 3) == [False, True, False, True]  # then the mix (every 2nd row a caption)
+    assert caption_rows(VLMTrainConfig(steps=10, warmup=1, batch_size=4, caption_steps=3), 3) == [False] * 4
+    with pytest.raises(ConfigError, match="caption_steps"):
+        VLMTrainConfig(steps=10, warmup=1, caption_steps=10)  # no question step left
+    # the projector reads the concatenated hidden states named by vision_feature_layer
+    cfg = VLMTrainConfig(hidden_size=32, vision_layers=1, text_layers=1, vision_feature_layer="0,-1")
+    model = build_model(cfg, build_tokenizer()).eval()
+    assert model.config.vision_feature_layer == [0, -1] and model.multi_modal_projector.linear_1.in_features == 64
+    pixels = torch.randn(2, 3, 48, 48)
+    states = model.vision_tower(pixels, output_hidden_states=True).hidden_states
+    expected = model.multi_modal_projector(torch.cat([states[0][:, 1:], states[-1][:, 1:]], -1))
+    torch.testing.assert_close(model.get_image_features(pixels), expected)
+    for bad in ("2", "x", "", "0,-3"):
+        with pytest.raises(ConfigError, match="vision_feature_layer"):
+            VLMTrainConfig(vision_layers=1, vision_feature_layer=bad)
