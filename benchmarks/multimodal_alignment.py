@@ -18,6 +18,17 @@ line per result (mean and std over seeds; anchors measured in the same run).
     .venv/bin/python benchmarks/multimodal_alignment.py --parts fusion --seeds 5 --fusion-steps 1000 --fusion-schedule cosine \
         --fusion-warmup 50 --fusion-audio-snr 0 --fusion-eval-repeats 3 --fusion-beyond --bootstrap 500 --fusion-workers 2
     .venv/bin/python benchmarks/multimodal_alignment.py --parts align --objectives contrastive contrastive,distill,missing
+
+The milder-augmentation protocol (fixed before its decisive run): every variant trained with the
+same augmentation, modality dropout 0.2 with the learned missing embedding plus corruption of one
+modality in half the samples at image Gaussian std U(0, 1), occlusion U(0, 0.25), audio SNR
+U(10, 30) dB; tested at the issue's levels (image std 0.5-4, occlusion 0.25-1 (1: blank), audio
+20 / 10 / 0 / -10 dB) and past them (std 8 / 16, -20 / -30 dB), so std 2-16, occlusion 0.5-1
+and audio 0 dB and below are unseen by every variant (auc_unseen_*):
+
+    .venv/bin/python benchmarks/multimodal_alignment.py --parts fusion --seeds 8 --fusion-steps 1200 --fusion-schedule cosine \
+        --fusion-warmup 50 --fusion-audio-snr 0 --fusion-eval-repeats 3 --fusion-beyond --bootstrap 500 --fusion-variants concat,gmu \
+        --fusion-train-image-std 1 --fusion-train-occlusion 0.25 --fusion-train-audio-snr 10
 """
 
 from __future__ import annotations
@@ -78,6 +89,17 @@ def main() -> None:
     parser.add_argument("--fusion-witness-dropout", type=float, default=0.0,
                         help="> 0 (needs text in --fusion-modalities): the caption is also removed from this share of training samples, "
                              "for every fusion variant (FusionConfig.witness_dropout): the fix for the GMU gate collapsing onto the text")
+    parser.add_argument("--fusion-train-image-std", type=float, default=4.0,
+                        help="training augmentation: image Gaussian std drawn from U(0, this) (4: the whole test range)")
+    parser.add_argument("--fusion-train-occlusion", type=float, default=1.0,
+                        help="training augmentation: occluded share of the image drawn from U(0, this) (1: the whole test range)")
+    parser.add_argument("--fusion-train-audio-snr", type=float, default=-10.0,
+                        help="training augmentation: audio SNR drawn from U(this, 30) dB (-10: the whole test range). A milder range "
+                             "leaves the severe test levels unseen by every variant; they are reported as auc_unseen_* "
+                             "(mean accuracy at the test levels past the training range, beyond ones included, / clean)")
+    parser.add_argument("--fusion-raw", default="",
+                        help="append each finished (seed, variant) run's numbers (curves included) to this JSONL file as it "
+                             "finishes: a long run cut short still leaves its finished seeds")
     parser.add_argument("--bootstrap", type=int, default=0,
                         help="> 0: resample the test set this many times per seed for the test-sample std of each paired area difference")
     args = parser.parse_args()
@@ -85,6 +107,8 @@ def main() -> None:
             and 0 <= args.bootstrap <= 100_000):
         parser.error("--fusion-warmup in [0, --fusion-steps), --fusion-eval-repeats in [1, 100], --fusion-workers in [1, 16], "
                      "--bootstrap in [0, 100000]")
+    if not (0 <= args.fusion_train_image_std <= 100 and 0 <= args.fusion_train_occlusion <= 1 and -60 <= args.fusion_train_audio_snr <= 30):
+        parser.error("--fusion-train-image-std in [0, 100], --fusion-train-occlusion in [0, 1], --fusion-train-audio-snr in [-60, 30]")
     bad = sorted(set(args.fusion_variants.split(",")) - {"concat", "sum", "gmu", "unified"})
     if not 0 <= args.fusion_witness_dropout < 1 or (args.fusion_witness_dropout > 0 and "text" not in args.fusion_modalities.split(",")):
         parser.error("--fusion-witness-dropout: in [0, 1), and the witness is the text: needs text in --fusion-modalities")
@@ -183,6 +207,7 @@ def fusion_job(job: tuple[int, str]) -> tuple[int, str, dict]:
 
     seed, variant = job
     ctx, args = _FUSION, _FUSION["args"]
+    ranges = ctx["ranges"]
     torch.set_num_threads(args.threads)
     mods = ctx["variants"][variant]
     torch.manual_seed(seed)
@@ -194,7 +219,7 @@ def fusion_job(job: tuple[int, str]) -> tuple[int, str, dict]:
     model = build_image_audio_model(cfg, 16, ctx["mel_shape"], ctx["mean"], ctx["std"], text_vocab_size=ctx["vocab"])
     t0 = time.time()
     losses = train_fusion(model, ctx["data"], ctx["featurize"], steps=args.fusion_steps, seed=seed, schedule=args.fusion_schedule,
-                          warmup=args.fusion_warmup, augment_p=args.fusion_augment_p)
+                          warmup=args.fusion_warmup, augment_p=args.fusion_augment_p, augment_range=ranges)
     curves = noise_curves(model, ctx["held"], ctx["featurize"], seed=seed, repeats=args.fusion_eval_repeats, beyond=args.fusion_beyond,
                           per_sample=True)
     r = {"clean": next(iter(curves.values()))[0]["accuracy"], "train_loss_last50": float(np.mean(losses[-50:])),
@@ -207,6 +232,12 @@ def fusion_job(job: tuple[int, str]) -> tuple[int, str, dict]:
         r[f"worst_{name}"] = inside[-1]["accuracy"]  # accuracy at the strongest in-range corruption
         if beyond_area(curve) is not None:
             r[f"auc_beyond_{name}"] = beyond_area(curve)
+        if ctx["mild"]:  # the test levels no training draw reached (beyond ones included), for every variant alike
+            for p in curve:
+                p["unseen"] = ranges.unseen(name, p["level"])
+            unseen = [p["accuracy"] for p in curve if p["unseen"]]
+            if unseen and curve[0]["accuracy"] > 0:
+                r[f"auc_unseen_{name}"] = float(np.mean(unseen) / curve[0]["accuracy"])
         r["levels"][name] = [{k: v for k, v in p.items() if k != "correct"} for p in curve]
         r["correct"][name] = torch.stack([p["correct"] for p in curve]).numpy()  # (levels, N): for the bootstrap
         for m in mods:  # the GMU's mean weight on each modality, clean vs the strongest in-range corruption
@@ -283,7 +314,14 @@ def fusion_part(args, train, test, tokenizer, featurize, train_mel, mean, std, d
               "fusion_augment_p": args.fusion_augment_p, "fusion_witness_dropout": args.fusion_witness_dropout}
     chosen = {"concat", *args.fusion_variants.split(",")}
     variants = {**{f: modalities for f in FUSIONS if f in chosen}, **{f"{m}_only": (m,) for m in modalities}}
-    _FUSION.update(args=args, variants=variants, data=data, held=held, featurize=featurize, mel_shape=tuple(train_mel.shape[1:]),
+    from seekdeep.multimodal.robustness import FULL_RANGE, AugmentRange
+
+    ranges = AugmentRange(image_std=args.fusion_train_image_std, occlusion=args.fusion_train_occlusion, audio_snr_db=args.fusion_train_audio_snr)
+    mild = ranges != FULL_RANGE
+    if mild:  # only then: the default flags keep the old result lines byte for byte
+        common["fusion_train_range"] = {"image_std_max": ranges.image_std, "occlusion_max": ranges.occlusion,
+                                        "audio_snr_min_db": ranges.audio_snr_db}
+    _FUSION.update(args=args, variants=variants, ranges=ranges, mild=mild, data=data, held=held, featurize=featurize, mel_shape=tuple(train_mel.shape[1:]),
                    mean=mean, std=std, vocab=len(tokenizer))
     jobs = [(seed, v) for seed in range(args.seeds) for v in variants]
     results: dict[str, dict[str, list]] = {v: {} for v in variants}
@@ -297,6 +335,11 @@ def fusion_part(args, train, test, tokenizer, featurize, train_mel, mean, std, d
         pool, done = None, map(fusion_job, jobs)
     for seed, variant, r in done:
         per_seed[(seed, variant)] = r
+        if args.fusion_raw:
+            import json
+
+            with open(args.fusion_raw, "a") as f:  # a log, not a result: appended line by line
+                f.write(json.dumps({"seed": seed, "variant": variant, **{k: v for k, v in r.items() if k != "correct"}}) + "\n")
         print(f"# fusion seed {seed} {variant} clean {r['clean']:.3f} train loss {r['train_loss_last50']:.3f} "
               f"({r['seconds']:.0f} s; {time.time() - started:.0f} s total)", file=sys.stderr, flush=True)
     if pool is not None:
@@ -325,11 +368,14 @@ def fusion_part(args, train, test, tokenizer, featurize, train_mel, mean, std, d
             diff = stats(diffs)
             extra = {}
             if key.startswith("auc_") and args.bootstrap and variant != "concat":
-                name = key.removeprefix("auc_beyond_").removeprefix("auc_")
+                name = key.removeprefix("auc_beyond_").removeprefix("auc_unseen_").removeprefix("auc_")
+                # the "out" part of the bootstrap: the beyond points, or for auc_unseen_* every unseen one
+                flag = "unseen" if key.startswith("auc_unseen_") else "beyond"
                 boot = [bootstrap_paired_std(per_seed[(s_, variant)]["correct"][name], per_seed[(s_, "concat")]["correct"][name],
-                                             args.bootstrap, s_, np.array([bool(p.get("beyond")) for p in per_seed[(s_, variant)]["levels"][name]]))
+                                             args.bootstrap, s_, np.array([bool(p.get(flag)) for p in per_seed[(s_, variant)]["levels"][name]]))
                         for s_ in range(args.seeds)]
-                extra["paired_diff_test_sample_std"] = float(np.mean([b[1 if key.startswith("auc_beyond_") else 0] for b in boot]))
+                part = 0 if key == f"auc_{name}" else 1  # the in-range area, or the beyond / unseen mean
+                extra["paired_diff_test_sample_std"] = float(np.mean([b[part] for b in boot]))
             t = diff[0] / (diff[1] / np.sqrt(len(diffs))) if diff[1] > 0 else None
             emit(f"fusion/{variant}/{key}", m, "normalised AUC" if key.startswith("auc_") else "accuracy", cm, "concat", device, std=s,
                  anchor_std=cs, clean_accuracy=clean_mean, gap_over_best_single=gap[0], paired_diff_mean=diff[0], paired_diff_std=diff[1],
@@ -355,6 +401,7 @@ def fusion_part(args, train, test, tokenizer, featurize, train_mel, mean, std, d
                     if name in per_seed[(0, "concat")]["levels"] else (None, None)
                 emit(f"fusion/{variant}/curve/{name}@{point['level']}", stats(acc)[0], "accuracy", anchor[0], "concat", device,
                      std=stats(acc)[1], anchor_std=anchor[1], beyond_training_range=bool(point.get("beyond")),
+                     **({"unseen_in_training": point["unseen"]} if "unseen" in point else {}),
                      **{f"{k}_mean": round(v[0], 4) for k, v in alphas.items()}, **{f"{k}_std": round(v[1], 4) for k, v in alphas.items()},
                      values=[round(a, 4) for a in acc], **common)
     if "unified" in variants and "gmu" in variants:

@@ -16,7 +16,7 @@ from torch import nn
 from seekdeep.errors import ConfigError
 from seekdeep.multimodal.audio import AudioConfig, LogMel
 from seekdeep.multimodal.fusion import corrupt_audio, corrupt_image, corrupt_text, fusion_loss, modality_dropout
-from seekdeep.validate import check_int
+from seekdeep.validate import check_float, check_int
 
 IMAGE_NOISE = (0.0, 0.5, 1.0, 2.0, 4.0)  # Gaussian std in normalised pixel units
 AUDIO_SNR = (math.inf, 20.0, 10.0, 0.0, -10.0)  # dB
@@ -27,6 +27,41 @@ TEXT_DROP = (0.0, 0.25, 0.5, 0.75, 1.0)  # probability of each caption word beco
 IMAGE_NOISE_BEYOND = (8.0, 16.0)
 AUDIO_SNR_BEYOND = (-20.0, -30.0)
 SCHEDULES = ("constant", "cosine")
+
+
+@dataclass(frozen=True)
+class AugmentRange:
+    """The training corruption augmentation's severity range: image Gaussian std U(0,
+    ``image_std``), occlusion of U(0, ``occlusion``) of the area, audio SNR U(``audio_snr_db``, 30)
+    dB, caption word drop U(0, ``text_drop``). The defaults cover every in-range test level; a
+    milder range leaves the severe test levels unseen in training (the usual robustness setting:
+    the test-time noise is not known when training). Defaults keep the old random stream."""
+
+    image_std: float = 4.0
+    occlusion: float = 1.0
+    audio_snr_db: float = -10.0
+    text_drop: float = 1.0
+
+    def __post_init__(self):
+        check_float("image_std", self.image_std, lo=0.0, hi=100.0)
+        check_float("occlusion", self.occlusion, lo=0.0, hi=1.0)
+        check_float("audio_snr_db", self.audio_snr_db, lo=-60.0, hi=30.0)
+        check_float("text_drop", self.text_drop, lo=0.0, hi=1.0)
+
+    def unseen(self, curve: str, level: float) -> bool:
+        """Whether a test level of ``curve`` (a noise_curves name) is more severe than any training draw."""
+        if curve == "image_gaussian":
+            return level > self.image_std
+        if curve == "image_occlusion":
+            return level > self.occlusion
+        if curve == "audio_snr":
+            return level < self.audio_snr_db
+        if curve == "text_drop":
+            return level > self.text_drop
+        raise ConfigError("curve", f"unknown {curve!r}; accepted: image_gaussian, image_occlusion, audio_snr, text_drop")
+
+
+FULL_RANGE = AugmentRange()
 
 
 @dataclass
@@ -53,42 +88,45 @@ class Featurizer:
         return self.mel(waveform)
 
 
-def _noise_images(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Gaussian std U(0, 4), or (30%) an occlusion of U(0, 1) of the area."""
-    std = torch.rand(len(pixels), 1, 1, 1, generator=generator) * 4
+def _noise_images(pixels: torch.Tensor, generator: torch.Generator, ranges: AugmentRange = FULL_RANGE) -> torch.Tensor:
+    """Gaussian std U(0, ranges.image_std), or (30%) an occlusion of U(0, ranges.occlusion) of the area."""
+    std = torch.rand(len(pixels), 1, 1, 1, generator=generator) * ranges.image_std
     noisy = pixels + std * torch.randn(pixels.shape, generator=generator)
-    occl = corrupt_image(pixels, "occlusion", float(torch.rand(1, generator=generator)), generator)
+    occl = corrupt_image(pixels, "occlusion", float(torch.rand(1, generator=generator)) * ranges.occlusion, generator)
     use_occl = (torch.rand(len(pixels), generator=generator) < 0.3)[:, None, None, None]
     return torch.where(use_occl, occl, noisy)
 
 
-def _noise_audio(audio: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """White noise at U(-10, 30) dB SNR per clip."""
-    return torch.cat([corrupt_audio(audio[i : i + 1], float(torch.rand(1, generator=generator)) * 40 - 10, generator)
+def _noise_audio(audio: torch.Tensor, generator: torch.Generator, ranges: AugmentRange = FULL_RANGE) -> torch.Tensor:
+    """White noise at U(ranges.audio_snr_db, 30) dB SNR per clip."""
+    span = 30.0 - ranges.audio_snr_db
+    return torch.cat([corrupt_audio(audio[i : i + 1], float(torch.rand(1, generator=generator)) * span + ranges.audio_snr_db, generator)
                       for i in range(len(audio))]) if len(audio) else audio
 
 
-def augment(pixels: torch.Tensor, audio: torch.Tensor, generator: torch.Generator, p: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+def augment(pixels: torch.Tensor, audio: torch.Tensor, generator: torch.Generator, p: float = 0.5,
+            ranges: AugmentRange = FULL_RANGE) -> tuple[torch.Tensor, torch.Tensor]:
     """With probability ``p`` per sample, corrupt one modality (chosen evenly) at a random level
-    drawn from the test ranges: image Gaussian std U(0, 4) or occlusion U(0, 1), audio SNR U(-10, 30) dB."""
+    drawn from ``ranges`` (default: the test ranges, image Gaussian std U(0, 4) or occlusion U(0, 1),
+    audio SNR U(-10, 30) dB)."""
     n = len(pixels)
     hit = torch.rand(n, generator=generator) < p
     image_side = torch.rand(n, generator=generator) < 0.5
     pixels, audio = pixels.clone(), audio.clone()
     idx = torch.nonzero(hit & image_side).flatten()
     if len(idx):
-        pixels[idx] = _noise_images(pixels[idx], generator)
+        pixels[idx] = _noise_images(pixels[idx], generator, ranges)
     idx = torch.nonzero(hit & ~image_side).flatten()
     if len(idx):
-        audio[idx] = _noise_audio(audio[idx], generator)
+        audio[idx] = _noise_audio(audio[idx], generator, ranges)
     return pixels, audio
 
 
 def augment_with_text(pixels: torch.Tensor, audio: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, unk_id: int,
-                      generator: torch.Generator, p: float = 0.5,
-                      modalities: tuple[str, ...] = ("image", "audio", "text")) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      generator: torch.Generator, p: float = 0.5, modalities: tuple[str, ...] = ("image", "audio", "text"),
+                      ranges: AugmentRange = FULL_RANGE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`augment` with text: with probability ``p`` per sample one of the model's
-    ``modalities`` (evenly) is corrupted, text by token drop at a rate drawn from U(0, 1)."""
+    ``modalities`` (evenly) is corrupted, text by token drop at a rate drawn from U(0, ranges.text_drop)."""
     kinds = [k for k in ("image", "audio", "text") if k in modalities]
     n = len(pixels)
     hit = torch.rand(n, generator=generator) < p
@@ -100,13 +138,13 @@ def augment_with_text(pixels: torch.Tensor, audio: torch.Tensor, input_ids: torc
 
     idx = chosen("image")
     if len(idx):
-        pixels[idx] = _noise_images(pixels[idx], generator)
+        pixels[idx] = _noise_images(pixels[idx], generator, ranges)
     idx = chosen("audio")
     if len(idx):
-        audio[idx] = _noise_audio(audio[idx], generator)
+        audio[idx] = _noise_audio(audio[idx], generator, ranges)
     idx = chosen("text")
     for i in idx.tolist():  # a drop rate per caption
-        rate = float(torch.rand(1, generator=generator))
+        rate = float(torch.rand(1, generator=generator)) * ranges.text_drop
         input_ids[i : i + 1] = corrupt_text(input_ids[i : i + 1], attention_mask[i : i + 1], rate, unk_id, generator)
     return pixels, audio, input_ids
 
@@ -120,13 +158,17 @@ def _needs_text(model: nn.Module, data: FusionData) -> bool:
 
 
 def train_fusion(model: nn.Module, data: FusionData, featurize: Featurizer, steps: int = 200, batch_size: int = 64, lr: float = 3e-3,
-                 seed: int = 0, augment_p: float = 0.5, progress=None, schedule: str = "constant", warmup: int = 0) -> list[float]:
-    """AdamW on cross-entropy with corruption augmentation and modality dropout; returns losses.
+                 seed: int = 0, augment_p: float = 0.5, progress=None, schedule: str = "constant", warmup: int = 0,
+                 augment_range: AugmentRange = FULL_RANGE) -> list[float]:
+    """AdamW on cross-entropy with corruption augmentation (severities from ``augment_range``)
+    and modality dropout; returns losses.
     ``schedule="cosine"``: linear warmup over ``warmup`` steps, then cosine decay to 0.1 x ``lr``
     (a constant rate leaves the last iterate noisy: the seed spread then measures where training
     stopped as much as the fusion)."""
     if schedule not in SCHEDULES:
         raise ConfigError("schedule", f"unsupported {schedule!r}; accepted: {', '.join(SCHEDULES)}")
+    if not isinstance(augment_range, AugmentRange):
+        raise ConfigError("augment_range", f"needs an AugmentRange, got {type(augment_range).__name__}")
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     scheduler = None
@@ -142,9 +184,9 @@ def train_fusion(model: nn.Module, data: FusionData, featurize: Featurizer, step
         idx = torch.randint(len(data), (batch_size,), generator=g)
         if text:
             pixels, audio, ids = augment_with_text(data.pixel_values[idx], data.audio[idx], data.input_ids[idx], data.attention_mask[idx],
-                                                   data.unk_token_id, g, augment_p, modalities)
+                                                   data.unk_token_id, g, augment_p, modalities, augment_range)
         else:  # two modalities: the augmentation (and its random stream) of the image + audio models
-            (pixels, audio), ids = augment(data.pixel_values[idx], data.audio[idx], g, augment_p), None
+            (pixels, audio), ids = augment(data.pixel_values[idx], data.audio[idx], g, augment_p, augment_range), None
         inputs = {"image": pixels, "audio": featurize(audio), "text": ids}
         present = modality_dropout(batch_size, modalities, model.config.modality_dropout, g, model.config.witness,
                                    model.config.witness_dropout)
