@@ -283,3 +283,41 @@ def test_witness_dropout_removes_the_witness_never_everything():
     with pytest.raises(ConfigError, match="witness_dropout"):
         FusionConfig(modalities=("text", "image"), witness="text", witness_dropout=1.0)
     assert FusionConfig(modalities=("text", "image"), witness="text", witness_dropout=0.5).to_dict()["witness_dropout"] == 0.5
+
+
+def test_augment_range_bounds_the_training_corruptions():
+    from seekdeep.multimodal.robustness import FULL_RANGE, AugmentRange, augment, augment_with_text
+
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.ones(64, 3, 8, 8)
+    wave = torch.sin(torch.arange(4000) / 5.0)[None].repeat(64, 1)
+    # the default is the whole test range and the old random stream: an explicit FULL_RANGE changes nothing
+    a = augment(pixels, wave, torch.Generator().manual_seed(3), 1.0)
+    b = augment(pixels, wave, torch.Generator().manual_seed(3), 1.0, FULL_RANGE)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    # no image corruption at all when both image ranges are 0; audio SNR never below the floor
+    mild = AugmentRange(image_std=0.0, occlusion=0.0, audio_snr_db=20.0)
+    new_pixels, new_audio = augment(pixels, wave, g, 1.0, mild)
+    assert torch.equal(new_pixels, pixels)
+    hit = (new_audio != wave).any(-1)
+    snr = 10 * torch.log10(wave[hit].pow(2).mean(-1) / (new_audio[hit] - wave[hit]).pow(2).mean(-1))
+    assert hit.sum() > 10 and snr.min() > 19.0 and snr.max() < 31.0
+    full = augment(pixels, wave, g, 1.0)[1]
+    full_snr = 10 * torch.log10(wave.pow(2).mean(-1) / (full - wave).pow(2).mean(-1).clamp_min(1e-12))
+    assert full_snr[(full != wave).any(-1)].min() < 10.0  # the full range reaches far below the mild floor
+    # the gaussian std is bounded: at std U(0, 0.5) no pixel moves by 4 (the full range's std 4 does)
+    small = augment(pixels, wave, g, 1.0, AugmentRange(image_std=0.5, occlusion=0.0))[0]
+    assert (small - pixels).abs().max() < 4.0
+    ids, mask = torch.tensor([[1, 7, 8, 9, 3]]).repeat(64, 1), torch.ones(64, 5, dtype=torch.long)
+    kept = augment_with_text(pixels, wave, ids, mask, 2, g, 1.0, ("text",), AugmentRange(text_drop=0.0))[2]
+    assert torch.equal(kept, ids)
+    # which test levels no training draw reached
+    assert [mild.unseen("audio_snr", lv) for lv in (math.inf, 20.0, 10.0, -30.0)] == [False, False, True, True]
+    assert AugmentRange(image_std=1.0).unseen("image_gaussian", 2.0) and not AugmentRange(image_std=1.0).unseen("image_gaussian", 1.0)
+    assert AugmentRange(occlusion=0.25).unseen("image_occlusion", 0.5) and not FULL_RANGE.unseen("image_occlusion", 1.0)
+    with pytest.raises(ConfigError, match="occlusion"):
+        AugmentRange(occlusion=1.5)
+    with pytest.raises(ConfigError, match="audio_snr_db"):
+        AugmentRange(audio_snr_db=float("nan"))
+    with pytest.raises(ConfigError, match="curve"):
+        mild.unseen("image_blur", 1.0)
