@@ -154,13 +154,19 @@ def _pooled_windows(paths, seq_len, batch_size, seed, tmp: Path, name: str):
     return TokenWindows(path, seq_len, batch_size, seed=seed)
 
 
-def _schedule(args, total_steps: int):
-    """The learning rate of global step t of ``total_steps``: constant, or cosine to 10% (the
-    same curve for the federated and the centralized runs, each over its own steps of the
-    largest budget: the smaller budgets are points along it)."""
-    if args.schedule == "constant":
-        return lambda t: args.lr_value
-    return lambda t: args.lr_value * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, total_steps) / total_steps)))
+def _lr_at(cfg, total_steps: int, lr: float | None = None):
+    """lr_at(t) for a run of ``total_steps`` steps under ``cfg``'s schedule (``--schedule``,
+    ``--min-lr-ratio``, ``--warmup-steps``), with ``cfg``'s lr or ``lr``: the product's own
+    :func:`seekdeep.fl.app.common.scheduled_lr`, over the run's own steps (its warmup scaled to
+    them: ``warmup_steps`` is in client steps). The federated arms use the ClientApp's
+    :func:`client_lr_at` through ``site_round``."""
+    from dataclasses import replace
+
+    from seekdeep.fl.app.common import scheduled_lr
+
+    cfg = replace(cfg, lr=lr if lr is not None else cfg.lr)
+    warmup = cfg.warmup_steps * total_steps // (cfg.rounds * cfg.local_steps)
+    return lambda t: scheduled_lr(cfg, t, total_steps, warmup)
 
 
 def _federate(init_dir: Path, clients, cfg, strategy: str, seed: int, args, evaluate, budgets) -> dict[int, float]:
@@ -186,7 +192,6 @@ def _federate(init_dir: Path, clients, cfg, strategy: str, seed: int, args, eval
     server = ServerAggregator(spec, layout.size)
     rng = np.random.default_rng(seed)
     mu = cfg.proximal_mu if strategy == "fedprox" else 0.0
-    lr = _schedule(args, cfg.rounds * cfg.local_steps)
     losses = {}
     # each client's Flower node state (context.state): with client_optimizer="keep" its AdamW state
     # goes through it between rounds exactly as in the ClientApp (saved, then loaded into a fresh AdamW)
@@ -195,12 +200,11 @@ def _federate(init_dir: Path, clients, cfg, strategy: str, seed: int, args, eval
     for round_no in range(1, cfg.rounds + 1):
         deltas = []
         global_vector = init_vector + state.delta
-        offset = (round_no - 1) * cfg.local_steps
         for i, client in enumerate(clients):
             torch.manual_seed(seed * 100 + i)
             load_flat(model, cfg.method, layout, global_vector)
             windows = site_windows(Path(client["dir"]) / "train.bin", cfg, i, round_no)
-            site_round(model, windows, cfg, contexts[i], mu, lr_at=lambda t, o=offset: lr(o + t))
+            site_round(model, windows, cfg, contexts[i], round_no, cfg.rounds, mu)  # the ClientApp's lr schedule
             delta = flat_trainable(model, cfg.method, layout) - global_vector
             q, _ = paillier.quantize(delta, spec, rng)  # what the encrypted path carries
             deltas.append(paillier.dequantize_sum(q, spec, 1, 1))
@@ -226,8 +230,7 @@ def _train_curve(model, windows, steps: int, lr_value: float, cfg, args, evaluat
         if n in wanted:
             losses[wanted[n]] = evaluate(model)
 
-    args.lr_value = lr_value
-    local_train(model, windows, steps, lr_value, cfg.method, proximal_mu, lr_at=_schedule(args, steps),
+    local_train(model, windows, steps, lr_value, cfg.method, proximal_mu, lr_at=_lr_at(cfg, steps, lr_value),
                 after_step=after)
     return losses
 
@@ -288,7 +291,8 @@ def quality(args) -> None:
                 cfg = FLConfig(base=args.base, method=args.method, split=split, rounds=total_rounds,
                                local_steps=args.local_steps, batch_size=args.batch_size, seq_len=args.seq_len,
                                eval_batches=args.eval_batches, seed=seed, progress=False, output_dir=str(tmp),
-                               lr=args.lr, proximal_mu=args.proximal_mu, num_clients=k)
+                               lr=args.lr, proximal_mu=args.proximal_mu, num_clients=k, lr_schedule=args.schedule,
+                               warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio)
                 init_dir = tmp / f"init-{seed}"
                 if not init_dir.exists():
                     build_initial_model(cfg, init_dir)
@@ -331,7 +335,6 @@ def quality(args) -> None:
                     variants += [("fedprox", "", {})]
                 for strategy, tag, extra in variants:
                     for mode in args.client_optimizer:
-                        args.lr_value = cfg.learning_rate
                         name = f"{strategy} {split}{tag} ({OPTIMIZER_TAGS[mode]})"
                         record(name, _federate(init_dir, clients, replace(cfg, **extra, client_optimizer=mode),
                                                strategy, seed, args, evaluate, budgets))
@@ -370,7 +373,7 @@ def quality(args) -> None:
                  ratio_per_seed_mean=float(np.mean(ratios)), ratio_per_seed_std=float(np.std(ratios)),
                  method=args.method, local_steps=args.local_steps, batch_size=args.batch_size,
                  seq_len=args.seq_len, clients=k, lr=args.lr, central_lr=args.central_lr or args.lr,
-                 schedule=args.schedule, server_lr=args.server_lr, server_momentum=args.server_momentum,
+                 schedule=args.schedule, warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio, server_lr=args.server_lr, server_momentum=args.server_momentum,
                  eval_windows_per_client=args.eval_batches * args.eval_batch_size,
                  anchor_definition=definitions.get(anchor_name, "none: --no-anchors (a lever screen; the "
                                                                 "anchors of the same seed come from another run)"),
@@ -421,7 +424,12 @@ def main() -> int:
     parser.add_argument("--server-momentum", type=float, default=0.0, help="quality: FedAvgM server momentum")
     parser.add_argument("--proximal-mu", type=float, default=0.01, help="quality: FedProx mu")
     parser.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
-                        help="quality: lr schedule shared by all arms (each over its own steps)")
+                        help="quality: lr schedule of every arm (FLConfig.lr_schedule), each over its own steps "
+                             "of the LARGEST budget: a smaller budget is a point on that curve, so for finished "
+                             "cosine schedules run one budget per process")
+    parser.add_argument("--min-lr-ratio", type=float, default=0.1, help="quality: cosine floor (x peak lr)")
+    parser.add_argument("--warmup-steps", type=int, default=0,
+                        help="quality: linear warmup in client steps (scaled to each arm's own steps)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: the machine is shared; spinning OpenMP threads stall when oversubscribed)")
     args = parser.parse_args()

@@ -58,6 +58,8 @@ ACCEPTS: dict[tuple[str, str], set[str]] = {
                                                   "--caption-steps")},
     ("fl", "--proximal-mu"): {"0"},  # FedAvg's local loss
     ("fl", "--server-momentum"): {"0"},  # plain FedAvg
+    ("fl", "--warmup-steps"): {"0"},  # no warmup
+    ("fl", "--min-lr-ratio"): {"0"},  # cosine down to zero
 }
 
 #: positional / path arguments per command: (argument, kind) with kind "model" (a model directory),

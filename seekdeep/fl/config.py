@@ -14,6 +14,7 @@ STRATEGIES = ("fedavg", "fedprox")
 SECURE = ("paillier", "secaggplus", "none")
 SPLITS = ("package", "iid")
 CLIENT_OPTIMIZERS = ("keep", "reset")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 MAX_CLIENTS = 1024  # each client is a SuperNode process here
@@ -43,6 +44,12 @@ class FLConfig:
     # keep: each site's AdamW state carries over between rounds (in its Flower node state; a
     # restarted SuperNode starts afresh); reset: a fresh AdamW every round
     client_optimizer: str = "keep"
+    # the clients' lr over the GLOBAL step index (round - 1) * local_steps + k of rounds * local_steps
+    # (the round and the total come in the server's message, so a restarted site continues the curve):
+    # constant, or cosine down to min_lr_ratio * lr; both after warmup_steps of linear warmup
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1  # cosine only: the last step's lr is min_lr_ratio * lr
     quant_bits: int = 16
     clip: float = 0.1  # per-round update deltas are clipped to [-clip, clip] before quantisation
     key_bits: int = 2048
@@ -57,7 +64,7 @@ class FLConfig:
 
     def __post_init__(self) -> None:
         for name, choices in (("method", METHODS), ("strategy", STRATEGIES), ("secure", SECURE), ("split", SPLITS),
-                              ("client_optimizer", CLIENT_OPTIMIZERS)):
+                              ("client_optimizer", CLIENT_OPTIMIZERS), ("lr_schedule", LR_SCHEDULES)):
             if getattr(self, name) not in choices:
                 raise ConfigError(name, f"unknown {getattr(self, name)!r}; accepted: {', '.join(choices)}")
         check_int("num_clients", self.num_clients, 1, MAX_CLIENTS)
@@ -66,6 +73,8 @@ class FLConfig:
         check_int("batch_size", self.batch_size, 1, MAX_BATCH)
         check_int("seq_len", self.seq_len, 8, MAX_SEQ_LEN)
         check_int("eval_batches", self.eval_batches)
+        check_int("warmup_steps", self.warmup_steps, 0, self.rounds * self.local_steps)  # 0: none
+        check_float("min_lr_ratio", self.min_lr_ratio, 0, 1)  # 0: cosine down to zero
         check_int("seed", self.seed, 0, MAX_SEED)
         check_int("quant_bits", self.quant_bits, 2, 32)
         if self.key_bits not in (1024, 2048, 3072, 4096):

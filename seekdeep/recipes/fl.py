@@ -200,14 +200,15 @@ def local_only_losses(out: Path, cfg: FLConfig, clients: list[dict[str, Any]], p
     """Each client alone: the same initial model, ``rounds * local_steps`` steps on its own data."""
     from seekdeep.data import TokenWindows
     from seekdeep.fl.app.client import local_train
-    from seekdeep.fl.app.common import load_initial_model
+    from seekdeep.fl.app.common import load_initial_model, scheduled_lr
 
     results = []
     for i, client in enumerate(tqdm(clients, desc="local-only models", disable=not progress)):
         torch.manual_seed(cfg.seed + i)
         model = load_initial_model(out / "init", cfg.method)
         windows = TokenWindows(Path(client["dir"]) / "train.bin", cfg.seq_len, cfg.batch_size, seed=cfg.seed + 1000 * i)
-        local_train(model, windows, cfg.rounds * cfg.local_steps, cfg.learning_rate, cfg.method)
+        steps = cfg.rounds * cfg.local_steps  # the clients' schedule over the same steps
+        local_train(model, windows, steps, cfg.learning_rate, cfg.method, lr_at=lambda k: scheduled_lr(cfg, k, steps))
         losses = _heldout_losses(model, clients, cfg)
         results.append({"client": i, "own_loss": losses[i], "mean_loss": float(np.mean(losses)), "losses": losses})
     return results
@@ -439,6 +440,10 @@ HELP = {
     "server_momentum": "FedAvgM server momentum (0: FedAvg); applied by the key-holding clients",
     "client_optimizer": "keep (each site's AdamW state carries over between rounds, in its Flower node state; "
                         "default: measured better, see the README) or reset (a fresh AdamW every round)",
+    "lr_schedule": "constant (default) or cosine: the clients' lr over the run's global steps, (round - 1) * "
+                   "local_steps + k of rounds * local_steps (a restarted site continues the curve)",
+    "warmup_steps": "linear warmup over the first N global client steps (default: 0)",
+    "min_lr_ratio": "cosine: the last step's lr as a fraction of --lr (default: 0.1)",
     "clip": "per-round update deltas are clipped to [-clip, clip] before quantisation (default: 0.1)",
     "resume": "'auto': continue the run in --output-dir after its last completed round (its settings, --rounds "
               "aside: a larger --rounds extends a finished run)",

@@ -1,18 +1,24 @@
 """A site's local AdamW state kept in its Flower node state between rounds (``client_optimizer``):
 the round trip through a real ``RecordDict`` continues training exactly as one optimizer would,
-and a state that belongs to other tensors is dropped with the reason (no processes here; the
-path through real SuperNodes is in test_fl_recipe's full-model round)."""
+and a state that belongs to other tensors is dropped with the reason; and the clients' lr
+schedule (``lr_schedule``): every round of a site follows one curve over the run's global steps,
+the curve seekdeep.train's scheduler gives a centralized run of as many steps, also for a site
+restarted mid-run (no processes here; the path through real SuperNodes is in test_fl_recipe's
+full-model round, whose server sends the round and total the schedule runs on)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from flwr.app import Context, RecordDict
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from seekdeep.errors import ConfigError
-from seekdeep.fl.app.client import local_train, site_optimizer
-from seekdeep.fl.app.common import keep_client_optimizer, make_optimizer, restore_client_optimizer, trainable_params
+from seekdeep.fl.app.client import local_train, site_optimizer, site_round
+from seekdeep.fl.app.common import (client_lr_at, keep_client_optimizer, make_optimizer, restore_client_optimizer,
+                                    trainable_params)
 from seekdeep.fl.config import FLConfig
+from seekdeep.train import make_scheduler
 
 
 def _model(seed: int = 0, hidden: int = 16):
@@ -100,3 +106,84 @@ def test_state_of_other_tensors_is_dropped_with_the_reason():
 def test_client_optimizer_is_validated():
     with pytest.raises(ConfigError, match="client_optimizer"):
         FLConfig(client_optimizer="sometimes")
+
+
+ROUNDS, LOCAL = 3, 4
+
+
+def _centralized_lrs(cfg: FLConfig, steps: int) -> list[float]:
+    """The lr of each step of a centralized run of ``steps`` steps with seekdeep.train's scheduler."""
+    optimizer = make_optimizer([torch.nn.Parameter(torch.zeros(1))], cfg.learning_rate)
+    scheduler = make_scheduler(optimizer, cfg.warmup_steps, steps, cfg.min_lr_ratio)
+    lrs = []
+    for _ in range(steps):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return lrs
+
+
+class _RecordLr:
+    """Every optimizer step's lr, as the step sees it (a global step pre-hook)."""
+
+    def __enter__(self):
+        self.lrs: list[float] = []
+        self.handle = register_optimizer_step_pre_hook(
+            lambda opt, args, kwargs: self.lrs.append(opt.param_groups[0]["lr"]))
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def _context() -> Context:
+    return Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+
+
+def test_client_rounds_follow_the_centralized_schedule_over_global_steps():
+    cfg = FLConfig(method="full", lr=1e-2, rounds=ROUNDS, local_steps=LOCAL, lr_schedule="cosine", warmup_steps=2,
+                   min_lr_ratio=0.2)
+    central = _centralized_lrs(cfg, ROUNDS * LOCAL)
+    assert len(set(central)) > ROUNDS * LOCAL - 2  # a real curve: warmup, then decay
+    site, context, batches = _model(), _context(), _Batches(1)
+    per_round = []
+    for round_no in range(1, ROUNDS + 1):
+        with _RecordLr() as rec:
+            site_round(site, batches, cfg, context, round_no, ROUNDS)
+        per_round.append(rec.lrs)
+    # round t (1-based), local step k uses the centralized lr of global step (t - 1) * local_steps + k
+    for round_no, lrs in enumerate(per_round, start=1):
+        assert lrs == pytest.approx(central[(round_no - 1) * LOCAL:round_no * LOCAL], rel=1e-12, abs=0)
+    # with the kept AdamW the three rounds are one centralized run of 12 steps at those lrs
+    anchor = _model()
+    one = make_optimizer(list(trainable_params(anchor, "full").values()), cfg.learning_rate)
+    local_train(anchor, _Batches(1), ROUNDS * LOCAL, cfg.learning_rate, "full", lr_at=lambda i: central[i],
+                optimizer=one)
+    assert torch.allclose(_vector(site), _vector(anchor), rtol=0, atol=1e-6)
+    # a site restarted before round 3 (fresh node state) still takes round 3's part of the curve
+    with _RecordLr() as rec:
+        site_round(_model(), _Batches(2), cfg, _context(), ROUNDS, ROUNDS)
+    assert rec.lrs == pytest.approx(central[(ROUNDS - 1) * LOCAL:], rel=1e-12, abs=0)
+
+
+def test_constant_schedule_is_the_plain_lr_after_warmup():
+    cfg = FLConfig(method="full", lr=3e-3, rounds=ROUNDS, local_steps=LOCAL)
+    assert [client_lr_at(cfg, t, ROUNDS)(k) for t in (1, ROUNDS) for k in range(LOCAL)] == [3e-3] * (2 * LOCAL)
+    warm = FLConfig(method="full", lr=3e-3, rounds=ROUNDS, local_steps=LOCAL, warmup_steps=LOCAL + 2)
+    lrs = [client_lr_at(warm, t, ROUNDS)(k) for t in range(1, ROUNDS + 1) for k in range(LOCAL)]
+    assert lrs[:LOCAL + 2] == pytest.approx([3e-3 * (i + 1) / (LOCAL + 2) for i in range(LOCAL + 2)])
+    assert lrs[LOCAL + 2:] == [3e-3] * (ROUNDS * LOCAL - LOCAL - 2)
+
+
+def test_schedule_settings_are_validated():
+    with pytest.raises(ConfigError, match="lr_schedule"):
+        FLConfig(lr_schedule="linear")
+    with pytest.raises(ConfigError, match="warmup_steps"):
+        FLConfig(rounds=2, local_steps=5, warmup_steps=11)
+    with pytest.raises(ConfigError, match="min_lr_ratio"):
+        FLConfig(min_lr_ratio=1.5)
+    cfg = FLConfig(rounds=2)
+    with pytest.raises(ConfigError, match="round"):
+        client_lr_at(cfg, 3, 2)
+    with pytest.raises(ConfigError, match="total-rounds"):
+        client_lr_at(cfg, 1, 0)

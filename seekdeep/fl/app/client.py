@@ -36,7 +36,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from seekdeep.errors import ConfigError
-from seekdeep.fl.app.common import (GlobalState, RunSettings, flat_trainable, keep_client_optimizer, load_flat,
+from seekdeep.fl.app.common import (GlobalState, RunSettings, client_lr_at, flat_trainable, keep_client_optimizer, load_flat,
                                     load_initial_model, make_optimizer, model_layout, packing_spec,
                                     restore_client_optimizer, site_windows, trainable_params)
 
@@ -73,6 +73,10 @@ class _Site:
         self.global_vector = self.init_vector + self.state.delta
         load_flat(self.model, cfg.method, self.layout, self.global_vector)
         self.round = int(msg.content["config"]["round"])
+        if "total-rounds" not in msg.content["config"]:
+            raise ConfigError("total-rounds", "missing from the server's train message (the lr schedule runs over "
+                              "the rounds the server sends); server and clients must run the same seekdeep")
+        self.total_rounds = int(msg.content["config"]["total-rounds"])
         self.fault = str(node.get("fault", "")) if int(node.get("fault-round", 0)) == self.round else ""
         self.windows = site_windows(self.train_path, cfg, self.partition, self.round)
         self.heldout = TokenWindows(self.heldout_path, cfg.seq_len, cfg.batch_size, shuffle=False)
@@ -160,15 +164,18 @@ def site_optimizer(model, cfg, context: Context) -> tuple[torch.optim.Optimizer,
     return optimizer, step, note
 
 
-def site_round(model, windows, cfg, context: Context, proximal_mu: float = 0.0, lr_at=None) -> tuple[float, int, str]:
-    """One round of a site's local training, as every client path runs it (the Paillier
-    ClientApp, the SecAgg+ client, the benchmark's in-process federation): this round's AdamW
-    (:func:`site_optimizer`), ``cfg.local_steps`` steps of :func:`local_train`, then, with
-    ``client_optimizer="keep"``, its state saved to the node state for the next round.
-    Returns (mean training loss, the AdamW step it started from, the optimizer note)."""
+def site_round(model, windows, cfg, context: Context, round_no: int, total_rounds: int,
+               proximal_mu: float = 0.0) -> tuple[float, int, str]:
+    """Round ``round_no`` of ``total_rounds`` (both from the server's message) of a site's local
+    training, as every client path runs it (the Paillier ClientApp, the SecAgg+ client, the
+    benchmark's in-process federation): this round's AdamW (:func:`site_optimizer`),
+    ``cfg.local_steps`` steps of :func:`local_train` at the global schedule's learning rates
+    (:func:`client_lr_at`), then, with ``client_optimizer="keep"``, its state saved to the node
+    state for the next round. Returns (mean training loss, the AdamW step it started from, the
+    optimizer note)."""
     optimizer, step_start, note = site_optimizer(model, cfg, context)
-    loss = local_train(model, windows, cfg.local_steps, cfg.learning_rate, cfg.method, proximal_mu, lr_at=lr_at,
-                       optimizer=optimizer)
+    loss = local_train(model, windows, cfg.local_steps, cfg.learning_rate, cfg.method, proximal_mu,
+                       lr_at=client_lr_at(cfg, round_no, total_rounds), optimizer=optimizer)
     if cfg.client_optimizer == "keep":
         keep_client_optimizer(context.state, optimizer, trainable_params(model, cfg.method), cfg.method)
     return loss, step_start, note
@@ -189,7 +196,8 @@ def train(msg: Message, context: Context) -> Message:
     started = time.perf_counter()
     config = msg.content["config"]
     mu = float(config["proximal-mu"]) if "proximal-mu" in config else 0.0  # sent by Flower's FedProx
-    train_loss, step_start, optimizer_note = site_round(site.model, site.windows, cfg, context, mu)
+    train_loss, step_start, optimizer_note = site_round(site.model, site.windows, cfg, context, site.round,
+                                                        site.total_rounds, mu)
     train_seconds = time.perf_counter() - started
     delta = flat_trainable(site.model, cfg.method, site.layout) - site.global_vector
     if site.fault == "nan":

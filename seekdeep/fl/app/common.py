@@ -114,6 +114,32 @@ def make_optimizer(params, lr: float) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
 
 
+def scheduled_lr(cfg: FLConfig, step: int, total_steps: int, warmup_steps: int | None = None) -> float:
+    """The learning rate of optimizer step ``step`` (0-based) of a run of ``total_steps`` under
+    ``cfg``'s schedule: :func:`seekdeep.train.schedule.warmup_cosine` from ``cfg.learning_rate``
+    down to ``min_lr_ratio`` of it (cosine) or to itself (constant), after ``warmup_steps``
+    (default ``cfg.warmup_steps``). A client's step is its global index (:func:`client_lr_at`);
+    the benchmark's centralized and local-only runs use the same function over their own steps."""
+    from seekdeep.train.schedule import warmup_cosine
+
+    peak = cfg.learning_rate
+    floor = peak * cfg.min_lr_ratio if cfg.lr_schedule == "cosine" else peak
+    return warmup_cosine(step, cfg.warmup_steps if warmup_steps is None else warmup_steps, total_steps, peak, floor)
+
+
+def client_lr_at(cfg: FLConfig, round_no: int, total_rounds: int):
+    """``lr_at(k)``: the learning rate of local step ``k`` of round ``round_no`` (1-based) of
+    ``total_rounds`` -- the global schedule at step ``(round_no - 1) * local_steps + k`` of
+    ``total_rounds * local_steps``, so every round continues one curve (as a centralized run of
+    that many steps would follow it) and a restarted site picks it up where the round is."""
+    from seekdeep.validate import check_int
+
+    check_int("total-rounds", total_rounds, 1, 10**5)
+    check_int("round", round_no, 1, total_rounds)
+    offset, total = (round_no - 1) * cfg.local_steps, total_rounds * cfg.local_steps
+    return lambda k: scheduled_lr(cfg, offset + k, total)
+
+
 OPTIMIZER_KEY = "seekdeep-fl-optimizer"  # a site's local AdamW state in its Flower node state (context.state)
 MOMENTS = ("exp_avg", "exp_avg_sq")
 

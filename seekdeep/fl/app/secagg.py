@@ -27,6 +27,7 @@ from flwr.server import LegacyContext, ServerApp, ServerConfig
 from flwr.server.strategy import FedAvg, FedProx
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 
+from seekdeep.errors import ConfigError
 from seekdeep.fl.app.common import RunSettings, flat_trainable, load_flat, load_initial_model, model_layout, site_windows
 
 CLIPPING_RANGE = 8.0
@@ -137,7 +138,7 @@ def main(grid, context: Context) -> None:
         return
 
     def fit_config(server_round: int) -> dict:
-        return {"round": start_round + server_round}
+        return {"round": start_round + server_round, "total-rounds": cfg.rounds}  # the clients' lr schedule
 
     common = dict(fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=cfg.min_train_clients,
                   min_available_clients=cfg.num_clients, on_fit_config_fn=fit_config,
@@ -178,11 +179,14 @@ class _SecAggClient(NumPyClient):
         load_flat(model, cfg.method, layout, np.asarray(parameters[0], dtype=np.float64))
         heldout = TokenWindows(data_dir / "heldout.bin", cfg.seq_len, cfg.batch_size, shuffle=False)
         eval_loss = mean_loss(model, heldout.eval_batches(cfg.eval_batches))
-        round_no = int(config.get("round", 1))
+        if "round" not in config or "total-rounds" not in config:
+            raise ConfigError("round", f"the server's fit config lacks round / total-rounds (got {sorted(config)}); "
+                              "server and clients must run the same seekdeep")
+        round_no, total_rounds = int(config["round"]), int(config["total-rounds"])
         windows = site_windows(data_dir / "train.bin", cfg, partition, round_no)  # as the Paillier ClientApp
         mu = float(config.get("proximal_mu", 0.0))
         # the site's AdamW state lives in its node state, next to secaggplus_mod's own (as the Paillier ClientApp)
-        train_loss, step_start, _ = site_round(model, windows, cfg, self.context, mu)
+        train_loss, step_start, _ = site_round(model, windows, cfg, self.context, round_no, total_rounds, mu)
         weights = flat_trainable(model, cfg.method, layout).astype(np.float32)
         return [weights], cfg.local_steps * cfg.batch_size, {"train-loss": train_loss, "eval-loss": eval_loss,
                                                              "partition-id": partition,

@@ -90,6 +90,7 @@ class _PackedSecure:
         # the first round waits for every site; later ones go on with those still connected
         self.min_available_nodes = cfg.num_clients if server_round == 1 else cfg.min_train_clients
         config["round"] = self._round(server_round)
+        config["total-rounds"] = cfg.rounds  # the clients' lr schedule runs over the whole run
         self.round_info = {"round": self._round(server_round), "t_start": time.perf_counter()}
         return super().configure_train(server_round, arrays, config, grid)
 
