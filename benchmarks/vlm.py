@@ -52,10 +52,12 @@ class ConcatFusion(nn.Module):
         self.vision_tower = vlm.vision_tower
         self.text = vlm.language_model.model  # the decoder trunk
         v, t = vlm.config.vision_config.hidden_size, vlm.config.text_config.hidden_size
-        self.head = nn.Sequential(nn.Linear(v + t, 2 * t), nn.GELU(), nn.Linear(2 * t, len(ANSWER_WORDS)))
+        self.layers = vlm.config.feature_layers  # the same ViT hidden states as the VLMs' projector reads
+        self.head = nn.Sequential(nn.Linear(v * len(self.layers) + t, 2 * t), nn.GELU(), nn.Linear(2 * t, len(ANSWER_WORDS)))
 
     def forward(self, input_ids, attention_mask, pixel_values):
-        image = self.vision_tower(pixel_values).last_hidden_state.mean(1)  # (B, Cv)
+        states = self.vision_tower(pixel_values, output_hidden_states=True).hidden_states
+        image = torch.cat([states[i][:, 1:] for i in self.layers], -1).mean(1)  # (B, Cv * layers): patches, no class token
         text = self.text(input_ids, attention_mask, None, None)[:, -1]  # (B, Ct): left padded, last = 'answer:'
         return self.head(torch.cat([image, text], dim=-1))
 
@@ -180,11 +182,13 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench-vlm")
     parser.add_argument("--question-loss", action="store_true", help="VLMs: loss on the question's words too (the recipe's flag)")
     parser.add_argument("--caption-every", type=int, default=0, help="VLMs: every k-th training row a scene caption (0: none)")
+    parser.add_argument("--spatial-weight", type=int, default=None,
+                        help="all models: spatial training rows per row of each other type (the recipe's flag; default 1)")
     parser.add_argument("--caption-steps", type=int, default=0,
                         help="VLMs: the first k steps on scene captions only (the recipe's caption stage; the concat anchor, "
                              "which has no text output, trains on questions for all its steps)")
     parser.add_argument("--vision-feature-layer", default=None,
-                        help="VLMs: the recipe's flag (ViT hidden states for the projector, comma-separated)")
+                        help="the recipe's flag (ViT hidden states for the projector, comma-separated; the concat anchor mean-pools the same ones)")
     parser.add_argument("--position-questions", action="store_true",
                         help="all models: also train on 'which column / row is the <object> in ?' (the recipe's flag)")
     parser.add_argument("--grounded", action=argparse.BooleanOptionalAction, default=None,
@@ -225,6 +229,7 @@ def main() -> None:
         base = VLMTrainConfig(seed=seed, eval_samples=args.eval_samples, progress=False, overwrite=True,
                               question_loss=args.question_loss, caption_every=args.caption_every, caption_steps=args.caption_steps,
                               **({"vision_feature_layer": args.vision_feature_layer} if args.vision_feature_layer else {}),
+                              **({"spatial_weight": args.spatial_weight} if args.spatial_weight else {}),
                               position_questions=args.position_questions,
                               **({"grounded": args.grounded} if args.grounded is not None else {}),
                               **({"steps": args.steps} if args.steps else {}), **({"batch_size": args.batch_size} if args.batch_size else {}),

@@ -47,7 +47,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import emit  # noqa: E402
 
-from seekdeep.multimodal.data import ANSWERS, QUESTION_TYPES, SpatialVQA  # noqa: E402
+from seekdeep.multimodal.data import ANSWERS, QUESTION_TYPES, SpatialVQA, grounded_answer  # noqa: E402
 from seekdeep.recipes.vlm import (GROUNDED_TOKENS, VLMTrainConfig, accuracy_by_type, build_model, build_tokenizer,  # noqa: E402
                                   caption_rows, encode_batch, predict)
 
@@ -265,8 +265,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--every", type=int, default=100)
     parser.add_argument("--pool", type=int, default=8000,
-                        help="pre-encoded training rows (and as many caption rows); 0: a fresh scene for every row, as the "
-                             "recipe (a pool of 8000 is memorised by the ViT: grounded train answer loss 0.002 at 1000 steps)")
+                        help="pre-encoded training rows (and as many caption rows); 0: a fresh scene for every row, as the recipe")
     parser.add_argument("--question-loss", action="store_true")
     parser.add_argument("--oracle-raw", action="store_true",
                         help="--features oracle: pixel colours in [0, 1] and (column, row) once, as the classifier rung")
@@ -332,9 +331,17 @@ def main() -> None:
     @torch.no_grad()
     def evaluate(split):
         if args.grounded:  # greedy chain, scored on its last word (the recipe's own predict)
-            preds = predict(model, proc, evals[split], max_new_tokens=GROUNDED_TOKENS)
+            texts: list[str] = []
+            preds = predict(model, proc, evals[split], max_new_tokens=GROUNDED_TOKENS, texts=texts)
             model.train()
-            return {k: round(v, 3) for k, v in accuracy_by_type(evals[split], preds).items()}
+            out = {k: round(v, 3) for k, v in accuracy_by_type(evals[split], preds).items()}
+            # each step of the chain on its own: the reference's colour / column / row, the object's, the side
+            chains = [(t.split(), grounded_answer(s).split()) for s, t in zip(evals[split], texts) if s.qtype == "spatial"]
+            if chains:
+                names = ("ref_colour", "ref_col", "ref_row", "obj_colour", "obj_col", "obj_row")
+                out["chain_steps"] = {n: round(sum(len(g) > k and g[k] == t[k] for g, t in chains) / len(chains), 3)
+                                      for k, n in enumerate(names)}
+            return out
         model.eval()
         preds = []
         for i in range(0, len(eval_rows[split]), 100):

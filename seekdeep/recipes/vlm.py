@@ -56,6 +56,7 @@ class VLMTrainConfig:
     # the ViT hidden states the projector reads, comma-separated (concatenated, as transformers' list form):
     # -1 the last layer, 0 the patch embeddings + positions (before any attention)
     vision_feature_layer: str = "-1"
+    spatial_weight: int = 1  # spatial rows per row of each other type in the training stream (1: balanced; evaluation stays balanced)
     position_questions: bool = False  # also train on 'which column / row is the red circle in ?' (data.AUX_TYPES)
     # spatial targets name both objects' column / row before the side (data.grounded_answer), which splits the two-hop
     # question into one-hop steps: on oracle features 0.77 held-out at 1000 steps vs 0.45 plain at 1500 (README)
@@ -90,6 +91,7 @@ class VLMTrainConfig:
         check_int("num_latents", self.num_latents, 0, 1 << 14)
         check_int("caption_every", self.caption_every, 0, MAX_BATCH)
         check_int("caption_steps", self.caption_steps, 0)
+        check_int("spatial_weight", self.spatial_weight, 1, 64)
         if self.caption_steps >= self.steps:  # at least one step of questions, or nothing learns to answer
             raise ConfigError("caption_steps", f"must be < steps={self.steps}, got {self.caption_steps}")
         self.feature_layers()  # validates
@@ -163,7 +165,8 @@ def build_model(cfg: VLMTrainConfig, tokenizer):
 def training_data(cfg: VLMTrainConfig) -> SpatialVQA:
     """The training stream: the four evaluated question types, plus the column / row aids
     with ``position_questions`` (evaluation never asks those)."""
-    return SpatialVQA("train", cfg.seed, cfg.image_size, qtypes=QUESTION_TYPES + (AUX_TYPES if cfg.position_questions else ()))
+    qtypes = ("spatial",) * (cfg.spatial_weight - 1) + QUESTION_TYPES  # the generator cycles through qtypes: repeats weigh
+    return SpatialVQA("train", cfg.seed, cfg.image_size, qtypes=qtypes + (AUX_TYPES if cfg.position_questions else ()))
 
 
 def prompt_text(sample: VQASample) -> str:
@@ -388,6 +391,7 @@ _HELP = {
     "embed_std": "init std of the word embeddings (tied with the output head); the linears use --init-std",
     "grounded": "spatial targets name both objects' column and row before the side ('red one two blue three two right'); "
                 "scored on the side only, greedy; --no-grounded: the one-word answer",
+    "spatial_weight": "spatial questions per question of each other type in the training stream (1: balanced)",
     "caption_steps": "the first k steps train on scene captions only (LLaVA's caption stage), then the question mix; 0: none",
     "vision_feature_layer": "ViT hidden states the projector reads, comma-separated and concatenated (-1: last layer, "
                             "0: patch embeddings + positions; e.g. 0,-1)",

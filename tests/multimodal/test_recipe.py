@@ -195,3 +195,16 @@ def test_caption_stage_and_feature_layers():
     for bad in ("2", "x", "", "0,-3"):
         with pytest.raises(ConfigError, match="vision_feature_layer"):
             VLMTrainConfig(vision_layers=1, vision_feature_layer=bad)
+
+
+def test_spatial_weight_tilts_the_training_stream_only():
+    from collections import Counter
+
+    from seekdeep.recipes.vlm import training_data
+
+    counts = Counter(s.qtype for s in training_data(VLMTrainConfig(spatial_weight=3)).take(60))
+    assert counts == {"spatial": 30, "shape": 10, "exist": 10, "count": 10}
+    default = training_data(VLMTrainConfig()).take(8)  # weight 1: the balanced stream, sample for sample
+    assert [s.question for s in default] == [s.question for s in SpatialVQA("train", 0, 48).take(8)]
+    with pytest.raises(ConfigError, match="spatial_weight"):
+        VLMTrainConfig(spatial_weight=0)
